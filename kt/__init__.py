@@ -1,0 +1,70 @@
+"""kt: a Ray-style actor runtime whose cluster is Kubernetes.
+
+Only re-exports; `tests/test_exports.py` keeps `__all__` in sync.
+"""
+
+from kt.actors.api import (
+    ActorOptions,
+    DeployedFunction,
+    RemoteClass,
+    RemoteFunction,
+    Service,
+    cls,
+    fn,
+    get,
+    get_async,
+    kill,
+    wait,
+)
+from kt.actors.driver import shutdown
+from kt.actors.handle import ActorHandle, ActorMethod
+from kt.core.compute import Compute, Image
+from kt.core.config import config
+from kt.core.errors import (
+    ActorDiedError,
+    AuthError,
+    CancelledError,
+    ConfigError,
+    GetTimeoutError,
+    KtError,
+    PlacementError,
+    PodLostError,
+    RemoteError,
+    SerializationError,
+)
+from kt.core.ref import Ref, StreamRef
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ActorDiedError",
+    "ActorHandle",
+    "ActorMethod",
+    "ActorOptions",
+    "AuthError",
+    "CancelledError",
+    "Compute",
+    "ConfigError",
+    "DeployedFunction",
+    "GetTimeoutError",
+    "Image",
+    "KtError",
+    "PlacementError",
+    "PodLostError",
+    "Ref",
+    "RemoteClass",
+    "RemoteError",
+    "RemoteFunction",
+    "SerializationError",
+    "Service",
+    "StreamRef",
+    "__version__",
+    "cls",
+    "config",
+    "fn",
+    "get",
+    "get_async",
+    "kill",
+    "shutdown",
+    "wait",
+]

@@ -1,0 +1,346 @@
+"""`kt.cls`, `kt.fn`, `kt.get`, `kt.wait`, `kt.kill`: the public verbs over handles.
+
+A `RemoteClass` creates actors (`.remote`, `.options(...).remote`) or a load-balanced
+service with one instance per replica (`.to(compute)`); a `RemoteFunction` deploys a
+function as one instance per replica and balances calls over them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Generic, ParamSpec, TypeVar
+
+import cloudpickle
+
+from kt.actors.driver import get_driver, require_driver_thread
+from kt.actors.handle import ActorHandle
+from kt.actors.scheduler import Request, Strategy
+from kt.core.compute import Compute, parse_cpus, parse_memory
+from kt.core.config import config
+from kt.core.errors import ConfigError, GetTimeoutError
+from kt.core.methods import MethodKind, method_kind, public_methods
+from kt.core.ref import Ref, StreamRef
+from kt.core.serialization import dumps_value
+
+P = ParamSpec("P")
+R = TypeVar("R")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ActorOptions:
+    """What `.options(...)` may set; see the API page for each field."""
+
+    compute: Compute | None = None
+    cpus: float | int | str = 1
+    gpus: int = 0
+    memory: int | float | str | None = None
+    name: str | None = None
+    namespace: str | None = None
+    get_if_exists: bool = False
+    lifetime: str | None = None
+    max_restarts: int = 0
+    max_task_retries: int = 0
+    max_concurrency: int = 1
+    placement: str = "pack"
+    placement_timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.placement not in ("pack", "spread"):
+            raise ConfigError(f"placement={self.placement!r}: choose 'pack' or 'spread'")
+        if self.lifetime not in (None, "detached"):
+            raise ConfigError(f"lifetime={self.lifetime!r}: choose None or 'detached'")
+        if self.max_concurrency < 1:
+            raise ConfigError("max_concurrency must be at least 1")
+
+    def request(self) -> Request:
+        return Request(
+            cpus=parse_cpus(self.cpus),
+            gpus=self.gpus,
+            memory=parse_memory(self.memory),
+            strategy=Strategy(self.placement),
+        )
+
+
+class RemoteClass(Generic[T]):
+    """A class whose instances live in actor processes."""
+
+    def __init__(self, cls: type[T], options: ActorOptions | None = None) -> None:
+        if not isinstance(cls, type):
+            raise ConfigError(f"kt.cls takes a class, not {type(cls).__name__}")
+        self._cls = cls
+        self._options = options or ActorOptions()
+        self._methods = public_methods(cls)
+        self.__name__ = cls.__name__
+        self.__doc__ = cls.__doc__
+
+    def options(self, **kwargs: Any) -> RemoteClass[T]:
+        try:
+            opts = dataclasses.replace(self._options, **kwargs)
+        except TypeError as exc:
+            raise ConfigError(f"{self.__name__}.options: {exc}") from None
+        return RemoteClass(self._cls, opts)
+
+    def remote(self, *args: Any, **kwargs: Any) -> ActorHandle:
+        """Create one actor; returns at once, calls queue until it is placed."""
+        return self._create(self._options, args, kwargs)
+
+    def _create(
+        self, opts: ActorOptions, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> ActorHandle:
+        driver = get_driver()
+        actor_id = driver.new_actor_id()
+        what = f"{self.__name__}.__init__"
+        parts = dumps_value((self._cls, args, kwargs), what)
+        handle = ActorHandle(actor_id, self.__name__, self._methods, name=opts.name)
+        header = {
+            "actor": actor_id,
+            "cls": self.__name__,
+            "name": opts.name,
+            "max_concurrency": opts.max_concurrency,
+        }
+        compute = opts.compute or config.default_compute
+        timeout = opts.placement_timeout or config.placement_timeout
+        driver.runtime.spawn(
+            driver.create_actor(
+                handle,
+                compute,
+                opts.request(),
+                header,
+                parts,
+                timeout=timeout,
+                detached=opts.lifetime == "detached",
+            )
+        )
+        return handle
+
+    def to(
+        self,
+        compute: Compute,
+        *,
+        init_args: tuple[Any, ...] = (),
+        init_kwargs: dict[str, Any] | None = None,
+    ) -> Service:
+        """One instance per replica of `compute`; calls go to the least busy one."""
+        lo = compute.replica_range[0]
+        opts = dataclasses.replace(self._options, compute=compute, placement="spread")
+        opts = dataclasses.replace(opts, cpus=min(parse_cpus(opts.cpus), compute.cpu_count))
+        handles = [self._create(opts, init_args, init_kwargs or {}) for _ in range(max(lo, 1))]
+        return Service(self.__name__, handles, self._methods)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(
+            f"{self.__name__} is a kt actor class: create it with "
+            f"{self.__name__}.remote(...), not {self.__name__}(...)"
+        )
+
+
+class Service:
+    """Instances of one class on every replica, called as one: least calls in flight first."""
+
+    def __init__(
+        self, name: str, handles: list[ActorHandle], methods: dict[str, MethodKind]
+    ) -> None:
+        self.name = name
+        self.handles = handles
+        self._methods = methods
+        self._inflight = [0] * len(handles)
+
+    def __getattr__(self, name: str) -> ServiceMethod:
+        if name.startswith("_") and name != "__call__":
+            raise AttributeError(name)
+        if name not in self._methods:
+            raise AttributeError(f"{self.name} has no method {name!r}")
+        return ServiceMethod(self, name)
+
+    def _pick(self) -> int:
+        if len(self.handles) == 1:
+            return 0
+        return min(range(len(self.handles)), key=self._inflight.__getitem__)
+
+    def teardown(self) -> None:
+        for h in self.handles:
+            kill(h)
+
+
+class ServiceMethod:
+    def __init__(self, service: Service, name: str) -> None:
+        self._service = service
+        self._name = name
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        s = self._service
+        i = s._pick()
+        ref = getattr(s.handles[i], self._name).remote(*args, **kwargs)
+        if len(s.handles) > 1 and isinstance(ref, Ref):
+            s._inflight[i] += 1
+
+            def done(_: Any, i: int = i) -> None:
+                s._inflight[i] -= 1
+
+            ref.on_done(done)
+        return ref
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        ref = self.remote(*args, **kwargs)
+        return list(ref) if isinstance(ref, StreamRef) else ref.result()
+
+
+# -- functions ------------------------------------------------------------------------------
+class _Function:
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+
+class _AsyncFunction(_Function):
+    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return await self.fn(*args, **kwargs)
+
+
+class _GenFunction(_Function):
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        yield from self.fn(*args, **kwargs)
+
+
+class _AsyncGenFunction(_Function):
+    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        async for item in self.fn(*args, **kwargs):
+            yield item
+
+
+_WRAPPERS: dict[MethodKind, type[_Function]] = {
+    MethodKind.SYNC: _Function,
+    MethodKind.ASYNC: _AsyncFunction,
+    MethodKind.GEN: _GenFunction,
+    MethodKind.ASYNC_GEN: _AsyncGenFunction,
+}
+
+
+class RemoteFunction(Generic[P, R]):
+    """`kt.fn(f)`: deploy with `.to(compute)`, then call like `f`."""
+
+    def __init__(self, fn: Callable[P, R]) -> None:
+        if not callable(fn):
+            raise ConfigError(f"kt.fn takes a function, not {type(fn).__name__}")
+        self._fn = fn
+        self.__name__ = getattr(fn, "__name__", "function")
+
+    def to(self, compute: Compute | None = None, **options: Any) -> DeployedFunction[P, R]:
+        wrapper = _WRAPPERS[method_kind(self._fn)]
+        named = type(self.__name__, (wrapper,), {"__module__": wrapper.__module__})
+        cls: RemoteClass[Any] = RemoteClass(named, ActorOptions(cpus=0, **options))
+        service = cls.to(compute or config.default_compute, init_args=(self._fn,))
+        return DeployedFunction(service)
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self._fn(*args, **kwargs)
+
+
+class DeployedFunction(Generic[P, R]):
+    """A function running on a pool: call it, `.remote()` it, `.teardown()` it."""
+
+    def __init__(self, service: Service) -> None:
+        self._service = service
+        self._call = service.__call__
+
+    def remote(self, *args: P.args, **kwargs: P.kwargs) -> Ref[R]:
+        return self._call.remote(*args, **kwargs)
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self._call(*args, **kwargs)
+
+    def teardown(self) -> None:
+        self._service.teardown()
+
+
+# -- module verbs --------------------------------------------------------------------------
+def cls(target: type[T]) -> RemoteClass[T]:
+    return RemoteClass(target)
+
+
+def fn(target: Callable[P, R]) -> RemoteFunction[P, R]:
+    return RemoteFunction(target)
+
+
+def get(refs: Ref[Any] | Iterable[Ref[Any]], timeout: float | None = None) -> Any:
+    """The value of a Ref, or the values of a list of Refs (in order).
+
+    Raises:
+        GetTimeoutError: not everything was ready within `timeout` seconds.
+    """
+    require_driver_thread("kt.get")
+    if isinstance(refs, Ref):
+        return refs.result(timeout)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    out = []
+    for ref in refs:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        out.append(ref.result(left))
+    return out
+
+
+async def get_async(refs: Ref[Any] | Iterable[Ref[Any]], timeout: float | None = None) -> Any:
+    try:
+        if isinstance(refs, Ref):
+            return await asyncio.wait_for(_await(refs), timeout)
+        return await asyncio.wait_for(asyncio.gather(*refs), timeout)
+    except TimeoutError:
+        raise GetTimeoutError(f"not ready after {timeout} s") from None
+
+
+async def _await(ref: Ref[T]) -> T:
+    return await ref
+
+
+def wait(
+    refs: list[Ref[Any]], *, num_returns: int = 1, timeout: float | None = None
+) -> tuple[list[Ref[Any]], list[Ref[Any]]]:
+    """Block until `num_returns` Refs are done or `timeout` passes: (ready, pending)."""
+    import threading
+
+    if num_returns > len(refs):
+        raise ConfigError(f"num_returns={num_returns} > {len(refs)} refs")
+    event = threading.Event()
+    counter = [0]
+    lock = threading.Lock()
+
+    def one_done(_: Any) -> None:
+        with lock:
+            counter[0] += 1
+            if counter[0] >= num_returns:
+                event.set()
+
+    for ref in refs:
+        ref.on_done(one_done)
+    event.wait(timeout)
+    ready = [r for r in refs if r.done()][: max(num_returns, 0)] if num_returns else []
+    ready_ids = {id(r) for r in ready}
+    return ready, [r for r in refs if id(r) not in ready_ids]
+
+
+def kill(handle: ActorHandle) -> None:
+    """Kill an actor now; it is not restarted. Calls in flight raise ActorDiedError."""
+    from kt.core import protocol
+    from kt.core.protocol import FrameKind
+
+    address = handle.wait_placed(timeout=config.placement_timeout)
+    runtime = get_driver().runtime
+    req_id = runtime.new_id()
+    done: Ref[None] = Ref("kill")
+    frame = protocol.encode(FrameKind.KILL_ACTOR, req_id, {"actor": handle.actor_id})
+    runtime.submit(address, handle.token, req_id, [frame], done)
+    done.result(timeout=30)
+    pool = getattr(handle, "pool", None)
+    request = getattr(handle, "request", None)
+    if pool is not None and request is not None:
+        runtime.loop.call_soon_threadsafe(pool.release, handle.actor_id, request)
+
+
+_ = cloudpickle  # kt.fn pickles functions by value when they live in __main__

@@ -1,0 +1,237 @@
+"""Actor handles and method proxies: the caller's end of the hot path.
+
+`c.incr.remote(2)` serializes the arguments on the calling thread, frames them with a
+header cached per method, and pushes the frame to the runtime (`kt.core.runtime`). A
+handle whose actor is still being placed keeps calls in a backlog, sent in order once
+the actor has an address. Handles pickle: in another actor's process they reconnect
+straight to the target's pod.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+
+import orjson
+
+from kt.core import protocol
+from kt.core.errors import KtError
+from kt.core.methods import MethodKind
+from kt.core.protocol import FrameKind
+from kt.core.ref import Ref, StreamRef
+from kt.core.serialization import Parts, dumps_call, parts_size
+
+if TYPE_CHECKING:
+    from kt.core.runtime import Runtime
+
+P = ParamSpec("P")
+R = TypeVar("R")
+Address = tuple[str, int]
+
+
+class ActorMethod(Generic[P, R]):
+    """`handle.method`: `.remote(...)` returns a Ref, calling it blocks for the result."""
+
+    __slots__ = ("_handle", "_header", "_label", "_name", "_streams")
+
+    def __init__(self, handle: ActorHandle, name: str, kind: MethodKind) -> None:
+        self._handle = handle
+        self._name = name
+        self._streams = kind.streams
+        self._header = orjson.dumps({"a": handle.actor_id, "m": name})
+        self._label = f"{handle.cls_name}.{name}"
+
+    def remote(self, *args: P.args, **kwargs: P.kwargs) -> Ref[R]:
+        h = self._handle
+        runtime = h.runtime()
+        req_id = runtime.new_id()
+        for v in args:
+            if isinstance(v, Ref):
+                return h.call_with_refs(self, args, kwargs)
+        for v in kwargs.values():
+            if isinstance(v, Ref):
+                return h.call_with_refs(self, args, kwargs)
+        parts = dumps_call(args, kwargs, self._label)
+        header = self._header
+        prefix = protocol.encode_prefix(FrameKind.CALL, req_id, header, parts_size(parts))
+        ref: Any = StreamRef(self._label) if self._streams else Ref(self._label)
+        ref._on_cancel = functools.partial(h.cancel_call, req_id)
+        h.submit(req_id, [prefix, header, *parts], ref)
+        return ref
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        ref = self.remote(*args, **kwargs)
+        if isinstance(ref, StreamRef):
+            return list(ref)
+        return ref.result()
+
+
+class ActorHandle:
+    """A reference to one actor. Cheap to copy and to pickle; every copy calls the same actor.
+
+    Set against `ActorMethod`: the handle knows where the actor lives; a method proxy knows
+    how to frame one method's calls.
+    """
+
+    def __init__(
+        self,
+        actor_id: str,
+        cls_name: str,
+        methods: dict[str, MethodKind],
+        *,
+        address: Address | None = None,
+        token: str = "",
+        name: str | None = None,
+    ) -> None:
+        self.actor_id = actor_id
+        self.cls_name = cls_name
+        self.name = name
+        self._methods = methods
+        self._address = address
+        self._token = token
+        self._proxies: dict[str, ActorMethod[Any, Any]] = {}
+        self._lock = threading.Lock()
+        self._backlog: list[tuple[int, Parts, Any]] = []
+        self._failure: BaseException | None = None
+        self._placed = threading.Event()
+        if address is not None:
+            self._placed.set()
+
+    def __repr__(self) -> str:
+        return f"<kt.ActorHandle {self.cls_name} {self.actor_id}>"
+
+    def __getattr__(self, name: str) -> ActorMethod[Any, Any]:
+        if name.startswith("_") and name != "__call__":
+            raise AttributeError(name)
+        proxy = self._proxies.get(name)
+        if proxy is None:
+            kind = self._methods.get(name)
+            if kind is None:
+                raise AttributeError(
+                    f"{self.cls_name} has no method {name!r} (methods: {sorted(self._methods)})"
+                )
+            proxy = self._proxies[name] = ActorMethod(self, name, kind)
+        return proxy
+
+    @staticmethod
+    def runtime() -> Runtime:
+        from kt.actors.driver import get_runtime
+
+        return get_runtime()
+
+    # -- placement ----------------------------------------------------------------------
+    def bind(self, address: Address, token: str) -> None:
+        """The actor now has an address: send the backlog, in order."""
+        with self._lock:
+            self._address = address
+            self._token = token
+            backlog, self._backlog = self._backlog, []
+            self._placed.set()
+        runtime = self.runtime()
+        for req_id, parts, ref in backlog:
+            runtime.submit(address, token, req_id, parts, ref)
+
+    def fail(self, exc: BaseException) -> None:
+        """Placement failed: every queued and future call raises `exc`."""
+        with self._lock:
+            self._failure = exc
+            backlog, self._backlog = self._backlog, []
+            self._placed.set()
+        for _, _, ref in backlog:
+            ref.set_exception(exc)
+
+    def submit(self, req_id: int, parts: Parts, ref: Any) -> None:
+        address = self._address
+        if address is None:
+            with self._lock:
+                if self._failure is not None:
+                    ref.set_exception(self._failure)
+                    return
+                if self._address is None:
+                    self._backlog.append((req_id, parts, ref))
+                    return
+                address = self._address
+        self.runtime().submit(address, self._token, req_id, parts, ref)
+
+    def wait_placed(self, timeout: float | None = None) -> Address:
+        if not self._placed.wait(timeout):
+            raise KtError(f"{self!r} was not placed within {timeout} s")
+        if self._failure is not None:
+            raise self._failure
+        assert self._address is not None
+        return self._address
+
+    @property
+    def address(self) -> Address | None:
+        return self._address
+
+    @property
+    def token(self) -> str:
+        return self._token
+
+    def cancel_call(self, req_id: int) -> None:
+        address = self._address
+        if address is None:
+            return
+        runtime = self.runtime()
+        header = {"a": self.actor_id}
+        runtime.send_control(
+            address, self._token, protocol.encode(FrameKind.CANCEL, req_id, header)
+        )
+        runtime.discard(address, req_id)
+
+    def call_with_refs(
+        self, method: ActorMethod[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Ref[Any]:
+        """Resolve Ref arguments first, then call: the method never sees a Ref."""
+        out: Ref[Any] = Ref(method._label)
+        refs = [v for v in (*args, *kwargs.values()) if isinstance(v, Ref)]
+        remaining = [len(refs)]
+        lock = threading.Lock()
+
+        def go(_: Any) -> None:
+            with lock:
+                remaining[0] -= 1
+                if remaining[0]:
+                    return
+            try:
+                a = tuple(v.result() if isinstance(v, Ref) else v for v in args)
+                kw = {k: (v.result() if isinstance(v, Ref) else v) for k, v in kwargs.items()}
+                inner = method.remote(*a, **kw)
+            except BaseException as exc:
+                out.set_exception(exc)
+                return
+            inner.on_done(lambda r: _copy_outcome(r, out))
+
+        for ref in refs:
+            ref.on_done(go)
+        return out
+
+    # -- pickling --------------------------------------------------------------------------
+    def __reduce__(self) -> tuple[Callable[..., ActorHandle], tuple[Any, ...]]:
+        address = self.wait_placed(timeout=600)
+        return (
+            _rebuild,
+            (self.actor_id, self.cls_name, dict(self._methods), address, self._token, self.name),
+        )
+
+
+def _copy_outcome(src: Ref[Any], dst: Ref[Any]) -> None:
+    exc = src.exception()
+    if exc is not None:
+        dst.set_exception(exc)
+    else:
+        dst.set_result(src.result())
+
+
+def _rebuild(
+    actor_id: str,
+    cls_name: str,
+    methods: dict[str, MethodKind],
+    address: Address,
+    token: str,
+    name: str | None,
+) -> ActorHandle:
+    return ActorHandle(actor_id, cls_name, methods, address=address, token=token, name=name)

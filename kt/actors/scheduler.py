@@ -1,0 +1,202 @@
+"""Placement of actors onto the pods of a pool, and growing the pool when nothing fits.
+
+Who calls it: `kt.actors.driver.Driver`, on the runtime's loop thread. A `Pool` is what
+exists for one `Compute`: its pods (`PodSlot`s, each with capacity and what is used of
+it) and the provider that makes more. Placement is `pack` (the fullest pod that fits)
+or `spread` (the emptiest). A request larger than an empty pod fails at once with
+`PlacementError`; one that could fit later waits up to `placement_timeout`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import secrets
+from dataclasses import dataclass, field
+
+from kt.core.compute import Compute
+from kt.core.errors import PlacementError
+from kt.core.provider import Pod, PodSpec, Provider
+
+logger = logging.getLogger(__name__)
+
+
+class Strategy(str, enum.Enum):
+    PACK = "pack"
+    SPREAD = "spread"
+
+
+@dataclass(frozen=True)
+class Request:
+    """The slice of a pod one actor asks for."""
+
+    cpus: float = 1.0
+    gpus: int = 0
+    memory: int = 0
+    strategy: Strategy = Strategy.PACK
+
+
+@dataclass
+class PodSlot:
+    """A pod of the pool and how much of it is taken."""
+
+    pod: Pod
+    cpus: float
+    gpus: int
+    memory: int
+    used_cpus: float = 0.0
+    used_gpus: int = 0
+    used_memory: int = 0
+    actors: set[str] = field(default_factory=set)
+
+    def fits(self, req: Request) -> bool:
+        return (
+            self.used_cpus + req.cpus <= self.cpus + 1e-9
+            and self.used_gpus + req.gpus <= self.gpus
+            and (not req.memory or self.used_memory + req.memory <= self.memory)
+        )
+
+    def take(self, actor: str, req: Request) -> None:
+        self.used_cpus += req.cpus
+        self.used_gpus += req.gpus
+        self.used_memory += req.memory
+        self.actors.add(actor)
+
+    def give_back(self, actor: str, req: Request) -> None:
+        if actor in self.actors:
+            self.actors.discard(actor)
+            self.used_cpus -= req.cpus
+            self.used_gpus -= req.gpus
+            self.used_memory -= req.memory
+
+
+class Pool:
+    """The pods made from one Compute, and the placement of actors on them."""
+
+    def __init__(
+        self, compute: Compute, provider: Provider, *, name: str, token: str, detached: bool
+    ) -> None:
+        self.compute = compute
+        self.provider = provider
+        self.name = name
+        self.token = token
+        self.detached = detached
+        self.slots: list[PodSlot] = []
+        self._grow_lock = asyncio.Lock()
+        self._freed = asyncio.Event()
+
+    @property
+    def max_replicas(self) -> int:
+        return self.compute.replica_range[1]
+
+    def check_fits_empty(self, req: Request) -> None:
+        """Raises PlacementError when even an empty pod of this pool is too small."""
+        c = self.compute
+        problems = []
+        if req.cpus > c.cpu_count + 1e-9:
+            problems.append(f"{req.cpus:g} cpus > {c.cpu_count:g}")
+        if req.gpus > c.gpus:
+            problems.append(f"{req.gpus} gpus > {c.gpus}")
+        if req.memory and c.memory_bytes and req.memory > c.memory_bytes:
+            problems.append(f"{req.memory} bytes of memory > {c.memory_bytes}")
+        if problems:
+            raise PlacementError(
+                f"the request can never fit pool {self.name}: a pod has less than asked "
+                f"({'; '.join(problems)}). Ask for less, or use a Compute with bigger pods."
+            )
+
+    async def ensure_min(self) -> None:
+        async with self._grow_lock:
+            missing = self.compute.replica_range[0] - len(self.slots)
+            if missing > 0:
+                await self._grow(missing)
+
+    async def _grow(self, count: int) -> None:
+        c = self.compute
+        specs = [
+            PodSpec(
+                pool=self.name,
+                name=f"{self.name}-{secrets.token_hex(3)}",
+                cpus=c.cpu_count,
+                memory=c.memory_bytes,
+                gpus=c.gpus,
+                token=self.token,
+                env=dict(c.env),
+                labels=dict(c.labels),
+                inactivity_ttl=c.ttl_seconds,
+                launch_timeout=c.launch_timeout,
+                detached=self.detached,
+                image=c.image.base,
+                namespace=c.namespace,
+            )
+            for _ in range(count)
+        ]
+        logger.info("pool %s: starting %d pod(s)", self.name, count)
+        for pod in await self.provider.create_pods(specs):
+            self.slots.append(PodSlot(pod, c.cpu_count, c.gpus, c.memory_bytes))
+        logger.info("pool %s: %d/%d pods ready", self.name, len(self.slots), self.max_replicas)
+
+    def _choose(self, req: Request) -> PodSlot | None:
+        fits = [s for s in self.slots if s.fits(req)]
+        if not fits:
+            return None
+        if req.strategy is Strategy.SPREAD:
+            return min(fits, key=lambda s: (s.used_cpus, len(s.actors)))
+        return max(fits, key=lambda s: (s.used_cpus, len(s.actors)))
+
+    async def place(self, actor: str, req: Request, *, timeout: float) -> PodSlot:
+        """Reserve a slice for `actor`, growing the pool if needed.
+
+        Raises:
+            PlacementError: it can never fit, or no room came up within `timeout`.
+        """
+        self.check_fits_empty(req)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        warned = False
+        while True:
+            async with self._grow_lock:
+                slot = self._choose(req)
+                if slot is None and len(self.slots) < self.max_replicas:
+                    await self._grow(1)
+                    slot = self._choose(req)
+                if slot is not None:
+                    slot.take(actor, req)
+                    return slot
+                self._freed.clear()
+            left = deadline - loop.time()
+            if left <= 0:
+                raise PlacementError(
+                    f"no pod of pool {self.name} had room for {req} within {timeout:g} s "
+                    f"({len(self.slots)}/{self.max_replicas} pods, all full)"
+                )
+            if not warned:
+                logger.warning(
+                    "pool %s is full (%d/%d pods): waiting up to %.0f s for room for %s",
+                    self.name,
+                    len(self.slots),
+                    self.max_replicas,
+                    left,
+                    req,
+                )
+                warned = True
+            try:
+                await asyncio.wait_for(self._freed.wait(), left)
+            except TimeoutError:
+                pass
+
+    def release(self, actor: str, req: Request) -> None:
+        for slot in self.slots:
+            slot.give_back(actor, req)
+        self._freed.set()
+
+    def slot_at(self, address: tuple[str, int]) -> PodSlot | None:
+        return next((s for s in self.slots if s.pod.address == address), None)
+
+    async def teardown(self) -> None:
+        slots, self.slots = self.slots, []
+        await asyncio.gather(
+            *(self.provider.delete_pod(self.name, s.pod.name) for s in slots),
+            return_exceptions=True,
+        )

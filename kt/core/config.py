@@ -1,0 +1,24 @@
+"""Driver-wide settings users may change: `kt.config.default_compute` and friends."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from kt.core.compute import Compute
+
+
+def _machine_sized() -> Compute:
+    """The default pool: pods the size of this machine, up to a few of them."""
+    return Compute(cpus=os.cpu_count() or 1, min_replicas=0, max_replicas=3)
+
+
+@dataclass
+class Config:
+    default_compute: Compute = field(default_factory=_machine_sized)
+    placement_timeout: float = 60.0
+    stream_logs: bool = True
+    idle_timeout: float = 60.0
+
+
+config = Config()

@@ -1,0 +1,170 @@
+"""Every error kt raises, in one tree.
+
+    KtError
+    ├── ConfigError            a spec or option is invalid (raised before anything runs)
+    ├── SerializationError     an argument or result could not be pickled (the call never ran)
+    ├── RemoteError            user code raised and its type cannot be rebuilt here
+    ├── ActorDiedError         the actor's process is gone; the call may have started
+    ├── PodLostError           the pod or its connection vanished; the call may or may not have run
+    ├── GetTimeoutError        waiting for a Ref ran out of time; the call keeps running
+    ├── CancelledError         the Ref was cancelled before its result arrived
+    ├── PlacementError         the request can never fit (or did not fit in time)
+    ├── AuthError              the supervisor refused the token
+    ├── ProtocolError          a peer sent bytes that are not kt frames, or another version
+    └── InvalidTransition      a state machine was asked for a move its table does not allow
+
+Each error carries fields and turns them into a sentence in `__str__`; `__reduce__`
+keeps them picklable so that they cross the wire like any other exception.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class KtError(Exception):
+    """Base of every kt error."""
+
+
+class ConfigError(KtError, ValueError):
+    """A spec, option or argument is invalid; nothing was started."""
+
+
+class SerializationError(KtError, TypeError):
+    """An argument or a result could not be pickled, so the call never ran.
+
+    `path` names the argument or attribute that failed (``argument 'x' .lock``).
+    """
+
+    def __init__(self, what: str, path: str, cause: str) -> None:
+        super().__init__(what, path, cause)
+        self.what = what
+        self.path = path
+        self.cause = cause
+
+    def __str__(self) -> str:
+        return (
+            f"could not pickle {self.path} of {self.what}: {self.cause}. "
+            "Pass a picklable value (or create the object inside the actor)."
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.what, self.path, self.cause))
+
+
+class RemoteError(KtError):
+    """User code raised remotely and its exception type cannot be rebuilt here."""
+
+    def __init__(self, type_name: str, message: str, traceback: str, where: str) -> None:
+        super().__init__(type_name, message, traceback, where)
+        self.type_name = type_name
+        self.message = message
+        self.traceback = traceback
+        self.where = where
+
+    def __str__(self) -> str:
+        return f"{self.type_name}: {self.message} (raised in {self.where})\n{self.traceback}"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.type_name, self.message, self.traceback, self.where))
+
+
+class ActorDiedError(KtError):
+    """The actor's process is gone: its state is lost and the call may have started.
+
+    Set against `PodLostError`: here the supervisor saw the process exit and knows how.
+    """
+
+    def __init__(
+        self,
+        actor: str,
+        pod: str,
+        *,
+        exit_code: int | None = None,
+        signal: int | None = None,
+        oom: bool = False,
+        reason: str = "",
+    ) -> None:
+        super().__init__(actor, pod, exit_code, signal, oom, reason)
+        self.actor = actor
+        self.pod = pod
+        self.exit_code = exit_code
+        self.signal = signal
+        self.oom = oom
+        self.reason = reason
+
+    def __str__(self) -> str:
+        if self.oom:
+            how = "was OOM-killed (raise its memory request)"
+        elif self.signal is not None:
+            how = f"was killed by signal {self.signal}"
+        elif self.exit_code is not None:
+            how = f"exited with code {self.exit_code}"
+        else:
+            how = "is gone"
+        why = f": {self.reason}" if self.reason else ""
+        return f"actor {self.actor} on pod {self.pod} {how}{why}"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (
+            _rebuild_actor_died,
+            (self.actor, self.pod, self.exit_code, self.signal, self.oom, self.reason),
+        )
+
+
+def _rebuild_actor_died(
+    actor: str, pod: str, exit_code: int | None, signal: int | None, oom: bool, reason: str
+) -> ActorDiedError:
+    return ActorDiedError(actor, pod, exit_code=exit_code, signal=signal, oom=oom, reason=reason)
+
+
+class PodLostError(KtError):
+    """The pod or the connection to it vanished; the call may or may not have run."""
+
+    def __init__(self, pod: str, reason: str = "") -> None:
+        super().__init__(pod, reason)
+        self.pod = pod
+        self.reason = reason
+
+    def __str__(self) -> str:
+        why = f": {self.reason}" if self.reason else ""
+        return f"lost pod {self.pod}{why}; the call may or may not have run"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.pod, self.reason))
+
+
+class GetTimeoutError(KtError, TimeoutError):
+    """Waiting for a result ran out of time; the remote call itself keeps running."""
+
+
+class CancelledError(KtError):
+    """The Ref was cancelled before its result arrived."""
+
+
+class PlacementError(KtError):
+    """A request can never fit its pool, or did not fit within `placement_timeout`."""
+
+
+class AuthError(KtError):
+    """The supervisor refused the connection's token."""
+
+
+class ProtocolError(KtError):
+    """A peer sent something that is not a kt frame of this version."""
+
+
+class InvalidTransition(KtError):
+    """A state machine was asked for a move that its table does not allow."""
+
+    def __init__(self, subject: str, start: str, finish: str) -> None:
+        super().__init__(subject, start, finish)
+        self.subject = subject
+        self.start = start
+        self.finish = finish
+
+    def __str__(self) -> str:
+        return f"{self.subject}: no transition from {self.start} to {self.finish}"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.subject, self.start, self.finish))

@@ -1,0 +1,103 @@
+"""The kt wire format: bytes only, no sockets, no asyncio.
+
+Every message is one frame, little-endian:
+
+    length  u32   bytes that follow this field
+    kind    u8    a FrameKind
+    flags   u8    FrameFlag bits
+    hlen    u16   length of the header
+    route   u32   set by a supervisor to tag which connection a relayed call came from
+    req_id  u64   chosen by the caller; replies and stream items echo it
+    header  hlen bytes of orjson (a small dict, or b"" when the kind needs none)
+    payload the rest: opaque bytes (serialization.py's layout), relayed unread
+
+Kinds:
+    HELLO         caller -> supervisor, first frame: {"v", "token", "caller"}
+    WELCOME       supervisor -> caller: {"v", "pod"}; anything else first closes the link
+    REFUSED       supervisor -> caller: {"error", "message"}; the link closes after it
+    CREATE_ACTOR  {"actor", "name", "max_concurrency", ...}; payload (cls, args, kwargs)
+    CALL          {"a": actor, "m": method}; payload (args, kwargs)
+    RESULT        ends a request; payload is the value, or an error when flags has ERROR
+    ITEM          one item of a streaming (generator) call; a RESULT ends the stream
+    KILL_ACTOR    {"actor"}; answered by a RESULT
+    CANCEL        {"a": actor}: best-effort cancel of request req_id
+    LOG           supervisor -> owner: {"src": prefix}; payload utf-8 lines
+    PING / PONG   liveness; PONG echoes req_id
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from typing import Any
+
+import orjson
+
+VERSION = 1
+
+PREFIX = struct.Struct("<IBBHIQ")
+PREFIX_SIZE = PREFIX.size  # 20
+LENGTH_SIZE = 4
+ROUTE_OFFSET = 8  # byte offset of `route` inside a frame
+MAX_FRAME = 1 << 40
+
+
+class FrameKind(enum.IntEnum):
+    HELLO = 1
+    WELCOME = 2
+    REFUSED = 3
+    CREATE_ACTOR = 4
+    CALL = 5
+    RESULT = 6
+    ITEM = 7
+    KILL_ACTOR = 8
+    CANCEL = 9
+    LOG = 10
+    PING = 11
+    PONG = 12
+
+
+class FrameFlag(enum.IntFlag):
+    NONE = 0
+    ERROR = 1
+
+
+def encode_prefix(
+    kind: int, req_id: int, header: bytes, payload_len: int, *, flags: int = 0, route: int = 0
+) -> bytes:
+    """The fixed 20-byte prefix; the caller writes header and payload after it."""
+    return PREFIX.pack(
+        PREFIX_SIZE - LENGTH_SIZE + len(header) + payload_len,
+        kind,
+        flags,
+        len(header),
+        route,
+        req_id,
+    )
+
+
+def encode(
+    kind: int,
+    req_id: int = 0,
+    header: dict[str, Any] | bytes | None = None,
+    payload: bytes = b"",
+    *,
+    flags: int = 0,
+    route: int = 0,
+) -> bytes:
+    """One whole frame as bytes; for small frames off the hot path."""
+    hdr = header if isinstance(header, bytes) else (orjson.dumps(header) if header else b"")
+    return encode_prefix(kind, req_id, hdr, len(payload), flags=flags, route=route) + hdr + payload
+
+
+def decode_header(header: bytes | memoryview) -> dict[str, Any]:
+    if not header:
+        return {}
+    value = orjson.loads(header)
+    if not isinstance(value, dict):
+        raise ValueError("frame header is not a JSON object")
+    return value
+
+
+def orjson_dumps(header: dict[str, Any]) -> bytes:
+    return orjson.dumps(header)

@@ -1,0 +1,142 @@
+"""The provider interface: how pods come and go, and the registry that picks one by name.
+
+A provider knows nothing of actors; the scheduler (kt.actors) asks it for pods. Backends
+are looked up by name and imported on first use, so `kt.core` never imports `kt.local`
+or `kt.k8s` at import time.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import importlib
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from kt.core.errors import ConfigError
+
+SUPERVISOR_PORT = 7170
+"""The call-channel port every supervisor listens on; control HTTP is on the next one."""
+
+_BACKENDS = {
+    "local": "kt.local.provider:LocalProvider",
+    "k8s": "kt.k8s.provider:K8sProvider",
+}
+_instances: dict[str, Provider] = {}
+
+
+class PodState(str, enum.Enum):
+    """PENDING -> READY -> (LOST | DELETED); PENDING -> FAILED. LOST, FAILED, DELETED are final."""
+
+    PENDING = "pending"
+    READY = "ready"
+    FAILED = "failed"
+    LOST = "lost"
+    DELETED = "deleted"
+
+
+@dataclass(frozen=True)
+class PodSpec:
+    """What the scheduler asks a provider for: one pod of a pool."""
+
+    pool: str
+    name: str
+    cpus: float
+    memory: int
+    gpus: int
+    token: str
+    env: dict[str, str] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+    inactivity_ttl: float | None = None
+    launch_timeout: float = 600
+    detached: bool = False
+    image: str = "python:3.11-slim"
+    namespace: str | None = None
+
+
+@dataclass
+class Pod:
+    """A pod that exists (or existed): the address its supervisor listens on."""
+
+    name: str
+    pool: str
+    host: str
+    port: int
+    state: PodState = PodState.PENDING
+    reason: str = ""
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.host, self.port
+
+
+@dataclass(frozen=True)
+class PodEvent:
+    pod: Pod
+    state: PodState
+
+
+class Provider(abc.ABC):
+    """Creates, deletes, lists and watches pods for one backend."""
+
+    name: str = ""
+
+    @abc.abstractmethod
+    async def create_pods(self, specs: list[PodSpec]) -> list[Pod]:
+        """Create the pods and return them once their supervisors accept connections.
+
+        Raises:
+            PlacementError: a pod could not start within its launch_timeout.
+        """
+
+    @abc.abstractmethod
+    async def delete_pod(self, pool: str, name: str) -> None:
+        """Delete one pod (and every process in it). Deleting a missing pod is a no-op."""
+
+    @abc.abstractmethod
+    async def list_pods(self, pool: str | None = None) -> list[Pod]:
+        """The pods that exist now, of one pool or of all.
+
+        Raises:
+            PodLostError: the backend could not be reached.
+        """
+
+    @abc.abstractmethod
+    def watch_pods(self, pool: str) -> AsyncIterator[PodEvent]:
+        """Pod state changes of a pool, as they happen."""
+
+    async def read_token(self, pool: str) -> str | None:
+        """The token of an existing pool, for a second driver; None when unknown."""
+        return None
+
+
+def resolve_backend(requested: str | None) -> str:
+    """`requested`, else KT_BACKEND, else k8s when a cluster config is found, else local."""
+    if requested:
+        return requested
+    env = os.environ.get("KT_BACKEND")
+    if env:
+        if env not in _BACKENDS:
+            raise ConfigError(f"KT_BACKEND={env!r}: choose one of {sorted(_BACKENDS)}")
+        return env
+    kubeconfig = os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+    if os.path.exists(kubeconfig) or os.environ.get("KUBERNETES_SERVICE_HOST"):
+        return "k8s"
+    return "local"
+
+
+def get_provider(name: str) -> Provider:
+    """The provider for a backend name, imported and created on first use."""
+    if name not in _BACKENDS:
+        raise ConfigError(f"unknown backend {name!r}: choose one of {sorted(_BACKENDS)}")
+    if name not in _instances:
+        module_name, _, cls_name = _BACKENDS[name].partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ConfigError(
+                f"backend {name!r} is not available: {exc}. Install kt-runtime[{name}]"
+            ) from exc
+        _instances[name] = getattr(module, cls_name)()
+    return _instances[name]

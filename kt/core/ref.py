@@ -1,0 +1,274 @@
+"""`Ref`: the future of one remote call, usable from any thread and any event loop.
+
+Theory of operation: a Ref is completed on the runtime's event-loop thread, but awaited
+from the user's loop (or blocked on from a plain thread). It implements asyncio's
+future protocol (`_asyncio_future_blocking`, `add_done_callback`, `get_loop`) so that
+`await ref` and `asyncio.gather(*refs)` use it directly, without wrapping each Ref in a
+Task. Done-callbacks remember the loop that registered them; the runtime hands each
+loop its callbacks in one `call_soon_threadsafe` per batch of results, not one per Ref.
+
+State changes happen under one module lock, which keeps the check-then-register race
+between a waiter and the completing thread closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import enum
+import threading
+from collections.abc import Callable, Generator
+from typing import Any, Generic, TypeVar
+
+from kt.core.errors import CancelledError, GetTimeoutError
+
+T = TypeVar("T")
+_LOCK = threading.Lock()
+
+Callback = tuple[asyncio.AbstractEventLoop | None, Callable[[Any], Any], contextvars.Context | None]
+
+
+class RefState(str, enum.Enum):
+    """PENDING -> DONE | FAILED | CANCELLED; the last three are final."""
+
+    PENDING = "pending"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+def run_callbacks(batch: list[tuple[Callback, Ref[Any]]]) -> None:
+    """Run done-callbacks on the loop (or thread) that registered them."""
+    for (_, fn, ctx), ref in batch:
+        try:
+            if ctx is not None:
+                ctx.run(fn, ref)
+            else:
+                fn(ref)
+        except Exception:  # a user's callback must not break the others
+            import logging
+
+            logging.getLogger(__name__).exception("Ref done-callback failed")
+
+
+def dispatch(batch: list[tuple[Callback, Ref[Any]]]) -> None:
+    """Send each callback to its loop, one call_soon_threadsafe per loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Callback, Ref[Any]]]] = {}
+    direct: list[tuple[Callback, Ref[Any]]] = []
+    for item in batch:
+        loop = item[0][0]
+        if loop is None:
+            direct.append(item)
+        else:
+            by_loop.setdefault(loop, []).append(item)
+    if direct:
+        run_callbacks(direct)
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(run_callbacks, items)
+        except RuntimeError:  # that loop is closed: nobody is waiting any more
+            pass
+
+
+class Ref(Generic[T]):
+    """The result of a remote call: awaitable, `.result(timeout)`, `.done()`, `.cancel()`."""
+
+    __slots__ = (
+        "__weakref__",
+        "_asyncio_future_blocking",
+        "_callbacks",
+        "_on_cancel",
+        "_state",
+        "_value",
+        "label",
+    )
+
+    def __init__(self, label: str = "") -> None:
+        self._asyncio_future_blocking = False
+        self._state = RefState.PENDING
+        self._value: Any = None
+        self._callbacks: list[Callback] = []
+        self._on_cancel: Callable[[], None] | None = None
+        self.label = label
+
+    def __repr__(self) -> str:
+        return f"<kt.Ref {self.label} {self._state.value}>"
+
+    # -- completion (runtime thread) ------------------------------------------------
+    def _finish(self, state: RefState, value: Any) -> list[tuple[Callback, Ref[Any]]]:
+        """Set the outcome; returns the callbacks to dispatch (empty if already final)."""
+        with _LOCK:
+            if self._state is not RefState.PENDING:
+                return []
+            self._state = state
+            self._value = value
+            callbacks, self._callbacks = self._callbacks, []
+        return [(cb, self) for cb in callbacks]
+
+    def set_result(self, value: Any) -> None:
+        dispatch(self._finish(RefState.DONE, value))
+
+    def set_exception(self, exc: BaseException) -> None:
+        dispatch(self._finish(RefState.FAILED, exc))
+
+    # -- the future protocol ----------------------------------------------------------
+    def done(self) -> bool:
+        return self._state is not RefState.PENDING
+
+    def cancelled(self) -> bool:
+        return self._state is RefState.CANCELLED
+
+    def cancel(self, msg: Any = None) -> bool:
+        """Stop waiting; the remote call is asked to stop but may already have run."""
+        batch = self._finish(RefState.CANCELLED, CancelledError(f"{self.label} was cancelled"))
+        if not batch and self._state is not RefState.CANCELLED:
+            return False
+        if self._on_cancel is not None:
+            self._on_cancel()
+        dispatch(batch)
+        return True
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return asyncio.get_running_loop()
+
+    def add_done_callback(
+        self, fn: Callable[[Any], Any], *, context: contextvars.Context | None = None
+    ) -> None:
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        with _LOCK:
+            if self._state is RefState.PENDING:
+                self._callbacks.append((loop, fn, context))
+                return
+        if loop is not None:
+            loop.call_soon(fn, self, context=context)
+        else:
+            fn(self)
+
+    def remove_done_callback(self, fn: Callable[[Any], Any]) -> int:
+        with _LOCK:
+            keep = [cb for cb in self._callbacks if cb[1] != fn]
+            removed = len(self._callbacks) - len(keep)
+            self._callbacks = keep
+        return removed
+
+    def exception(self) -> BaseException | None:
+        if self._state is RefState.PENDING:
+            raise asyncio.InvalidStateError("result is not ready")
+        if self._state is RefState.CANCELLED:
+            raise asyncio.CancelledError()
+        return self._value if self._state is RefState.FAILED else None
+
+    def _outcome(self) -> T:
+        if self._state is RefState.DONE:
+            return self._value
+        if self._state is RefState.CANCELLED:
+            raise asyncio.CancelledError() if _in_task() else self._value
+        raise self._value
+
+    def __await__(self) -> Generator[Any, None, T]:
+        if self._state is RefState.PENDING:
+            self._asyncio_future_blocking = True
+            yield self
+        if self._state is RefState.PENDING:
+            raise RuntimeError("await wasn't used with future")
+        return self._outcome()
+
+    __iter__ = __await__
+
+    # -- blocking -----------------------------------------------------------------------
+    def result(self, timeout: float | None = None) -> T:
+        """Block until the result arrives.
+
+        Raises:
+            GetTimeoutError: `timeout` seconds passed first; the call keeps running.
+            CancelledError: the Ref was cancelled.
+        """
+        if self._state is RefState.PENDING:
+            event = threading.Event()
+            self.on_done(lambda _ref: event.set())
+            if not event.wait(timeout):
+                raise GetTimeoutError(f"{self.label} not ready after {timeout} s")
+        if self._state is RefState.CANCELLED:
+            raise self._value
+        return self._outcome()
+
+    def on_done(self, fn: Callable[[Ref[T]], Any]) -> None:
+        """Call `fn(ref)` once done, on whichever thread completes it (never a user loop)."""
+        with _LOCK:
+            if self._state is RefState.PENDING:
+                self._callbacks.append((None, fn, None))
+                return
+        fn(self)
+
+
+def _in_task() -> bool:
+    try:
+        return asyncio.current_task() is not None
+    except RuntimeError:
+        return False
+
+
+_END = object()
+
+
+class StreamRef(Generic[T]):
+    """The items of a generator method, in order: `async for x in ...` or `for x in ...`.
+
+    Each item is a Ref completed as the item arrives; the last one carries an end mark
+    (or the error that ended the stream).
+    """
+
+    def __init__(self, label: str = "") -> None:
+        self.label = label
+        self._refs: list[Ref[Any]] = [Ref(label)]
+        self._next = 0
+        self._on_cancel: Callable[[], None] | None = None
+
+    def _push(self, value: Any) -> list[tuple[Callback, Ref[Any]]]:
+        """Runtime thread: one more item."""
+        ref = self._refs[-1]
+        self._refs.append(Ref(self.label))
+        return ref._finish(RefState.DONE, value)
+
+    def _close(self, exc: BaseException | None) -> list[tuple[Callback, Ref[Any]]]:
+        ref = self._refs[-1]
+        if exc is None:
+            return ref._finish(RefState.DONE, _END)
+        return ref._finish(RefState.FAILED, exc)
+
+    # Ref-compatible completion, so the runtime can end a stream like any call.
+    def _finish(self, state: RefState, value: Any) -> list[tuple[Callback, Ref[Any]]]:
+        return self._close(None if state is RefState.DONE else value)
+
+    def set_exception(self, exc: BaseException) -> None:
+        dispatch(self._close(exc))
+
+    def __aiter__(self) -> StreamRef[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        ref = self._refs[self._next]
+        value = await ref
+        if value is _END:
+            raise StopAsyncIteration
+        self._next += 1
+        return value
+
+    def __iter__(self) -> StreamRef[T]:
+        return self
+
+    def __next__(self) -> T:
+        ref = self._refs[self._next]
+        value = ref.result()
+        if value is _END:
+            raise StopIteration
+        self._next += 1
+        return value
+
+    def cancel(self) -> bool:
+        if self._on_cancel is not None:
+            self._on_cancel()
+        return self._refs[-1].cancel()

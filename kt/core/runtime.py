@@ -1,0 +1,309 @@
+"""The caller's side of the call channel: one event-loop thread, one link per pod.
+
+Who calls it: handles in `kt.actors`, from the user's threads (any number) and from
+inside actor processes (for handles passed to them). Theory of operation:
+
+- Calls are built (serialized, framed) on the calling thread and pushed onto a deque;
+  the first push after a flush wakes the loop with one `call_soon_threadsafe`, so a burst
+  of 10,000 `.remote()` calls costs one wake-up and a few large writes, not 10,000.
+- Each pod gets one `Link`: a TCP connection that authenticates with HELLO before any
+  call, then multiplexes every call by request id.
+- Results complete Refs on the loop thread; their waiters are handed back to the user's
+  loop in batches (see `kt.core.ref`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import collections
+import concurrent.futures
+import enum
+import itertools
+import logging
+import os
+import sys
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from kt.core import protocol
+from kt.core.channel import FrameChannel
+from kt.core.errors import AuthError, KtError, PodLostError, ProtocolError
+from kt.core.protocol import FrameFlag, FrameKind
+from kt.core.ref import Callback, Ref, RefState, StreamRef, dispatch
+from kt.core.serialization import Parts, loads, loads_exception
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+Address = tuple[str, int]
+Pending = Ref[Any] | StreamRef[Any]
+_done = RefState.DONE
+_failed = RefState.FAILED
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+
+        return uvloop.new_event_loop()
+    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
+        return asyncio.new_event_loop()
+
+
+class LinkState(str, enum.Enum):
+    """CONNECTING -> READY -> CLOSED; CONNECTING -> CLOSED (refused or unreachable)."""
+
+    CONNECTING = "connecting"
+    READY = "ready"
+    CLOSED = "closed"
+
+
+class Link:
+    """A caller's authenticated connection to one pod's supervisor.
+
+    Set against the supervisor's `Peer`: a Link dials out and owns the Refs of the calls
+    it carries; a Peer is the supervisor's end of some caller's Link.
+    """
+
+    def __init__(self, runtime: Runtime, address: Address, token: str) -> None:
+        self.runtime = runtime
+        self.address = address
+        self.token = token
+        self.pod = f"{address[0]}:{address[1]}"
+        self.state = LinkState.CONNECTING
+        self.inflight: dict[int, Pending] = {}
+        self.channel: FrameChannel | None = None
+        self._queued: list[Parts] = []
+        self._failure: KtError | None = None
+
+    async def open(self, timeout: float = 30.0) -> None:
+        loop = asyncio.get_running_loop()
+        welcome: asyncio.Future[None] = loop.create_future()
+        self._welcome = welcome
+        try:
+            _, channel = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: FrameChannel(self._on_frame, self._on_lost), *self.address
+                ),
+                timeout,
+            )
+            self.channel = channel
+            hello = {"v": protocol.VERSION, "token": self.token, "caller": self.runtime.caller}
+            channel.send(protocol.encode(FrameKind.HELLO, 0, hello))
+            await asyncio.wait_for(welcome, timeout)
+        except (TimeoutError, OSError) as exc:
+            self._fail(PodLostError(self.pod, f"cannot connect: {exc or 'timed out'}"))
+            return
+        except KtError as exc:
+            self._fail(exc)
+            return
+        self.state = LinkState.READY
+        for parts in self._queued:
+            channel.send_parts(parts)
+        self._queued.clear()
+
+    def submit(self, req_id: int, parts: Parts, ref: Pending) -> None:
+        if self.state is LinkState.CLOSED:
+            assert self._failure is not None
+            self.runtime.complete(ref._finish(_failed, self._failure))
+            return
+        self.inflight[req_id] = ref
+        if self.state is LinkState.READY:
+            assert self.channel is not None
+            self.channel.send_parts(parts)
+        else:
+            self._queued.append(parts)
+
+    def send(self, frame: bytes) -> None:
+        if self.state is LinkState.READY and self.channel is not None:
+            self.channel.send(frame)
+        elif self.state is LinkState.CONNECTING:
+            self._queued.append([frame])
+
+    def _on_frame(
+        self,
+        kind: int,
+        flags: int,
+        route: int,
+        req_id: int,
+        header: memoryview,
+        payload: memoryview,
+        frame: memoryview,
+    ) -> None:
+        if kind == FrameKind.RESULT:
+            ref = self.inflight.pop(req_id, None)
+            if ref is None:
+                return  # cancelled or already failed
+            if flags & FrameFlag.ERROR:
+                self.runtime.complete(ref._finish(_failed, loads_exception(payload)))
+            else:
+                self.runtime.complete(ref._finish(_done, loads(payload)))
+        elif kind == FrameKind.ITEM:
+            stream = self.inflight.get(req_id)
+            if isinstance(stream, StreamRef):
+                self.runtime.complete(stream._push(loads(payload)))
+        elif kind == FrameKind.LOG:
+            self.runtime.print_log(protocol.decode_header(header).get("src", ""), payload)
+        elif kind == FrameKind.WELCOME:
+            if not self._welcome.done():
+                self._welcome.set_result(None)
+        elif kind == FrameKind.REFUSED:
+            info = protocol.decode_header(header)
+            error = AuthError(f"pod {self.pod} refused the connection: {info.get('message')}")
+            if not self._welcome.done():
+                self._welcome.set_exception(error)
+            self._fail(error)
+        elif kind == FrameKind.PONG:
+            pass
+        else:
+            raise ProtocolError(f"unexpected frame kind {kind} from {self.pod}")
+
+    def _on_lost(self, exc: Exception | None) -> None:
+        reason = f"connection lost: {exc}" if exc else "connection closed by the pod"
+        error = PodLostError(self.pod, reason)
+        if not self._welcome.done():
+            self._welcome.set_exception(error)
+        self._fail(error)
+
+    def _fail(self, error: KtError) -> None:
+        if self.state is LinkState.CLOSED:
+            return
+        self.state = LinkState.CLOSED
+        self._failure = error
+        inflight, self.inflight = self.inflight, {}
+        self._queued.clear()
+        for ref in inflight.values():
+            self.runtime.complete(ref._finish(_failed, error))
+        self.runtime.forget(self)
+        if self.channel is not None:
+            self.channel.abort()
+
+
+class Runtime:
+    """The event-loop thread of one process that makes calls, and its links to pods."""
+
+    def __init__(self, *, caller: str | None = None, stream_logs: bool = True) -> None:
+        self.caller = caller or f"driver-{os.getpid()}"
+        self.stream_logs = stream_logs
+        self.loop = new_event_loop()
+        self._ids = itertools.count(1)
+        self._links: dict[Address, Link] = {}
+        self._inbox: collections.deque[tuple[Address, str, int, Parts, Pending]] = (
+            collections.deque()
+        )
+        self._wake_scheduled = False
+        self._ready: list[tuple[Callback, Ref[Any]]] = []
+        self._dispatch_scheduled = False
+        self._thread = threading.Thread(target=self._run, name="kt-runtime", daemon=True)
+        self._thread.start()
+        atexit.register(self.stop)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    @property
+    def on_loop_thread(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    def new_id(self) -> int:
+        return next(self._ids)
+
+    # -- calls (any thread) -------------------------------------------------------------
+    def submit(self, address: Address, token: str, req_id: int, parts: Parts, ref: Pending) -> None:
+        """Send one framed call; `ref` completes when its RESULT (or a failure) arrives."""
+        self._inbox.append((address, token, req_id, parts, ref))
+        if not self._wake_scheduled:
+            self._wake_scheduled = True
+            if self.on_loop_thread:
+                self.loop.call_soon(self._drain)
+            else:
+                self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        self._wake_scheduled = False
+        inbox = self._inbox
+        links = self._links
+        while inbox:
+            address, token, req_id, parts, ref = inbox.popleft()
+            link = links.get(address)
+            if link is None:
+                link = self._open_link(address, token)
+            link.submit(req_id, parts, ref)
+
+    def _open_link(self, address: Address, token: str) -> Link:
+        link = Link(self, address, token)
+        self._links[address] = link
+        self.loop.create_task(link.open())
+        return link
+
+    def forget(self, link: Link) -> None:
+        if self._links.get(link.address) is link:
+            del self._links[link.address]
+
+    def send_control(self, address: Address, token: str, frame: bytes) -> None:
+        """A frame that expects no reply (CANCEL, PING)."""
+
+        def send() -> None:
+            link = self._links.get(address) or self._open_link(address, token)
+            link.send(frame)
+
+        self.loop.call_soon_threadsafe(send)
+
+    def discard(self, address: Address, req_id: int) -> None:
+        """Forget a call whose Ref was cancelled (its RESULT, if any, is dropped)."""
+
+        def drop() -> None:
+            link = self._links.get(address)
+            if link is not None:
+                link.inflight.pop(req_id, None)
+
+        self.loop.call_soon_threadsafe(drop)
+
+    # -- results (loop thread) ------------------------------------------------------------
+    def complete(self, batch: list[tuple[Callback, Ref[Any]]]) -> None:
+        if not batch:
+            return
+        self._ready.extend(batch)
+        if not self._dispatch_scheduled:
+            self._dispatch_scheduled = True
+            self.loop.call_soon(self._dispatch)
+
+    def _dispatch(self) -> None:
+        self._dispatch_scheduled = False
+        ready, self._ready = self._ready, []
+        dispatch(ready)
+
+    def print_log(self, source: str, payload: memoryview) -> None:
+        if not self.stream_logs:
+            return
+        text = bytes(payload).decode("utf-8", "replace")
+        out = "".join(f"{source} {line}\n" for line in text.splitlines())
+        sys.stdout.write(out)
+        sys.stdout.flush()
+
+    # -- running coroutines on the loop -------------------------------------------------------
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run a coroutine on the loop thread and wait for it (not from the loop thread)."""
+        if self.on_loop_thread:
+            coro.close()
+            raise RuntimeError("kt: a blocking call was made on kt's own event-loop thread")
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def spawn(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Start a coroutine on the loop thread without waiting for it."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def stop(self) -> None:
+        if not self.loop.is_running():
+            return
+
+        def close_all() -> None:
+            for link in list(self._links.values()):
+                if link.channel is not None:
+                    link.channel.close()
+            self.loop.stop()
+
+        self.loop.call_soon_threadsafe(close_all)
+        self._thread.join(timeout=2)

@@ -1,0 +1,51 @@
+"""`python -m kt.supervisor`: a pod's command. Configured by flags and KT_* variables."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+
+from kt.core.provider import SUPERVISOR_PORT
+from kt.core.runtime import new_event_loop
+from kt.supervisor.server import Supervisor
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m kt.supervisor")
+    parser.add_argument("--host", default=os.environ.get("KT_HOST", "0.0.0.0"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("KT_PORT", SUPERVISOR_PORT)))
+    parser.add_argument("--pod", default=os.environ.get("KT_POD", os.uname().nodename))
+    parser.add_argument("--warm", type=int, default=int(os.environ.get("KT_WARM_WORKERS", "2")))
+    parser.add_argument("--no-control", action="store_true", help="do not serve control HTTP")
+    args = parser.parse_args()
+    token = os.environ.get("KT_TOKEN", "")
+    if not token:
+        parser.error("KT_TOKEN is not set: a supervisor never runs without a token")
+    logging.basicConfig(
+        level=os.environ.get("KT_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    ttl = os.environ.get("KT_INACTIVITY_TTL")
+    driver = os.environ.get("KT_DRIVER_PID")
+    supervisor = Supervisor(
+        host=args.host,
+        port=args.port,
+        token=token,
+        pod=args.pod,
+        control_port=None if args.no_control else args.port + 1,
+        warm=args.warm,
+        inactivity_ttl=float(ttl) if ttl else None,
+        driver_pid=int(driver) if driver else None,
+    )
+    loop = new_event_loop()
+    asyncio.set_event_loop(loop)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, supervisor.stop)
+    loop.run_until_complete(supervisor.serve())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,472 @@
+"""The supervisor: one per pod. Accepts callers, hosts actors, relays calls.
+
+Who runs it: `python -m kt.supervisor` (the pod's command). Theory of operation:
+
+- A caller's TCP connection is a `Peer`. Its first frame must be HELLO with the pool's
+  token, compared in constant time; until then every other frame closes the connection
+  and nothing is unpickled (the supervisor never unpickles payloads at all).
+- Each actor lives in its own worker process, reached over a Unix socket. A CALL is
+  relayed to the actor's process as-is, with the frame's `route` field set to the
+  caller's peer id; the worker echoes `route` in its RESULT, which is relayed back to
+  that peer. No per-call dictionary of request ids is needed to route replies.
+- The supervisor does remember which calls are in flight per actor, so that when the
+  process dies each caller gets an ActorDiedError naming the exit code or signal.
+- Frames are dispatched through one handlers dict built in `__init__`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import hmac
+import logging
+import os
+import shutil
+import struct
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from kt.core import protocol, serialization
+from kt.core.channel import BIG_FRAME, FrameChannel
+from kt.core.errors import ActorDiedError
+from kt.core.protocol import ROUTE_OFFSET, FrameFlag, FrameKind
+from kt.supervisor.processes import ExitInfo, ProcessManager, WorkerProcess
+
+logger = logging.getLogger(__name__)
+_ROUTE = struct.Struct("<I")
+
+Handler = Callable[["Peer", int, int, memoryview, memoryview, memoryview], None]
+
+
+class ActorState(str, enum.Enum):
+    """STARTING -> ALIVE -> DEAD; STARTING -> DEAD (init failed or process died)."""
+
+    STARTING = "starting"
+    ALIVE = "alive"
+    DEAD = "dead"
+
+
+@dataclass
+class ActorRecord:
+    """An actor hosted on this pod and the worker process that holds it."""
+
+    id: str
+    name: str
+    cls_name: str
+    owner: int
+    worker: WorkerProcess | None = None
+    backlog: list[bytes | bytearray | memoryview] = field(default_factory=list)
+    state: ActorState = ActorState.STARTING
+    inflight: dict[int, None] = field(default_factory=dict)
+    death: ActorDiedError | None = None
+    calls: int = 0
+
+    def send(self, frame: bytes | bytearray | memoryview) -> None:
+        if self.worker is not None:
+            self.worker.send(frame)
+        else:
+            self.backlog.append(frame)
+
+    def bind(self, worker: WorkerProcess) -> None:
+        self.worker = worker
+        for frame in self.backlog:
+            worker.send(frame)
+        self.backlog.clear()
+
+
+class Peer:
+    """The supervisor's end of one caller's connection."""
+
+    def __init__(self, supervisor: Supervisor, route: int) -> None:
+        self.supervisor = supervisor
+        self.route = route
+        self.caller = ""
+        self.authenticated = False
+        self.channel = FrameChannel(self._on_frame, self._on_lost)
+
+    def _on_frame(
+        self,
+        kind: int,
+        flags: int,
+        route: int,
+        req_id: int,
+        header: memoryview,
+        payload: memoryview,
+        frame: memoryview,
+    ) -> None:
+        if not self.authenticated:
+            self.supervisor.authenticate(self, kind, header)
+            return
+        handler = self.supervisor.handlers.get(kind)
+        if handler is None:
+            logger.warning("peer %s sent unknown frame kind %d; closing", self.caller, kind)
+            self.channel.abort()
+            return
+        handler(self, flags, req_id, header, payload, frame)
+
+    def _on_lost(self, exc: Exception | None) -> None:
+        self.supervisor.peer_lost(self)
+
+
+class Supervisor:
+    """Serves one pod: callers over TCP, actors in worker processes over a Unix socket."""
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        token: str,
+        pod: str,
+        control_port: int | None = None,
+        warm: int = 2,
+        inactivity_ttl: float | None = None,
+        driver_pid: int | None = None,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.control_port = control_port
+        self.token = token.encode()
+        self.pod = pod
+        self.inactivity_ttl = inactivity_ttl
+        self.driver_pid = driver_pid
+        self.started = time.time()
+        self.last_activity = time.monotonic()
+        self.peers: dict[int, Peer] = {}
+        self.actors: dict[str, ActorRecord] = {}
+        self._routes: dict[bytes, ActorRecord] = {}
+        self._by_worker: dict[int, ActorRecord] = {}
+        self._next_route = 1
+        self._tmp = tempfile.mkdtemp(prefix="kt-pod-")
+        self.socket_path = os.path.join(self._tmp, "workers.sock")
+        self.procs = ProcessManager(self.socket_path, pod=pod, warm=warm)
+        self.stopped = asyncio.Event()
+        self.handlers: dict[int, Handler] = {
+            FrameKind.CALL: self.on_call,
+            FrameKind.CREATE_ACTOR: self.on_create_actor,
+            FrameKind.KILL_ACTOR: self.on_kill_actor,
+            FrameKind.CANCEL: self.on_cancel,
+            FrameKind.PING: self.on_ping,
+        }
+
+    # -- lifecycle -------------------------------------------------------------------
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tcp = await loop.create_server(self._new_peer, self.host, self.port)
+        self._unix = await loop.create_unix_server(self._new_worker_link, self.socket_path)
+        self.procs.top_up()
+        tasks = [loop.create_task(self._watchdog())]
+        if self.control_port is not None:
+            from kt.supervisor.control import serve_control
+
+            tasks.append(loop.create_task(serve_control(self, self.host, self.control_port)))
+        logger.info("pod %s serving on %s:%d", self.pod, self.host, self.port)
+        await self.stopped.wait()
+        for task in tasks:
+            task.cancel()
+        self._tcp.close()
+        self._unix.close()
+        self.procs.close()
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+    async def _watchdog(self) -> None:
+        """Exit when the driver process is gone (local) or nobody called for inactivity_ttl."""
+        while True:
+            await asyncio.sleep(0.5)
+            if self.driver_pid is not None and not _pid_alive(self.driver_pid):
+                logger.info("driver %d exited; pod %s stops", self.driver_pid, self.pod)
+                self.stop()
+            idle = time.monotonic() - self.last_activity
+            if self.inactivity_ttl is not None and not self.peers and idle > self.inactivity_ttl:
+                logger.info("no caller for %.0f s; pod %s stops", idle, self.pod)
+                self.stop()
+
+    # -- callers ---------------------------------------------------------------------
+    def _new_peer(self) -> FrameChannel:
+        route = self._next_route
+        self._next_route += 1
+        peer = Peer(self, route)
+        self.peers[route] = peer
+        return peer.channel
+
+    def authenticate(self, peer: Peer, kind: int, header: memoryview) -> None:
+        """HELLO with the right token and version, or the connection closes unread."""
+        try:
+            hello = protocol.decode_header(header) if kind == FrameKind.HELLO else {}
+        except ValueError:
+            hello = {}
+        token = str(hello.get("token", "")).encode()
+        if kind != FrameKind.HELLO or not hmac.compare_digest(token, self.token):
+            logger.warning("refused a connection: %s", "bad token" if hello else "no HELLO")
+            self._refuse(peer, "missing or wrong token")
+            return
+        if hello.get("v") != protocol.VERSION:
+            self._refuse(
+                peer, f"protocol version {hello.get('v')} != supervisor's {protocol.VERSION}"
+            )
+            return
+        peer.authenticated = True
+        peer.caller = str(hello.get("caller", ""))
+        peer.channel.send(
+            protocol.encode(FrameKind.WELCOME, 0, {"v": protocol.VERSION, "pod": self.pod})
+        )
+
+    def _refuse(self, peer: Peer, message: str) -> None:
+        peer.channel.send(
+            protocol.encode(FrameKind.REFUSED, 0, {"error": "auth", "message": message})
+        )
+        peer.channel.close()
+        peer.channel.closed = True  # drop whatever else this connection already sent
+
+    def peer_lost(self, peer: Peer) -> None:
+        self.peers.pop(peer.route, None)
+        self.last_activity = time.monotonic()
+
+    def reply_error(self, route: int, req_id: int, exc: BaseException, where: str) -> None:
+        peer = self.peers.get(route)
+        if peer is None:
+            return
+        payload = serialization.dumps_exception(exc, where, "")
+        peer.channel.send(
+            protocol.encode(FrameKind.RESULT, req_id, b"", payload, flags=FrameFlag.ERROR)
+        )
+
+    # -- handlers ----------------------------------------------------------------------
+    def on_call(
+        self,
+        peer: Peer,
+        flags: int,
+        req_id: int,
+        header: memoryview,
+        payload: memoryview,
+        frame: memoryview,
+    ) -> None:
+        key = bytes(header)
+        rec = self._routes.get(key)
+        if rec is None:
+            actor_id = protocol.decode_header(header).get("a", "")
+            rec = self.actors.get(actor_id)
+            if rec is None:
+                self.reply_error(
+                    peer.route,
+                    req_id,
+                    ActorDiedError(actor_id, self.pod, reason="no such actor on this pod"),
+                    self.pod,
+                )
+                return
+            self._routes[key] = rec
+        self._relay(rec, peer.route, req_id, frame)
+
+    def _relay(self, rec: ActorRecord, route: int, req_id: int, frame: memoryview) -> None:
+        if rec.state is ActorState.DEAD:
+            assert rec.death is not None
+            self.reply_error(route, req_id, rec.death, self.pod)
+            return
+        rec.inflight[(route << 64) | req_id] = None
+        rec.calls += 1
+        _ROUTE.pack_into(frame, ROUTE_OFFSET, route)
+        rec.send(frame if len(frame) > BIG_FRAME else bytes(frame))
+
+    def on_create_actor(
+        self,
+        peer: Peer,
+        flags: int,
+        req_id: int,
+        header: memoryview,
+        payload: memoryview,
+        frame: memoryview,
+    ) -> None:
+        spec = protocol.decode_header(header)
+        actor_id = spec["actor"]
+        if actor_id in self.actors:
+            self.reply_error(
+                peer.route, req_id, ValueError(f"actor {actor_id} already exists"), self.pod
+            )
+            return
+        rec = ActorRecord(
+            id=actor_id,
+            name=spec.get("name") or actor_id,
+            cls_name=spec.get("cls", "Actor"),
+            owner=peer.route,
+        )
+        self.actors[rec.id] = rec
+        self._relay(rec, peer.route, req_id, frame)
+        asyncio.get_running_loop().create_task(self._bind_worker(rec))
+
+    async def _bind_worker(self, rec: ActorRecord) -> None:
+        worker = await self.procs.acquire()
+        worker.log_source = f"({rec.cls_name} pid={worker.pid} pod={self.pod})"
+        worker.on_log = lambda w, data: self._forward_log(w, rec, data)
+        worker.on_exit = lambda w, info: self._actor_exited(rec, info)
+        self._by_worker[worker.id] = rec
+        rec.bind(worker)
+        if rec.state is ActorState.DEAD:  # killed before it had a process
+            worker.kill()
+
+    def on_kill_actor(
+        self,
+        peer: Peer,
+        flags: int,
+        req_id: int,
+        header: memoryview,
+        payload: memoryview,
+        frame: memoryview,
+    ) -> None:
+        actor_id = protocol.decode_header(header).get("actor", "")
+        rec = self.actors.get(actor_id)
+        if rec is not None and rec.state is not ActorState.DEAD:
+            rec.death = ActorDiedError(actor_id, self.pod, reason="it was killed by kt.kill")
+            if rec.worker is not None:
+                rec.worker.kill()
+            else:
+                rec.state = ActorState.DEAD
+        peer.channel.send(
+            protocol.encode(FrameKind.RESULT, req_id, b"", serialization.dumps_bytes(None))
+        )
+
+    def on_cancel(
+        self,
+        peer: Peer,
+        flags: int,
+        req_id: int,
+        header: memoryview,
+        payload: memoryview,
+        frame: memoryview,
+    ) -> None:
+        actor_id = protocol.decode_header(header).get("a", "")
+        rec = self.actors.get(actor_id)
+        if rec is not None and rec.state is not ActorState.DEAD:
+            _ROUTE.pack_into(frame, ROUTE_OFFSET, peer.route)
+            rec.send(bytes(frame))
+
+    def on_ping(
+        self,
+        peer: Peer,
+        flags: int,
+        req_id: int,
+        header: memoryview,
+        payload: memoryview,
+        frame: memoryview,
+    ) -> None:
+        self.last_activity = time.monotonic()
+        peer.channel.send(protocol.encode(FrameKind.PONG, req_id))
+
+    # -- workers -----------------------------------------------------------------------
+    def _new_worker_link(self) -> FrameChannel:
+        state: dict[str, WorkerProcess | None] = {"worker": None}
+
+        def on_frame(
+            kind: int,
+            flags: int,
+            route: int,
+            req_id: int,
+            header: memoryview,
+            payload: memoryview,
+            frame: memoryview,
+        ) -> None:
+            worker = state["worker"]
+            if worker is None:
+                if kind != FrameKind.HELLO:
+                    channel.abort()
+                    return
+                worker_id = int(protocol.decode_header(header).get("worker", 0))
+                state["worker"] = self.procs.connected(worker_id, channel)
+                if state["worker"] is None:
+                    channel.abort()
+                return
+            self._from_worker(worker, kind, flags, route, req_id, frame)
+
+        channel = FrameChannel(on_frame)
+        return channel
+
+    def _from_worker(
+        self,
+        worker: WorkerProcess,
+        kind: int,
+        flags: int,
+        route: int,
+        req_id: int,
+        frame: memoryview,
+    ) -> None:
+        rec = self._by_worker.get(worker.id)
+        if kind == FrameKind.RESULT and rec is not None:
+            rec.inflight.pop((route << 64) | req_id, None)
+            if rec.state is ActorState.STARTING:
+                self._started(rec, failed=bool(flags & FrameFlag.ERROR), frame=frame)
+        peer = self.peers.get(route)
+        if peer is not None:
+            peer.channel.send(frame if len(frame) > BIG_FRAME else bytes(frame))
+        self.last_activity = time.monotonic()
+
+    def _started(self, rec: ActorRecord, *, failed: bool, frame: memoryview) -> None:
+        assert rec.worker is not None
+        if not failed:
+            rec.state = ActorState.ALIVE
+            logger.info("actor %s (%s) alive in pid %d", rec.id, rec.cls_name, rec.worker.pid)
+            return
+        rec.state = ActorState.DEAD
+        rec.death = ActorDiedError(rec.id, self.pod, reason="its __init__ raised")
+        rec.worker.kill()
+
+    def _actor_exited(self, rec: ActorRecord, info: ExitInfo) -> None:
+        death = rec.death or ActorDiedError(
+            rec.id,
+            self.pod,
+            exit_code=info.exit_code,
+            signal=info.signal,
+            oom=info.oom,
+        )
+        rec.state = ActorState.DEAD
+        rec.death = death
+        logger.info("actor %s (%s) died: %s", rec.id, rec.cls_name, death)
+        inflight, rec.inflight = rec.inflight, {}
+        for key in inflight:
+            self.reply_error(key >> 64, key & ((1 << 64) - 1), death, self.pod)
+
+    def _forward_log(self, worker: WorkerProcess, rec: ActorRecord, data: bytes) -> None:
+        """Into the pod's own log, and to the caller that created the actor."""
+        text = data.decode("utf-8", "replace")
+        sys.stdout.write("".join(f"{worker.log_source} {line}\n" for line in text.splitlines()))
+        sys.stdout.flush()
+        peer = self.peers.get(rec.owner)
+        if peer is not None:
+            peer.channel.send(protocol.encode(FrameKind.LOG, 0, {"src": worker.log_source}, data))
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "pod": self.pod,
+            "uptime_s": round(time.time() - self.started, 3),
+            "callers": len(self.peers),
+            "actors": [
+                {
+                    "id": r.id,
+                    "name": r.name,
+                    "class": r.cls_name,
+                    "state": r.state.value,
+                    "pid": r.worker.pid if r.worker else None,
+                    "calls": r.calls,
+                    "inflight": len(r.inflight),
+                }
+                for r in self.actors.values()
+            ],
+            "processes": [
+                {"pid": w.pid, "state": w.state.value} for w in self.procs.workers.values()
+            ],
+        }
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,224 @@
+"""The worker main loop: the process that holds one actor and runs its methods.
+
+Started warm by the process manager (`python -m kt.supervisor.worker SOCKET ID`), it
+connects to the supervisor's Unix socket and waits. CREATE_ACTOR turns it into an actor;
+each CALL runs one method:
+
+- sync methods run inline on the loop thread, so calls run in submission order;
+  with `max_concurrency > 1` they run on a thread pool of that size instead;
+- `async def` methods run as tasks, so they interleave (and await other actors);
+- generator methods (sync or async) stream ITEM frames, then a RESULT ends the stream.
+
+Every reply echoes the request's `route` so the supervisor can relay it without a lookup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import socket
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from kt.core import protocol, serialization
+from kt.core.channel import FrameChannel
+from kt.core.errors import SerializationError
+from kt.core.methods import MethodKind, method_kind
+from kt.core.protocol import FrameFlag, FrameKind
+from kt.core.runtime import new_event_loop
+
+
+class ActorHost:
+    """Holds the actor instance and runs calls on it."""
+
+    def __init__(self, channel: FrameChannel, pod: str) -> None:
+        self.channel = channel
+        self.pod = pod
+        self.instance: Any = None
+        self.cls_name = "Actor"
+        self.pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self.loop = asyncio.get_running_loop()
+        self._methods: dict[bytes, tuple[str, Callable[..., Any], int]] = {}
+        self._tasks: dict[int, asyncio.Task[Any]] = {}
+
+    def on_frame(
+        self,
+        kind: int,
+        flags: int,
+        route: int,
+        req_id: int,
+        header: memoryview,
+        payload: memoryview,
+        frame: memoryview,
+    ) -> None:
+        if kind == FrameKind.CALL:
+            self.call(route, req_id, header, payload)
+        elif kind == FrameKind.CREATE_ACTOR:
+            self.create(route, req_id, header, payload)
+        elif kind == FrameKind.CANCEL:
+            task = self._tasks.get(req_id)
+            if task is not None:
+                task.cancel()
+
+    # -- replies -----------------------------------------------------------------------
+    def reply(
+        self, route: int, req_id: int, value: Any, what: str, kind: int = FrameKind.RESULT
+    ) -> None:
+        try:
+            parts = serialization.dumps_value(value, what)
+        except SerializationError as exc:
+            self.reply_error(route, req_id, exc, what)
+            return
+        size = serialization.parts_size(parts)
+        self.channel.send(protocol.encode_prefix(kind, req_id, b"", size, route=route))
+        self.channel.send_parts(parts)
+
+    def reply_error(self, route: int, req_id: int, exc: BaseException, what: str) -> None:
+        tb = "".join(traceback.format_exception(exc))
+        where = f"{what} on pod {self.pod} (pid {os.getpid()})"
+        payload = serialization.dumps_exception(exc, where, tb)
+        self.channel.send(
+            protocol.encode(
+                FrameKind.RESULT, req_id, b"", payload, flags=FrameFlag.ERROR, route=route
+            )
+        )
+
+    # -- creation ------------------------------------------------------------------------
+    def create(self, route: int, req_id: int, header: memoryview, payload: memoryview) -> None:
+        spec = protocol.decode_header(header)
+        self.cls_name = spec.get("cls", "Actor")
+        what = f"{self.cls_name}.__init__"
+        try:
+            cls, args, kwargs = serialization.loads(bytes(payload))
+            concurrency = int(spec.get("max_concurrency", 1))
+            if concurrency > 1:
+                self.pool = concurrent.futures.ThreadPoolExecutor(concurrency, "kt-actor")
+            self.instance = cls(*args, **kwargs)
+        except BaseException as exc:
+            self.reply_error(route, req_id, exc, what)
+            return
+        self.reply(route, req_id, None, what)
+
+    # -- calls ---------------------------------------------------------------------------
+    def _resolve(self, header: memoryview) -> tuple[str, Callable[..., Any], int]:
+        key = bytes(header)
+        entry = self._methods.get(key)
+        if entry is None:
+            name = protocol.decode_header(header)["m"]
+            if name.startswith("__") and name != "__call__":
+                raise AttributeError(f"{self.cls_name} has no public method {name!r}")
+            fn = getattr(self.instance, name)
+            entry = (f"{self.cls_name}.{name}", fn, method_kind(fn))
+            self._methods[key] = entry
+        return entry
+
+    def call(self, route: int, req_id: int, header: memoryview, payload: memoryview) -> None:
+        what = self.cls_name
+        try:
+            what, fn, kind = self._resolve(header)
+            args, kwargs = serialization.loads(payload if len(payload) > 65536 else bytes(payload))
+        except BaseException as exc:
+            self.reply_error(route, req_id, exc, what)
+            return
+        if kind == MethodKind.SYNC:
+            if self.pool is None:
+                try:
+                    value = fn(*args, **kwargs)
+                except BaseException as exc:
+                    self.reply_error(route, req_id, exc, what)
+                    return
+                self.reply(route, req_id, value, what)
+            else:
+                future = self.loop.run_in_executor(self.pool, lambda: fn(*args, **kwargs))
+                future.add_done_callback(lambda f: self._done(route, req_id, what, f))
+        elif kind == MethodKind.ASYNC:
+            task = self.loop.create_task(fn(*args, **kwargs))
+            self._tasks[req_id] = task
+            task.add_done_callback(lambda t: self._done(route, req_id, what, t))
+        elif kind == MethodKind.ASYNC_GEN:
+            task = self.loop.create_task(
+                self._stream_async(route, req_id, what, fn(*args, **kwargs))
+            )
+            self._tasks[req_id] = task
+        else:
+            self.loop.run_in_executor(
+                None, self._stream_sync, route, req_id, what, fn(*args, **kwargs)
+            )
+
+    def _done(self, route: int, req_id: int, what: str, fut: asyncio.Future[Any]) -> None:
+        self._tasks.pop(req_id, None)
+        if fut.cancelled():
+            self.reply_error(route, req_id, asyncio.CancelledError(f"{what} was cancelled"), what)
+            return
+        exc = fut.exception()
+        if exc is not None:
+            self.reply_error(route, req_id, exc, what)
+        else:
+            self.reply(route, req_id, fut.result(), what)
+
+    async def _stream_async(self, route: int, req_id: int, what: str, gen: Any) -> None:
+        try:
+            async for item in gen:
+                self.reply(route, req_id, item, what, FrameKind.ITEM)
+        except BaseException as exc:
+            self.reply_error(route, req_id, exc, what)
+        else:
+            self.reply(route, req_id, None, what)
+        finally:
+            self._tasks.pop(req_id, None)
+
+    def _stream_sync(self, route: int, req_id: int, what: str, gen: Any) -> None:
+        """Runs on a thread; each item is handed to the loop as it is produced."""
+        send = self.loop.call_soon_threadsafe
+        try:
+            for item in gen:
+                send(self.reply, route, req_id, item, what, FrameKind.ITEM)
+        except BaseException as exc:
+            send(self.reply_error, route, req_id, exc, what)
+        else:
+            send(self.reply, route, req_id, None, what)
+
+
+async def serve(socket_path: str, worker_id: int) -> None:
+    loop = asyncio.get_running_loop()
+    lost = loop.create_future()
+    host: ActorHost | None = None
+
+    def on_frame(*frame: Any) -> None:
+        assert host is not None
+        host.on_frame(*frame)
+
+    def on_lost(exc: Exception | None) -> None:
+        if not lost.done():
+            lost.set_result(None)
+
+    channel = FrameChannel(on_frame, on_lost)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(socket_path)
+    await loop.create_unix_connection(lambda: channel, sock=sock)
+    host = ActorHost(channel, os.environ.get("KT_POD", ""))
+    channel.send(protocol.encode(FrameKind.HELLO, 0, {"worker": worker_id}))
+    await lost
+
+
+def main() -> None:
+    extra = os.environ.get("KT_SYS_PATH")
+    if extra:
+        for entry in reversed(extra.split(os.pathsep)):
+            if entry not in sys.path:
+                sys.path.insert(0, entry)
+    loop = new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_until_complete(serve(sys.argv[1], int(sys.argv[2])))
+    except KeyboardInterrupt:
+        pass
+    # The supervisor closed our socket: the pod is going away, and so does this actor.
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
