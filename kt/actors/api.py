@@ -145,8 +145,8 @@ class Service:
     def __init__(
         self, name: str, handles: list[ActorHandle], methods: dict[str, MethodKind]
     ) -> None:
-        self.name = name
-        self.handles = handles
+        self._name = name
+        self._handles = handles
         self._methods = methods
         self._inflight = [0] * len(handles)
 
@@ -154,16 +154,16 @@ class Service:
         if name.startswith("_") and name != "__call__":
             raise AttributeError(name)
         if name not in self._methods:
-            raise AttributeError(f"{self.name} has no method {name!r}")
+            raise AttributeError(f"{self._name} has no method {name!r}")
         return ServiceMethod(self, name)
 
     def _pick(self) -> int:
-        if len(self.handles) == 1:
+        if len(self._handles) == 1:
             return 0
-        return min(range(len(self.handles)), key=self._inflight.__getitem__)
+        return min(range(len(self._handles)), key=self._inflight.__getitem__)
 
     def teardown(self) -> None:
-        for h in self.handles:
+        for h in self._handles:
             kill(h)
 
 
@@ -175,8 +175,8 @@ class ServiceMethod:
     def remote(self, *args: Any, **kwargs: Any) -> Any:
         s = self._service
         i = s._pick()
-        ref = getattr(s.handles[i], self._name).remote(*args, **kwargs)
-        if len(s.handles) > 1 and isinstance(ref, Ref):
+        ref = getattr(s._handles[i], self._name).remote(*args, **kwargs)
+        if len(s._handles) > 1 and isinstance(ref, Ref):
             s._inflight[i] += 1
 
             def done(_: Any, i: int = i) -> None:
@@ -330,17 +330,17 @@ def kill(handle: ActorHandle) -> None:
     from kt.core import protocol
     from kt.core.protocol import FrameKind
 
-    address = handle.wait_placed(timeout=config.placement_timeout)
+    address = handle._wait_placed(timeout=config.placement_timeout)
     runtime = get_driver().runtime
     req_id = runtime.new_id()
     done: Ref[None] = Ref("kill")
-    frame = protocol.encode(FrameKind.KILL_ACTOR, req_id, {"actor": handle.actor_id})
-    runtime.submit(address, handle.token, req_id, [frame], done)
+    frame = protocol.encode(FrameKind.KILL_ACTOR, req_id, {"actor": handle._actor_id})
+    runtime.submit(address, handle._token, req_id, [frame], done)
     done.result(timeout=30)
-    pool = getattr(handle, "pool", None)
-    request = getattr(handle, "request", None)
+    pool = getattr(handle, "_pool", None)
+    request = getattr(handle, "_request", None)
     if pool is not None and request is not None:
-        runtime.loop.call_soon_threadsafe(pool.release, handle.actor_id, request)
+        runtime.loop.call_soon_threadsafe(pool.release, handle._actor_id, request)
 
 
 _ = cloudpickle  # kt.fn pickles functions by value when they live in __main__

@@ -75,9 +75,9 @@ class Driver:
         """Place the actor, send CREATE_ACTOR, and bind the handle to the pod."""
         try:
             pool = await self.pool_for(compute, detached=detached)
-            slot = await pool.place(handle.actor_id, request, timeout=timeout)
+            slot = await pool.place(handle._actor_id, request, timeout=timeout)
         except BaseException as exc:
-            handle.fail(exc)
+            handle._fail(exc)
             return
         runtime = self.runtime
         req_id = runtime.new_id()
@@ -85,10 +85,10 @@ class Driver:
         prefix = protocol.encode_prefix(FrameKind.CREATE_ACTOR, req_id, hdr, parts_size(parts))
         created: Ref[None] = Ref(f"{header.get('cls')}.__init__")
         runtime.submit(slot.pod.address, pool.token, req_id, [prefix, hdr, *parts], created)
-        handle.created = created
-        handle.pool = pool
-        handle.request = request
-        handle.bind(slot.pod.address, pool.token)
+        handle._created = created
+        handle._pool = pool
+        handle._request = request
+        handle._bind(slot.pod.address, pool.token)
 
     def new_actor_id(self) -> str:
         return uuid.uuid4().hex[:16]

@@ -40,25 +40,25 @@ class ActorMethod(Generic[P, R]):
         self._handle = handle
         self._name = name
         self._streams = kind.streams
-        self._header = orjson.dumps({"a": handle.actor_id, "m": name})
-        self._label = f"{handle.cls_name}.{name}"
+        self._header = orjson.dumps({"a": handle._actor_id, "m": name})
+        self._label = f"{handle._cls_name}.{name}"
 
     def remote(self, *args: P.args, **kwargs: P.kwargs) -> Ref[R]:
         h = self._handle
-        runtime = h.runtime()
+        runtime = h._runtime()
         req_id = runtime.new_id()
         for v in args:
             if isinstance(v, Ref):
-                return h.call_with_refs(self, args, kwargs)
+                return h._call_with_refs(self, args, kwargs)
         for v in kwargs.values():
             if isinstance(v, Ref):
-                return h.call_with_refs(self, args, kwargs)
+                return h._call_with_refs(self, args, kwargs)
         parts = dumps_call(args, kwargs, self._label)
         header = self._header
         prefix = protocol.encode_prefix(FrameKind.CALL, req_id, header, parts_size(parts))
         ref: Any = StreamRef(self._label) if self._streams else Ref(self._label)
-        ref._on_cancel = functools.partial(h.cancel_call, req_id)
-        h.submit(req_id, [prefix, header, *parts], ref)
+        ref._on_cancel = functools.partial(h._cancel_call, req_id)
+        h._submit(req_id, [prefix, header, *parts], ref)
         return ref
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
@@ -85,9 +85,9 @@ class ActorHandle:
         token: str = "",
         name: str | None = None,
     ) -> None:
-        self.actor_id = actor_id
-        self.cls_name = cls_name
-        self.name = name
+        self._actor_id = actor_id
+        self._cls_name = cls_name
+        self._name = name
         self._methods = methods
         self._address = address
         self._token = token
@@ -96,11 +96,14 @@ class ActorHandle:
         self._backlog: list[tuple[int, Parts, Any]] = []
         self._failure: BaseException | None = None
         self._placed = threading.Event()
+        self._created: Any = None  # the Ref of CREATE_ACTOR, set by the driver
+        self._pool: Any = None
+        self._request: Any = None
         if address is not None:
             self._placed.set()
 
     def __repr__(self) -> str:
-        return f"<kt.ActorHandle {self.cls_name} {self.actor_id}>"
+        return f"<kt.ActorHandle {self._cls_name} {self._actor_id}>"
 
     def __getattr__(self, name: str) -> ActorMethod[Any, Any]:
         if name.startswith("_") and name != "__call__":
@@ -110,30 +113,30 @@ class ActorHandle:
             kind = self._methods.get(name)
             if kind is None:
                 raise AttributeError(
-                    f"{self.cls_name} has no method {name!r} (methods: {sorted(self._methods)})"
+                    f"{self._cls_name} has no method {name!r} (methods: {sorted(self._methods)})"
                 )
             proxy = self._proxies[name] = ActorMethod(self, name, kind)
         return proxy
 
     @staticmethod
-    def runtime() -> Runtime:
+    def _runtime() -> Runtime:
         from kt.actors.driver import get_runtime
 
         return get_runtime()
 
     # -- placement ----------------------------------------------------------------------
-    def bind(self, address: Address, token: str) -> None:
+    def _bind(self, address: Address, token: str) -> None:
         """The actor now has an address: send the backlog, in order."""
         with self._lock:
             self._address = address
             self._token = token
             backlog, self._backlog = self._backlog, []
             self._placed.set()
-        runtime = self.runtime()
+        runtime = self._runtime()
         for req_id, parts, ref in backlog:
             runtime.submit(address, token, req_id, parts, ref)
 
-    def fail(self, exc: BaseException) -> None:
+    def _fail(self, exc: BaseException) -> None:
         """Placement failed: every queued and future call raises `exc`."""
         with self._lock:
             self._failure = exc
@@ -142,7 +145,7 @@ class ActorHandle:
         for _, _, ref in backlog:
             ref.set_exception(exc)
 
-    def submit(self, req_id: int, parts: Parts, ref: Any) -> None:
+    def _submit(self, req_id: int, parts: Parts, ref: Any) -> None:
         address = self._address
         if address is None:
             with self._lock:
@@ -153,9 +156,9 @@ class ActorHandle:
                     self._backlog.append((req_id, parts, ref))
                     return
                 address = self._address
-        self.runtime().submit(address, self._token, req_id, parts, ref)
+        self._runtime().submit(address, self._token, req_id, parts, ref)
 
-    def wait_placed(self, timeout: float | None = None) -> Address:
+    def _wait_placed(self, timeout: float | None = None) -> Address:
         if not self._placed.wait(timeout):
             raise KtError(f"{self!r} was not placed within {timeout} s")
         if self._failure is not None:
@@ -163,26 +166,18 @@ class ActorHandle:
         assert self._address is not None
         return self._address
 
-    @property
-    def address(self) -> Address | None:
-        return self._address
-
-    @property
-    def token(self) -> str:
-        return self._token
-
-    def cancel_call(self, req_id: int) -> None:
+    def _cancel_call(self, req_id: int) -> None:
         address = self._address
         if address is None:
             return
-        runtime = self.runtime()
-        header = {"a": self.actor_id}
+        runtime = self._runtime()
+        header = {"a": self._actor_id}
         runtime.send_control(
             address, self._token, protocol.encode(FrameKind.CANCEL, req_id, header)
         )
         runtime.discard(address, req_id)
 
-    def call_with_refs(
+    def _call_with_refs(
         self, method: ActorMethod[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Ref[Any]:
         """Resolve Ref arguments first, then call: the method never sees a Ref."""
@@ -211,10 +206,10 @@ class ActorHandle:
 
     # -- pickling --------------------------------------------------------------------------
     def __reduce__(self) -> tuple[Callable[..., ActorHandle], tuple[Any, ...]]:
-        address = self.wait_placed(timeout=600)
+        address = self._wait_placed(timeout=600)
         return (
             _rebuild,
-            (self.actor_id, self.cls_name, dict(self._methods), address, self._token, self.name),
+            (self._actor_id, self._cls_name, dict(self._methods), address, self._token, self._name),
         )
 
 

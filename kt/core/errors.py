@@ -19,6 +19,7 @@ keeps them picklable so that they cross the wire like any other exception.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 
@@ -138,8 +139,12 @@ class GetTimeoutError(KtError, TimeoutError):
     """Waiting for a result ran out of time; the remote call itself keeps running."""
 
 
-class CancelledError(KtError):
-    """The Ref was cancelled before its result arrived."""
+class CancelledError(KtError, asyncio.CancelledError):
+    """The Ref was cancelled before its result arrived.
+
+    Also an asyncio.CancelledError, so that a task awaiting a cancelled Ref is cancelled
+    (and `asyncio.wait_for` turns it into a timeout) as with any future.
+    """
 
 
 class PlacementError(KtError):

@@ -164,8 +164,6 @@ class Ref(Generic[T]):
     def _outcome(self) -> T:
         if self._state is RefState.DONE:
             return self._value
-        if self._state is RefState.CANCELLED:
-            raise asyncio.CancelledError() if _in_task() else self._value
         raise self._value
 
     def __await__(self) -> Generator[Any, None, T]:
@@ -202,13 +200,6 @@ class Ref(Generic[T]):
                 self._callbacks.append((None, fn, None))
                 return
         fn(self)
-
-
-def _in_task() -> bool:
-    try:
-        return asyncio.current_task() is not None
-    except RuntimeError:
-        return False
 
 
 _END = object()

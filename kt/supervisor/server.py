@@ -381,7 +381,7 @@ class Supervisor:
                 if state["worker"] is None:
                     channel.abort()
                 return
-            self._from_worker(worker, kind, flags, route, req_id, frame)
+            self._from_worker(worker, kind, flags, route, req_id, header, frame)
 
         channel = FrameChannel(on_frame)
         return channel
@@ -393,26 +393,28 @@ class Supervisor:
         flags: int,
         route: int,
         req_id: int,
+        header: memoryview,
         frame: memoryview,
     ) -> None:
         rec = self._by_worker.get(worker.id)
         if kind == FrameKind.RESULT and rec is not None:
             rec.inflight.pop((route << 64) | req_id, None)
             if rec.state is ActorState.STARTING:
-                self._started(rec, failed=bool(flags & FrameFlag.ERROR), frame=frame)
+                self._started(rec, failed=bool(flags & FrameFlag.ERROR), header=header)
         peer = self.peers.get(route)
         if peer is not None:
             peer.channel.send(frame if len(frame) > BIG_FRAME else bytes(frame))
         self.last_activity = time.monotonic()
 
-    def _started(self, rec: ActorRecord, *, failed: bool, frame: memoryview) -> None:
+    def _started(self, rec: ActorRecord, *, failed: bool, header: memoryview) -> None:
         assert rec.worker is not None
         if not failed:
             rec.state = ActorState.ALIVE
             logger.info("actor %s (%s) alive in pid %d", rec.id, rec.cls_name, rec.worker.pid)
             return
         rec.state = ActorState.DEAD
-        rec.death = ActorDiedError(rec.id, self.pod, reason="its __init__ raised")
+        reason = protocol.decode_header(header).get("init_error", "its __init__ raised")
+        rec.death = ActorDiedError(rec.id, self.pod, reason=reason)
         rec.worker.kill()
 
     def _actor_exited(self, rec: ActorRecord, info: ExitInfo) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 
 from kt.core import protocol, serialization
 from kt.core.channel import FrameChannel
-from kt.core.errors import SerializationError
+from kt.core.errors import ActorDiedError, SerializationError
 from kt.core.methods import MethodKind, method_kind
 from kt.core.protocol import FrameFlag, FrameKind
 from kt.core.runtime import new_event_loop
@@ -39,6 +39,8 @@ class ActorHost:
         self.pod = pod
         self.instance: Any = None
         self.cls_name = "Actor"
+        self.actor_id = ""
+        self.init_error = ""
         self.pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.loop = asyncio.get_running_loop()
         self._methods: dict[bytes, tuple[str, Callable[..., Any], int]] = {}
@@ -76,13 +78,15 @@ class ActorHost:
         self.channel.send(protocol.encode_prefix(kind, req_id, b"", size, route=route))
         self.channel.send_parts(parts)
 
-    def reply_error(self, route: int, req_id: int, exc: BaseException, what: str) -> None:
+    def reply_error(
+        self, route: int, req_id: int, exc: BaseException, what: str, header: bytes = b""
+    ) -> None:
         tb = "".join(traceback.format_exception(exc))
         where = f"{what} on pod {self.pod} (pid {os.getpid()})"
         payload = serialization.dumps_exception(exc, where, tb)
         self.channel.send(
             protocol.encode(
-                FrameKind.RESULT, req_id, b"", payload, flags=FrameFlag.ERROR, route=route
+                FrameKind.RESULT, req_id, header, payload, flags=FrameFlag.ERROR, route=route
             )
         )
 
@@ -90,6 +94,7 @@ class ActorHost:
     def create(self, route: int, req_id: int, header: memoryview, payload: memoryview) -> None:
         spec = protocol.decode_header(header)
         self.cls_name = spec.get("cls", "Actor")
+        self.actor_id = spec.get("actor", "")
         what = f"{self.cls_name}.__init__"
         try:
             cls, args, kwargs = serialization.loads(bytes(payload))
@@ -98,7 +103,9 @@ class ActorHost:
                 self.pool = concurrent.futures.ThreadPoolExecutor(concurrency, "kt-actor")
             self.instance = cls(*args, **kwargs)
         except BaseException as exc:
-            self.reply_error(route, req_id, exc, what)
+            self.init_error = f"its __init__ raised {type(exc).__name__}: {exc}"[:256]
+            header = protocol.orjson_dumps({"init_error": self.init_error})
+            self.reply_error(route, req_id, exc, what, header)
             return
         self.reply(route, req_id, None, what)
 
@@ -117,6 +124,10 @@ class ActorHost:
 
     def call(self, route: int, req_id: int, header: memoryview, payload: memoryview) -> None:
         what = self.cls_name
+        if self.init_error:
+            died = ActorDiedError(self.actor_id, self.pod, reason=self.init_error)
+            self.reply_error(route, req_id, died, what)
+            return
         try:
             what, fn, kind = self._resolve(header)
             args, kwargs = serialization.loads(payload if len(payload) > 65536 else bytes(payload))

@@ -1,0 +1,33 @@
+"""Quantities are parsed once at the API edge; bad specs are refused with the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+import kt
+from kt.core.compute import parse_cpus, parse_duration, parse_memory
+
+
+def test_quantities() -> None:
+    assert parse_cpus("500m") == 0.5 and parse_cpus(2) == 2.0
+    assert parse_memory("2Gi") == 2 * 2**30 and parse_memory("512M") == 512 * 10**6
+    assert parse_duration("30m") == 1800 and parse_duration(45) == 45.0
+
+
+def test_bad_specs_say_what_to_do() -> None:
+    with pytest.raises(kt.ConfigError, match="500m"):
+        kt.Compute(cpus="lots")
+    with pytest.raises(kt.ConfigError, match="either replicas"):
+        kt.Compute(replicas=2, max_replicas=3)
+    with pytest.raises(kt.ConfigError, match="backend"):
+        kt.Compute(backend="mesos")
+    with pytest.raises(kt.ConfigError, match="2Gi"):
+        kt.Compute(memory="two gigs")
+
+
+def test_replica_range_and_pool_names() -> None:
+    assert kt.Compute(replicas=3).replica_range == (3, 3)
+    assert kt.Compute(min_replicas=1, max_replicas=4).replica_range == (1, 4)
+    assert kt.Compute(cpus=2).pool_name() == kt.Compute(cpus=2).pool_name()
+    assert kt.Compute(cpus=2).pool_name() != kt.Compute(cpus=3).pool_name()
+    assert kt.Compute(name="rollout").pool_name() == "rollout"

@@ -1,0 +1,220 @@
+"""Actors on a local pool, end to end.
+
+Covers: fan-out of 10,000 calls to 4 actors with per-caller ordering; state persisting
+across calls and not shared between actors; remote exceptions with type, message and
+traceback; handles passed into another actor; Refs passed as arguments; streaming
+generator methods; async methods interleaving; max_concurrency; print forwarding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from typing import Any
+
+import pytest
+
+import kt
+
+
+class Recorder:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.seen: list[int] = []
+
+    def record(self, i: int) -> tuple[str, int]:
+        self.seen.append(i)
+        return self.name, i
+
+    def history(self) -> list[int]:
+        return self.seen
+
+
+class Counter:
+    def __init__(self, start: int = 0) -> None:
+        self.n = start
+
+    def incr(self, k: int = 1) -> int:
+        self.n += k
+        return self.n
+
+    def get(self) -> int:
+        return self.n
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def fail(self, message: str) -> None:
+        raise KeyError(message)
+
+    def say(self, text: str) -> str:
+        print(text)
+        return text
+
+    def sleep(self, seconds: float) -> str:
+        time.sleep(seconds)
+        return "slept"
+
+    def call_other(self, other: Any, k: int) -> int:
+        return int(other.incr(k))
+
+    def count(self, n: int) -> Any:
+        yield from range(n)
+
+    async def aslow(self, seconds: float, tag: str) -> str:
+        await asyncio.sleep(seconds)
+        return tag
+
+
+@pytest.fixture(scope="module")
+def counters(pool: kt.Compute) -> list[kt.ActorHandle]:
+    C = kt.cls(Counter)
+    return [C.options(compute=pool).remote(start=i * 100) for i in range(2)]
+
+
+def test_fanout_10k_calls_to_4_actors_keeps_per_caller_order(pool: kt.Compute) -> None:
+    R = kt.cls(Recorder)
+    actors = [R.options(compute=pool).remote(f"r{i}") for i in range(4)]
+
+    async def main() -> list[tuple[str, int]]:
+        refs = [actors[i % 4].record.remote(i) for i in range(10_000)]
+        return await asyncio.gather(*refs)
+
+    results = asyncio.run(main())
+    assert results == [(f"r{i % 4}", i) for i in range(10_000)]
+    for i, actor in enumerate(actors):
+        seen = actor.history()
+        assert seen == list(range(i, 10_000, 4)), "calls ran out of submission order"
+
+
+def test_state_persists_and_is_not_shared(counters: list[kt.ActorHandle]) -> None:
+    a, b = counters
+    start_a, start_b = a.get(), b.get()
+    assert a.incr(1) == start_a + 1
+    assert a.incr(2) == start_a + 3
+    assert b.get() == start_b
+    assert b.incr(10) == start_b + 10
+    assert a.get() == start_a + 3
+    assert a.pid() != b.pid()
+
+
+def test_remote_exception_keeps_type_message_and_traceback(
+    counters: list[kt.ActorHandle],
+) -> None:
+    with pytest.raises(KeyError) as info:
+        counters[0].fail("no such key")
+    exc = info.value
+    assert exc.args == ("no such key",)
+    assert "in fail" in str(exc.__cause__) and "raise KeyError(message)" in str(exc.__cause__)
+    assert any("Counter.fail" in note for note in exc.__notes__)
+
+
+def test_remote_exception_of_unknown_type_becomes_remote_error(
+    counters: list[kt.ActorHandle],
+) -> None:
+    class Unpicklable(Exception):
+        def __init__(self, a: int, b: int) -> None:  # args do not round-trip
+            super().__init__(f"{a}-{b}")
+
+    class Raiser:
+        def go(self) -> None:
+            raise Unpicklable(1, 2)
+
+    pool = kt.Compute(cpus=16, replicas=1, backend="local")
+    r = kt.cls(Raiser).options(compute=pool).remote()
+    with pytest.raises(kt.RemoteError) as info:
+        r.go()
+    assert "Unpicklable" in info.value.type_name and "1-2" in str(info.value)
+    assert "raise Unpicklable(1, 2)" in info.value.traceback
+
+
+def test_handle_passed_into_another_actor_is_callable_there(
+    counters: list[kt.ActorHandle],
+) -> None:
+    a, b = counters
+    before = b.get()
+    assert a.call_other(b, 5) == before + 5
+    assert b.get() == before + 5
+
+
+def test_ref_argument_is_resolved_before_the_method_runs(
+    counters: list[kt.ActorHandle],
+) -> None:
+    a, b = counters
+    ref = a.sleep.remote(0.3)  # not done when the next call is made
+    echoed = b.say.remote(ref)
+    assert echoed.result(timeout=30) == "slept"
+
+
+def test_generator_method_streams_items(counters: list[kt.ActorHandle]) -> None:
+    assert list(counters[0].count.remote(5)) == [0, 1, 2, 3, 4]
+
+    async def collect() -> list[int]:
+        return [x async for x in counters[0].count.remote(3)]
+
+    assert asyncio.run(collect()) == [0, 1, 2]
+
+
+def test_async_methods_interleave(pool: kt.Compute) -> None:
+    c = kt.cls(Counter).options(compute=pool).remote()
+    start = time.monotonic()
+    refs = [c.aslow.remote(0.5, str(i)) for i in range(4)]
+    assert kt.get(refs, timeout=30) == ["0", "1", "2", "3"]
+    assert time.monotonic() - start < 1.9  # four 0.5 s sleeps overlapped
+
+
+def test_max_concurrency_runs_sync_methods_on_threads(pool: kt.Compute) -> None:
+    c = kt.cls(Counter).options(compute=pool, max_concurrency=4).remote()
+    c.get()  # placed and created
+    start = time.monotonic()
+    assert kt.get([c.sleep.remote(0.5) for _ in range(4)], timeout=30) == ["slept"] * 4
+    assert time.monotonic() - start < 1.9
+
+
+def test_print_reaches_the_caller_with_a_prefix(
+    counters: list[kt.ActorHandle], capfd: pytest.CaptureFixture[str]
+) -> None:
+    counters[0].say("hello from the actor")
+    deadline = time.monotonic() + 10
+    out = ""
+    while time.monotonic() < deadline:
+        out += capfd.readouterr().out
+        if "hello from the actor" in out:
+            break
+        time.sleep(0.05)
+    line = next(ln for ln in out.splitlines() if "hello from the actor" in ln)
+    assert line.startswith("(Counter pid=") and " pod=" in line
+
+
+def test_unpicklable_argument_is_named(counters: list[kt.ActorHandle]) -> None:
+    class Holder:
+        def __init__(self) -> None:
+            self.ok = 1
+            self.lock = threading.Lock()
+
+    with pytest.raises(kt.SerializationError) as info:
+        counters[0].say.remote(Holder())
+    assert "argument 0.lock" in str(info.value)
+    assert "Counter.say" in str(info.value)
+
+
+def test_blocking_result_times_out(counters: list[kt.ActorHandle]) -> None:
+    ref = counters[1].sleep.remote(1.0)
+    with pytest.raises(kt.GetTimeoutError):
+        ref.result(timeout=0.05)
+    assert ref.result(timeout=30) == "slept"
+
+
+def test_wait_returns_ready_and_pending(counters: list[kt.ActorHandle]) -> None:
+    fast = counters[0].get.remote()
+    slow = counters[1].sleep.remote(2.0)
+    ready, pending = kt.wait([fast, slow], num_returns=1, timeout=10)
+    assert ready == [fast] and pending == [slow]
+    slow.result(timeout=30)
+
+
+def test_calling_the_class_directly_says_how() -> None:
+    with pytest.raises(TypeError, match=r"Counter.remote"):
+        kt.cls(Counter)()

@@ -1,0 +1,70 @@
+"""Faults: an actor process killed with SIGKILL mid-call, kt.kill, failing __init__."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+import kt
+
+
+class Sleeper:
+    def __init__(self, fail: bool = False) -> None:
+        if fail:
+            raise RuntimeError("refusing to start")
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def sleep(self, seconds: float) -> str:
+        time.sleep(seconds)
+        return "done"
+
+    def ping(self) -> str:
+        return "pong"
+
+
+def test_sigkill_mid_call_raises_actor_died_quickly(pool: kt.Compute) -> None:
+    S = kt.cls(Sleeper).options(compute=pool)
+    victim, bystander = S.remote(), S.remote()
+    pid = victim.pid()
+    assert bystander.ping() == "pong"
+    ref = victim.sleep.remote(60)
+    time.sleep(0.2)  # the call is running
+    os.kill(pid, signal.SIGKILL)
+    start = time.monotonic()
+    with pytest.raises(kt.ActorDiedError) as info:
+        ref.result(timeout=10)
+    assert time.monotonic() - start < 2.0
+    assert info.value.signal == signal.SIGKILL
+    assert "killed by signal 9" in str(info.value)
+    # the pod and its other actors keep working
+    assert bystander.ping() == "pong"
+    # later calls to the dead actor fail at once, naming it
+    with pytest.raises(kt.ActorDiedError):
+        victim.ping.remote().result(timeout=10)
+
+
+def test_kill_stops_the_actor(pool: kt.Compute) -> None:
+    s = kt.cls(Sleeper).options(compute=pool).remote()
+    assert s.ping() == "pong"
+    kt.kill(s)
+    with pytest.raises(kt.ActorDiedError, match=r"kt\.kill"):
+        s.ping.remote().result(timeout=10)
+
+
+def test_failing_init_fails_the_calls(pool: kt.Compute) -> None:
+    s = kt.cls(Sleeper).options(compute=pool).remote(fail=True)
+    with pytest.raises(kt.ActorDiedError, match="RuntimeError: refusing to start"):
+        s.ping.remote().result(timeout=30)
+
+
+def test_request_bigger_than_a_pod_fails_at_once(pool: kt.Compute) -> None:
+    s = kt.cls(Sleeper).options(compute=pool, cpus=1000).remote()
+    start = time.monotonic()
+    with pytest.raises(kt.PlacementError, match="can never fit"):
+        s.ping.remote().result(timeout=10)
+    assert time.monotonic() - start < 1.0

@@ -1,0 +1,96 @@
+"""The call channel refuses callers without the pool's token, before unpickling anything.
+
+Covers: a CREATE_ACTOR / CALL sent without HELLO closes the connection and runs nothing;
+a wrong token is REFUSED and runs nothing; the same frames with the right token do run
+(so the side-effect check can fail).
+"""
+
+from __future__ import annotations
+
+import pathlib
+import socket
+import struct
+import time
+
+import kt
+from kt.core import protocol, serialization
+from kt.core.protocol import FrameKind
+
+
+class Toucher:
+    def __init__(self, path: str) -> None:
+        pathlib.Path(path).write_text("init ran")
+
+    def touch(self, path: str) -> None:
+        pathlib.Path(path).write_text("call ran")
+
+
+def _frames(actor_id: str, init_path: str, call_path: str) -> bytes:
+    create = serialization.dumps_bytes((Toucher, (init_path,), {}))
+    call = serialization.dumps_bytes(((call_path,), {}))
+    return protocol.encode(
+        FrameKind.CREATE_ACTOR, 1, {"actor": actor_id, "cls": "Toucher"}, create
+    ) + protocol.encode(FrameKind.CALL, 2, {"a": actor_id, "m": "touch"}, call)
+
+
+def _read_all(sock: socket.socket, timeout: float = 5.0) -> bytes:
+    sock.settimeout(timeout)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except (TimeoutError, ConnectionResetError):
+        pass
+    return data
+
+
+def _kinds(data: bytes) -> list[int]:
+    kinds, pos = [], 0
+    while pos + 5 <= len(data):
+        (length,) = struct.unpack_from("<I", data, pos)
+        kinds.append(data[pos + 4])
+        pos += 4 + length
+    return kinds
+
+
+def _address(pool: kt.Compute) -> tuple[str, int]:
+    probe = kt.cls(Toucher).options(compute=pool, cpus=0)
+    return probe.remote("/dev/null")._wait_placed(timeout=60)
+
+
+def test_frames_without_hello_are_dropped_unrun(pool: kt.Compute, tmp_path: pathlib.Path) -> None:
+    address = _address(pool)
+    init_path, call_path = tmp_path / "init", tmp_path / "call"
+    with socket.create_connection(address) as sock:
+        sock.sendall(_frames("intruder1", str(init_path), str(call_path)))
+        reply = _read_all(sock)
+    assert FrameKind.RESULT not in _kinds(reply)
+    assert _kinds(reply) in ([], [FrameKind.REFUSED])
+    time.sleep(1.0)
+    assert not init_path.exists() and not call_path.exists()
+
+
+def test_wrong_token_is_refused_and_nothing_runs(pool: kt.Compute, tmp_path: pathlib.Path) -> None:
+    address = _address(pool)
+    init_path, call_path = tmp_path / "init", tmp_path / "call"
+    hello = protocol.encode(FrameKind.HELLO, 0, {"v": protocol.VERSION, "token": "guess"})
+    with socket.create_connection(address) as sock:
+        sock.sendall(hello + _frames("intruder2", str(init_path), str(call_path)))
+        reply = _read_all(sock)
+    assert _kinds(reply) == [FrameKind.REFUSED]
+    time.sleep(1.0)
+    assert not init_path.exists() and not call_path.exists()
+
+
+def test_right_token_runs_the_same_frames(pool: kt.Compute, tmp_path: pathlib.Path) -> None:
+    handle = kt.cls(Toucher).options(compute=pool, cpus=0).remote(str(tmp_path / "probe"))
+    address = handle._wait_placed(timeout=60)
+    init_path, call_path = tmp_path / "init", tmp_path / "call"
+    hello = protocol.encode(FrameKind.HELLO, 0, {"v": protocol.VERSION, "token": handle._token})
+    with socket.create_connection(address) as sock:
+        sock.sendall(hello + _frames("friend", str(init_path), str(call_path)))
+        deadline = time.monotonic() + 30
+        while not call_path.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert init_path.read_text() == "init ran"
+    assert call_path.read_text() == "call ran"

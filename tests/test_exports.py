@@ -1,0 +1,27 @@
+"""`kt.__all__` lists exactly the public names `kt/__init__.py` binds, and they import."""
+
+from __future__ import annotations
+
+import kt
+
+
+def test_all_matches_public_names() -> None:
+    public = {n for n in vars(kt) if not n.startswith("_")} - {
+        "actors",
+        "core",
+        "supervisor",
+        "local",
+    }
+    assert set(kt.__all__) - {"__version__"} == public
+
+
+def test_every_export_resolves() -> None:
+    for name in kt.__all__:
+        assert getattr(kt, name) is not None
+
+
+def test_errors_derive_from_kt_error() -> None:
+    for name in kt.__all__:
+        obj = getattr(kt, name)
+        if isinstance(obj, type) and issubclass(obj, Exception):
+            assert issubclass(obj, kt.KtError), name

@@ -1,0 +1,52 @@
+"""Imports point down (DESIGN.md's table): a kt package never imports one above it.
+
+core imports no other kt package; actors, supervisor, local and k8s import only core;
+distributed may also import actors. Checked on the source with `ast`, including imports
+inside functions.
+"""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1] / "kt"
+ALLOWED = {
+    "core": {"core"},
+    "actors": {"core", "actors"},
+    "supervisor": {"core", "supervisor"},
+    "local": {"core", "local"},
+    "k8s": {"core", "k8s"},
+    "distributed": {"core", "actors", "distributed"},
+}
+
+
+def _kt_imports(path: pathlib.Path) -> set[str]:
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module]
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "kt" and len(parts) > 1:
+                out.add(parts[1])
+    return out
+
+
+def test_no_upward_imports() -> None:
+    bad = []
+    for package, allowed in ALLOWED.items():
+        for path in (ROOT / package).rglob("*.py"):
+            for target in _kt_imports(path) - allowed:
+                bad.append(f"{path.relative_to(ROOT.parent)} imports kt.{target}")
+    assert not bad, "\n".join(bad)
+
+
+def test_the_checker_sees_imports(tmp_path: pathlib.Path) -> None:
+    sample = tmp_path / "m.py"
+    sample.write_text("def f():\n    from kt.actors import api\nimport kt.core.protocol\n")
+    assert _kt_imports(sample) == {"actors", "core"}
