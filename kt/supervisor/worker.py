@@ -104,8 +104,8 @@ class ActorHost:
             self.instance = cls(*args, **kwargs)
         except BaseException as exc:
             self.init_error = f"its __init__ raised {type(exc).__name__}: {exc}"[:256]
-            header = protocol.orjson_dumps({"init_error": self.init_error})
-            self.reply_error(route, req_id, exc, what, header)
+            info = protocol.orjson_dumps({"init_error": self.init_error})
+            self.reply_error(route, req_id, exc, what, info)
             return
         self.reply(route, req_id, None, what)
 
