@@ -48,6 +48,7 @@ class ActorOptions:
     max_concurrency: int = 1
     placement: str = "pack"
     placement_timeout: float | None = None
+    env: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         if self.placement not in ("pack", "spread"):
@@ -102,6 +103,7 @@ class RemoteClass(Generic[T]):
             "cls": self.__name__,
             "name": opts.name,
             "max_concurrency": opts.max_concurrency,
+            "env": opts.env or {},
         }
         compute = opts.compute or config.default_compute
         timeout = opts.placement_timeout or config.placement_timeout
@@ -124,8 +126,13 @@ class RemoteClass(Generic[T]):
         *,
         init_args: tuple[Any, ...] = (),
         init_kwargs: dict[str, Any] | None = None,
-    ) -> Service:
-        """One instance per replica of `compute`; calls go to the least busy one."""
+    ) -> Any:
+        """One instance per replica of `compute`; calls go to the least busy one.
+
+        On a `compute.distribute(...)` pool, an SPMD group instead (kt.distributed).
+        """
+        if compute.distribution is not None:
+            return _spmd(self, compute, init_args, init_kwargs or {})
         lo = compute.replica_range[0]
         opts = dataclasses.replace(self._options, compute=compute, placement="spread")
         opts = dataclasses.replace(opts, cpus=min(parse_cpus(opts.cpus), compute.cpu_count))
@@ -232,12 +239,15 @@ class RemoteFunction(Generic[P, R]):
         self._fn = fn
         self.__name__ = getattr(fn, "__name__", "function")
 
-    def to(self, compute: Compute | None = None, **options: Any) -> DeployedFunction[P, R]:
+    def to(self, compute: Compute | None = None, **options: Any) -> Any:
+        """Deploy: one instance per replica, or an SPMD group on a distributed Compute."""
         wrapper = _WRAPPERS[method_kind(self._fn)]
         named = type(self.__name__, (wrapper,), {"__module__": wrapper.__module__})
         cls: RemoteClass[Any] = RemoteClass(named, ActorOptions(cpus=0, **options))
-        service = cls.to(compute or config.default_compute, init_args=(self._fn,))
-        return DeployedFunction(service)
+        target = compute or config.default_compute
+        if target.distribution is not None:
+            return _spmd(cls, target, (self._fn,), {}, function=True)
+        return DeployedFunction(cls.to(target, init_args=(self._fn,)))
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         return self._fn(*args, **kwargs)
@@ -258,6 +268,29 @@ class DeployedFunction(Generic[P, R]):
 
     def teardown(self) -> None:
         self._service.teardown()
+
+
+# -- SPMD groups live in kt.distributed, a layer above: it registers its factory here ------
+SpmdFactory = Callable[..., Any]
+_spmd_factories: list[SpmdFactory] = []
+
+
+def register_spmd(factory: SpmdFactory) -> None:
+    """Called by kt.distributed at import: builds groups for `compute.distribute(...)`."""
+    _spmd_factories[:] = [factory]
+
+
+def _spmd(
+    remote_cls: RemoteClass[Any],
+    compute: Compute,
+    init_args: tuple[Any, ...],
+    init_kwargs: dict[str, Any],
+    *,
+    function: bool = False,
+) -> Any:
+    if not _spmd_factories:
+        raise ConfigError("SPMD groups need kt.distributed: `import kt` (it registers itself)")
+    return _spmd_factories[0](remote_cls, compute, init_args, init_kwargs, function=function)
 
 
 # -- module verbs --------------------------------------------------------------------------

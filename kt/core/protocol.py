@@ -15,7 +15,8 @@ Kinds:
     HELLO         caller -> supervisor, first frame: {"v", "token", "caller"}
     WELCOME       supervisor -> caller: {"v", "pod"}; anything else first closes the link
     REFUSED       supervisor -> caller: {"error", "message"}; the link closes after it
-    CREATE_ACTOR  {"actor", "name", "max_concurrency", ...}; payload (cls, args, kwargs)
+    CREATE_ACTOR  {"actor", "cls", "name", "max_concurrency", "env"}; payload (cls, args,
+                  kwargs); the worker sets "env" in os.environ before unpickling
     CALL          {"a": actor, "m": method}; payload (args, kwargs)
     RESULT        ends a request; payload is the value, or an error when flags has ERROR
     ITEM          one item of a streaming (generator) call; a RESULT ends the stream

@@ -96,6 +96,8 @@ class ActorHost:
         self.cls_name = spec.get("cls", "Actor")
         self.actor_id = spec.get("actor", "")
         what = f"{self.cls_name}.__init__"
+        # Before unpickling: torch and friends read their environment at import.
+        os.environ.update({str(k): str(v) for k, v in (spec.get("env") or {}).items()})
         try:
             cls, args, kwargs = serialization.loads(bytes(payload))
             concurrency = int(spec.get("max_concurrency", 1))
