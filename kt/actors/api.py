@@ -49,6 +49,7 @@ class ActorOptions:
     placement: str = "pack"
     placement_timeout: float | None = None
     env: dict[str, str] | None = None
+    pod: int | None = None
 
     def __post_init__(self) -> None:
         if self.placement not in ("pack", "spread"):
@@ -64,6 +65,7 @@ class ActorOptions:
             gpus=self.gpus,
             memory=parse_memory(self.memory),
             strategy=Strategy(self.placement),
+            pod_index=self.pod,
         )
 
 

@@ -18,7 +18,7 @@ import orjson
 
 from kt.core import protocol
 from kt.core.errors import KtError
-from kt.core.methods import MethodKind
+from kt.core.methods import RUN_METHOD, MethodKind
 from kt.core.protocol import FrameKind
 from kt.core.ref import Ref, StreamRef
 from kt.core.serialization import Parts, dumps_call, parts_size
@@ -203,6 +203,14 @@ class ActorHandle:
         for ref in refs:
             ref.on_done(go)
         return out
+
+    def _run(self, fn: Callable[..., R], *args: Any, **kwargs: Any) -> Ref[R]:
+        """Run `fn(instance, *args, **kwargs)` in the actor's process, in call order.
+
+        For kt's own upper layers (kt.distributed joins actors into process groups).
+        """
+        method: ActorMethod[Any, R] = ActorMethod(self, RUN_METHOD, MethodKind.SYNC)
+        return method.remote(fn, *args, **kwargs)
 
     # -- pickling --------------------------------------------------------------------------
     def __reduce__(self) -> tuple[Callable[..., ActorHandle], tuple[Any, ...]]:

@@ -35,6 +35,8 @@ class Request:
     gpus: int = 0
     memory: int = 0
     strategy: Strategy = Strategy.PACK
+    pod_index: int | None = None
+    """Pin to the pool's pod of this index (in creation order); SPMD ranks use it."""
 
 
 @dataclass
@@ -152,6 +154,8 @@ class Pool:
             PlacementError: it can never fit, or no room came up within `timeout`.
         """
         self.check_fits_empty(req)
+        if req.pod_index is not None:
+            return await self._place_pinned(actor, req)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         warned = False
@@ -185,6 +189,26 @@ class Pool:
                 await asyncio.wait_for(self._freed.wait(), left)
             except TimeoutError:
                 pass
+
+    async def _place_pinned(self, actor: str, req: Request) -> PodSlot:
+        index = req.pod_index
+        assert index is not None
+        if not 0 <= index < self.max_replicas:
+            raise PlacementError(
+                f"pod={index} is outside pool {self.name}, which has at most "
+                f"{self.max_replicas} pods"
+            )
+        async with self._grow_lock:
+            if len(self.slots) <= index:
+                await self._grow(index + 1 - len(self.slots))
+            slot = self.slots[index]
+            if not slot.fits(req):
+                raise PlacementError(
+                    f"pod {index} of pool {self.name} has no room for {req} "
+                    f"({slot.used_cpus:g}/{slot.cpus:g} cpus used)"
+                )
+            slot.take(actor, req)
+            return slot
 
     def release(self, actor: str, req: Request) -> None:
         for slot in self.slots:

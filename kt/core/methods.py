@@ -7,6 +7,9 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+RUN_METHOD = "__kt_run__"
+"""Runs `fn(instance, *args)` inside an actor's process (see ActorHandle._run)."""
+
 
 class MethodKind(enum.IntEnum):
     SYNC = 0

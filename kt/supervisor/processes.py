@@ -134,9 +134,12 @@ class ProcessManager:
         self._ids = itertools.count(1)
         self._closing = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._spawning: set[int] = set()
+        self._early: dict[int, FrameChannel] = {}
 
     async def spawn(self) -> WorkerProcess:
         worker_id = next(self._ids)
+        self._spawning.add(worker_id)
         env = dict(os.environ, PYTHONUNBUFFERED="1", KT_IN_WORKER="1", KT_POD=self.pod)
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -149,8 +152,12 @@ class ProcessManager:
             stderr=asyncio.subprocess.STDOUT,
             env=env,
         )
+        self._spawning.discard(worker_id)
         worker = WorkerProcess(worker_id, proc)
         self.workers[worker_id] = worker
+        early = self._early.pop(worker_id, None)
+        if early is not None:  # it connected before create_subprocess_exec returned
+            worker.attach(early)
         asyncio.get_running_loop().create_task(self._watch(worker))
         return worker
 
@@ -161,12 +168,16 @@ class ProcessManager:
             self._idle.remove(worker)
             self.top_up()
 
-    def connected(self, worker_id: int, channel: FrameChannel) -> WorkerProcess | None:
+    def connected(self, worker_id: int, channel: FrameChannel) -> bool:
+        """A worker said HELLO; False if no worker of that id was ever started here."""
         worker = self.workers.get(worker_id)
-        if worker is None:
-            return None
-        worker.attach(channel)
-        return worker
+        if worker is not None:
+            worker.attach(channel)
+            return True
+        if worker_id in self._spawning:
+            self._early[worker_id] = channel
+            return True
+        return False
 
     async def _spawn_warm(self) -> None:
         try:

@@ -360,7 +360,7 @@ class Supervisor:
 
     # -- workers -----------------------------------------------------------------------
     def _new_worker_link(self) -> FrameChannel:
-        state: dict[str, WorkerProcess | None] = {"worker": None}
+        state: dict[str, int] = {}
 
         def on_frame(
             kind: int,
@@ -371,15 +371,18 @@ class Supervisor:
             payload: memoryview,
             frame: memoryview,
         ) -> None:
-            worker = state["worker"]
+            worker = self.procs.workers.get(state.get("worker_id", -1))
             if worker is None:
+                if "worker_id" in state:
+                    return  # connected early; its process object is being registered
                 if kind != FrameKind.HELLO:
                     channel.abort()
                     return
                 worker_id = int(protocol.decode_header(header).get("worker", 0))
-                state["worker"] = self.procs.connected(worker_id, channel)
-                if state["worker"] is None:
+                if not self.procs.connected(worker_id, channel):
                     channel.abort()
+                    return
+                state["worker_id"] = worker_id
                 return
             self._from_worker(worker, kind, flags, route, req_id, header, frame)
 

@@ -26,7 +26,7 @@ from typing import Any
 from kt.core import protocol, serialization
 from kt.core.channel import FrameChannel
 from kt.core.errors import ActorDiedError, SerializationError
-from kt.core.methods import MethodKind, method_kind
+from kt.core.methods import RUN_METHOD, MethodKind, method_kind
 from kt.core.protocol import FrameFlag, FrameKind
 from kt.core.runtime import new_event_loop
 
@@ -117,12 +117,18 @@ class ActorHost:
         entry = self._methods.get(key)
         if entry is None:
             name = protocol.decode_header(header)["m"]
+            if name == RUN_METHOD:
+                return (f"{self.cls_name}.{name}", self._run_in_actor, MethodKind.SYNC)
             if name.startswith("__") and name != "__call__":
                 raise AttributeError(f"{self.cls_name} has no public method {name!r}")
             fn = getattr(self.instance, name)
             entry = (f"{self.cls_name}.{name}", fn, method_kind(fn))
             self._methods[key] = entry
         return entry
+
+    def _run_in_actor(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """`fn(instance, ...)` in this process: kt's own layers (collective groups) use it."""
+        return fn(self.instance, *args, **kwargs)
 
     def call(self, route: int, req_id: int, header: memoryview, payload: memoryview) -> None:
         what = self.cls_name

@@ -1,0 +1,334 @@
+"""kt side of the kt-vs-Ray benchmark; the counterpart of ``bench/ray_side.py``.
+
+    .venv/bin/python bench/kt_side.py ROW [ROW...]
+
+Prints one JSON object (row name -> result) on the last line of stdout, with the same row
+names and result keys as the Ray side. A row that raises (or runs past ``KT_BENCH_ROW_TIMEOUT``
+seconds, default 180) is left out of the results and listed under ``"_errors"`` (row -> last
+line of its traceback); the full traceback goes to stderr. Every actor asks for ``cpus=0`` so
+that any number of them fits the one 8-cpu pod.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+import numpy as np
+
+import kt
+
+IMPORTED_AT = time.perf_counter()  # `init` counts from here: kt is imported
+Result = dict[str, float]
+MIB = 1024 * 1024
+POOL = kt.Compute(cpus=8, replicas=1, backend="local")
+
+
+class Echo:
+    def ping(self) -> None:
+        return None
+
+    def add(self, a: int, b: int) -> int:
+        return a + b
+
+    def take(self, x: Any) -> None:
+        return None
+
+    def back(self, x: Any) -> Any:
+        return x
+
+
+class Caller:
+    async def run(self, targets: list[Any], n: int) -> int:
+        """Call every target ``n`` times (interleaved), gather here; return the call count."""
+        refs = [t.add.remote(i, 1) for i in range(n) for t in targets]
+        out = await asyncio.gather(*refs)
+        assert out == [i + 1 for i in range(n) for _ in targets], "nn: wrong results"
+        return len(out)
+
+
+EchoActor: Any = kt.cls(Echo).options(compute=POOL, cpus=0)
+CallerActor: Any = kt.cls(Caller).options(compute=POOL, cpus=0)
+
+
+_LIVE: list[Any] = []  # actors not yet killed: a failed row's are killed before the next row
+
+
+def _started(n: int) -> list[Any]:
+    """Create ``n`` Echo actors and wait until each answers a ping."""
+    actors = [EchoActor.remote() for _ in range(n)]
+    _LIVE.extend(actors)
+    kt.get([a.ping.remote() for a in actors])
+    return actors
+
+
+def _kill(actors: list[Any]) -> None:
+    for a in actors:
+        kt.kill(a)
+        if a in _LIVE:
+            _LIVE.remove(a)
+
+
+def _kill_leftovers() -> None:
+    """After a failed row: kill what it left alive, so that later rows run on a clean pod."""
+    left, _LIVE[:] = list(_LIVE), []
+    for a in left:
+        try:
+            kt.kill(a)
+        except Exception as exc:
+            print(f"[kt_side] killing leftover {a!r}: {exc!r}", file=sys.stderr)
+
+
+def _pct(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
+
+
+def init() -> float:
+    """Pool (pod) start, first actor, first call; seconds from `import kt` being done."""
+    actors = _started(1)
+    dt = time.perf_counter() - IMPORTED_AT
+    _kill(actors)
+    return dt
+
+
+def row_rtt() -> Result:
+    (a,) = _started(1)
+    for _ in range(200):
+        a.ping()
+    lat: list[float] = []
+    for _ in range(2000):
+        t0 = time.perf_counter()
+        a.ping()
+        lat.append((time.perf_counter() - t0) * 1e6)
+    _kill([a])
+    return {"median_us": statistics.median(lat), "p99_us": _pct(lat, 0.99)}
+
+
+def row_async_1to1() -> Result:
+    (a,) = _started(1)
+
+    async def go() -> float:
+        await asyncio.gather(*[a.ping.remote() for _ in range(200)])
+        t0 = time.perf_counter()
+        await asyncio.gather(*[a.ping.remote() for _ in range(5000)])
+        return time.perf_counter() - t0
+
+    dt = asyncio.run(go())
+    _kill([a])
+    return {"calls_per_s": 5000 / dt}
+
+
+async def _fanout_pass(actors: list[Any], n: int) -> float:
+    t0 = time.perf_counter()
+    refs = [actors[i % len(actors)].add.remote(i, 1) for i in range(n)]
+    out = await asyncio.gather(*refs)
+    dt = time.perf_counter() - t0
+    assert out == [i + 1 for i in range(n)], "fanout: wrong results"
+    return n / dt
+
+
+def row_fanout() -> Result:
+    actors = _started(4)
+
+    async def go() -> float:
+        await _fanout_pass(actors, 1000)
+        return max([await _fanout_pass(actors, 10_000) for _ in range(3)])
+
+    best = asyncio.run(go())
+    _kill(actors)
+    return {"calls_per_s": best}
+
+
+def row_nn() -> Result:
+    targets = _started(4)
+    callers = [CallerActor.remote() for _ in range(4)]
+    _LIVE.extend(callers)
+    kt.get([c.run.remote(targets, 50) for c in callers])  # warm-up: handles resolved
+    t0 = time.perf_counter()
+    total = sum(kt.get([c.run.remote(targets, 1000) for c in callers]))
+    dt = time.perf_counter() - t0
+    _kill(callers + targets)
+    return {"calls_per_s": total / dt}
+
+
+def row_actor_start() -> Result:
+    warm = _started(1)
+    times: list[float] = []
+    fresh: list[Any] = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        a = EchoActor.remote()
+        _LIVE.append(a)
+        a.ping()
+        times.append((time.perf_counter() - t0) * 1e3)
+        fresh.append(a)
+    _kill(warm + fresh)
+    return {"median_ms": statistics.median(times)}
+
+
+def row_place100() -> Result:
+    t0 = time.perf_counter()
+    actors = _started(100)
+    dt = time.perf_counter() - t0
+    _kill(actors)
+    return {"seconds": dt}
+
+
+def _arg_row(mib: int, calls: int, round_trip: bool) -> Result:
+    (a,) = _started(1)
+    arr = np.random.default_rng(0).integers(0, 256, size=mib * MIB, dtype=np.uint8)
+    method = a.back if round_trip else a.take
+    method(arr)  # warm-up
+    times: list[float] = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        out = method(arr)
+        times.append((time.perf_counter() - t0) * 1e3)
+        if round_trip:
+            assert out.nbytes == arr.nbytes
+        del out
+    _kill([a])
+    return {"median_ms": statistics.median(times)}
+
+
+def _descendants() -> set[int]:
+    """PIDs of every process below this one (supervisor, workers), read from /proc."""
+    parent: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    parent[int(name)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    found, frontier = set[int](), {os.getpid()}
+    while frontier:
+        frontier = {pid for pid, pp in parent.items() if pp in frontier} - found
+        found |= frontier
+    return found
+
+
+def _rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # exited meanwhile
+        pass
+    return 0
+
+
+def _settle(timeout: float = 5.0) -> None:
+    """Wait until the set of descendant processes stops changing (killed workers exiting)."""
+    deadline = time.monotonic() + timeout
+    last = _descendants()
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        now = _descendants()
+        if now == last:
+            return
+        last = now
+
+
+def row_memory() -> Result:
+    """RSS of the kt runtime (the pod's supervisor and workers: all started by this driver)."""
+    _settle()
+    actors = _started(4)
+    _settle(2.0)
+    pids = _descendants()
+    runtime = sum(_rss(pid) for pid in pids)
+    _kill(actors)
+    return {
+        "runtime_mib": runtime / MIB,
+        "driver_mib": _rss(os.getpid()) / MIB,
+        "n_procs": len(pids),
+    }
+
+
+ROWS: dict[str, Callable[[], Result]] = {
+    "rtt": row_rtt,
+    "async_1to1": row_async_1to1,
+    "fanout": row_fanout,
+    "nn": row_nn,
+    "actor_start": row_actor_start,
+    "place100": row_place100,
+    "arg10m_oneway": lambda: _arg_row(10, 20, round_trip=False),
+    "arg10m_rt": lambda: _arg_row(10, 20, round_trip=True),
+    "arg100m_oneway": lambda: _arg_row(100, 5, round_trip=False),
+    "arg100m_rt": lambda: _arg_row(100, 5, round_trip=True),
+    "memory": row_memory,
+}
+
+
+class RowTimeout(Exception):
+    pass
+
+
+def _alarm(signum: int, frame: FrameType | None) -> None:
+    raise RowTimeout(f"row ran past {os.environ.get('KT_BENCH_ROW_TIMEOUT', '180')} s")
+
+
+def _timed(name: str, fn: Callable[[], Any], errors: dict[str, str]) -> Any:
+    """Run one row under an alarm; on failure log the traceback and record its last line."""
+    limit = int(float(os.environ.get("KT_BENCH_ROW_TIMEOUT", "180")))
+    old = signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(limit)
+    t0 = time.perf_counter()
+    try:
+        return fn()
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        print(f"[kt_side] {name} FAILED:", file=sys.stderr)
+        traceback.print_exc(file=sys.stderr)
+        errors[name] = f"{type(exc).__name__}: {exc}"
+        if name != "shutdown":
+            _kill_leftovers()
+        return None
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+        print(f"[kt_side] {name}: {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str]) -> int:
+    unknown = [r for r in argv if r != "init" and r not in ROWS]
+    if not argv or unknown:
+        print(f"usage: kt_side.py ROW...; rows: init {' '.join(ROWS)}", file=sys.stderr)
+        return 2
+    results: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    # `memory` first, as on the Ray side: earlier rows must not inflate the idle footprint.
+    order = sorted((r for r in dict.fromkeys(argv) if r != "init"), key=lambda r: r != "memory")
+    try:
+        init_s = _timed("init", init, errors)
+        if init_s is not None:
+            if "init" in argv:
+                results["init"] = {"seconds": init_s}
+            for name in order:
+                out = _timed(name, ROWS[name], errors)
+                if out is not None:
+                    results[name] = out
+    finally:
+        try:
+            _timed("shutdown", kt.shutdown, errors)
+        finally:
+            if errors:
+                results["_errors"] = errors
+            print(json.dumps(results), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
