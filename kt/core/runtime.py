@@ -225,12 +225,17 @@ class Runtime:
         self._wake_scheduled = False
         inbox = self._inbox
         links = self._links
+        touched: set[Link] = set()
         while inbox:
             address, token, req_id, parts, ref = inbox.popleft()
             link = links.get(address)
             if link is None:
                 link = self._open_link(address, token)
             link.submit(req_id, parts, ref)
+            touched.add(link)
+        for link in touched:  # the batch is complete: write now, not next iteration
+            if link.channel is not None:
+                link.channel.flush()
 
     def _open_link(self, address: Address, token: str) -> Link:
         link = Link(self, address, token)
@@ -264,6 +269,9 @@ class Runtime:
     # -- results (loop thread) ------------------------------------------------------------
     def complete(self, batch: list[tuple[Callback, Ref[Any]]]) -> None:
         if not batch:
+            return
+        if len(batch) == 1 and batch[0][0][0] is None:
+            dispatch(batch)  # a blocked thread (ref.result): wake it without a loop turn
             return
         self._ready.extend(batch)
         if not self._dispatch_scheduled:
