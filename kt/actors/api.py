@@ -14,15 +14,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, ParamSpec, TypeVar
 
-import cloudpickle
-
 from kt.actors.driver import get_driver, require_driver_thread
 from kt.actors.handle import ActorHandle
+from kt.actors.lifecycle import ActorSpec
 from kt.actors.scheduler import Request, Strategy
+from kt.core import protocol
 from kt.core.compute import Compute, parse_cpus, parse_memory
 from kt.core.config import config
 from kt.core.errors import ConfigError, GetTimeoutError
 from kt.core.methods import MethodKind, method_kind, public_methods
+from kt.core.protocol import FrameKind
 from kt.core.ref import Ref, StreamRef
 from kt.core.serialization import dumps_value
 
@@ -96,30 +97,41 @@ class RemoteClass(Generic[T]):
         self, opts: ActorOptions, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> ActorHandle:
         driver = get_driver()
+        if opts.name is not None:
+            existing = driver.runtime.run(driver.lookup(opts.name, opts.namespace), timeout=60)
+            if existing is not None:
+                if opts.get_if_exists:
+                    return existing
+                raise ConfigError(
+                    f"an actor named {opts.name!r} already exists"
+                    f"{f' in namespace {opts.namespace!r}' if opts.namespace else ''}: "
+                    "pass get_if_exists=True to use it, or choose another name"
+                )
         actor_id = driver.new_actor_id()
-        what = f"{self.__name__}.__init__"
-        parts = dumps_value((self._cls, args, kwargs), what)
+        parts = dumps_value((self._cls, args, kwargs), f"{self.__name__}.__init__")
         handle = ActorHandle(actor_id, self.__name__, self._methods, name=opts.name)
+        handle._retries = opts.max_task_retries
         header = {
             "actor": actor_id,
             "cls": self.__name__,
             "name": opts.name,
+            "namespace": opts.namespace,
+            "methods": {k: int(v) for k, v in self._methods.items()},
             "max_concurrency": opts.max_concurrency,
             "env": opts.env or {},
         }
-        compute = opts.compute or config.default_compute
-        timeout = opts.placement_timeout or config.placement_timeout
-        driver.runtime.spawn(
-            driver.create_actor(
-                handle,
-                compute,
-                opts.request(),
-                header,
-                parts,
-                timeout=timeout,
-                detached=opts.lifetime == "detached",
-            )
+        spec = ActorSpec(
+            actor_id=actor_id,
+            cls_name=self.__name__,
+            header=header,
+            parts=parts,
+            compute=opts.compute or config.default_compute,
+            request=opts.request(),
+            max_restarts=opts.max_restarts,
+            placement_timeout=opts.placement_timeout or config.placement_timeout,
+            detached=opts.lifetime == "detached",
         )
+        driver.runtime.spawn(driver.create_actor(spec, handle))
         return handle
 
     def to(
@@ -362,20 +374,27 @@ def wait(
 
 def kill(handle: ActorHandle) -> None:
     """Kill an actor now; it is not restarted. Calls in flight raise ActorDiedError."""
-    from kt.core import protocol
-    from kt.core.protocol import FrameKind
-
     address = handle._wait_placed(timeout=config.placement_timeout)
-    runtime = get_driver().runtime
+    driver = get_driver()
+    runtime = driver.runtime
+    runtime.loop.call_soon_threadsafe(driver.mark_killed, handle._actor_id)
     req_id = runtime.new_id()
     done: Ref[None] = Ref("kill")
     frame = protocol.encode(FrameKind.KILL_ACTOR, req_id, {"actor": handle._actor_id})
     runtime.submit(address, handle._token, req_id, [frame], done)
     done.result(timeout=30)
-    pool = getattr(handle, "_pool", None)
-    request = getattr(handle, "_request", None)
-    if pool is not None and request is not None:
-        runtime.loop.call_soon_threadsafe(pool.release, handle._actor_id, request)
 
 
-_ = cloudpickle  # kt.fn pickles functions by value when they live in __main__
+def get_actor(name: str, namespace: str | None = None) -> ActorHandle:
+    """The handle of a named actor, made by this or any other driver (or actor).
+
+    Raises:
+        ConfigError: no live actor has that name.
+    """
+    require_driver_thread("kt.get_actor")
+    driver = get_driver()
+    handle = driver.runtime.run(driver.lookup(name, namespace), timeout=60)
+    if handle is None:
+        where = f" in namespace {namespace!r}" if namespace else ""
+        raise ConfigError(f"no live actor is named {name!r}{where}")
+    return handle

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 import orjson
 
 from kt.core import protocol
-from kt.core.errors import KtError
+from kt.core.errors import ActorDiedError, KtError, PodLostError
 from kt.core.methods import RUN_METHOD, MethodKind
 from kt.core.protocol import FrameKind
 from kt.core.ref import Ref, StreamRef
@@ -55,6 +55,8 @@ class ActorMethod(Generic[P, R]):
                 return h._call_with_refs(self, args, kwargs)
         parts = dumps_call(args, kwargs, self._label)
         header = self._header
+        if h._retries and not self._streams:
+            return h._submit_retrying(header, parts, self._label)
         prefix = protocol.encode_prefix(FrameKind.CALL, req_id, header, parts_size(parts))
         ref: Any = StreamRef(self._label) if self._streams else Ref(self._label)
         ref._on_cancel = functools.partial(h._cancel_call, req_id)
@@ -96,9 +98,9 @@ class ActorHandle:
         self._backlog: list[tuple[int, Parts, Any]] = []
         self._failure: BaseException | None = None
         self._placed = threading.Event()
-        self._created: Any = None  # the Ref of CREATE_ACTOR, set by the driver
-        self._pool: Any = None
-        self._request: Any = None
+        self._generation = 0
+        self._retries = 0  # max_task_retries; only the owning driver restarts actors
+        self._on_rebind: list[Callable[[], None]] = []
         if address is not None:
             self._placed.set()
 
@@ -136,14 +138,63 @@ class ActorHandle:
         for req_id, parts, ref in backlog:
             runtime.submit(address, token, req_id, parts, ref)
 
+    def _unbind(self) -> None:
+        """The actor is being restarted: new calls wait in the backlog."""
+        with self._lock:
+            self._address = None
+            self._placed.clear()
+            self._generation += 1
+            waiting, self._on_rebind = self._on_rebind, []
+        for fn in waiting:
+            fn()
+
     def _fail(self, exc: BaseException) -> None:
-        """Placement failed: every queued and future call raises `exc`."""
+        """The actor is gone for good: every queued and future call raises `exc`."""
         with self._lock:
             self._failure = exc
+            self._address = None
             backlog, self._backlog = self._backlog, []
+            waiting, self._on_rebind = self._on_rebind, []
             self._placed.set()
         for _, _, ref in backlog:
             ref.set_exception(exc)
+        for fn in waiting:
+            fn()
+
+    def _submit_retrying(self, header: bytes, parts: Parts, label: str) -> Ref[Any]:
+        """A call that is sent again (up to max_task_retries) when its actor dies under it."""
+        outer: Ref[Any] = Ref(label)
+        size = parts_size(parts)
+        runtime = self._runtime()
+
+        def attempt(left: int) -> None:
+            if outer.done():
+                return
+            req_id = runtime.new_id()
+            prefix = protocol.encode_prefix(FrameKind.CALL, req_id, header, size)
+            inner: Ref[Any] = Ref(label)
+            generation = self._generation
+
+            def done(r: Ref[Any]) -> None:
+                exc = r.exception() if not r.cancelled() else None
+                if isinstance(exc, ActorDiedError | PodLostError) and left > 0:
+                    self._after_restart(generation, lambda: attempt(left - 1))
+                else:
+                    _copy_outcome(r, outer)
+
+            inner.on_done(done)
+            self._submit(req_id, [prefix, header, *parts], inner)
+
+        attempt(self._retries)
+        return outer
+
+    def _after_restart(self, generation: int, fn: Callable[[], None]) -> None:
+        """Run `fn` once the handle has moved past `generation` (unbound or failed)."""
+        with self._lock:
+            if self._generation == generation and self._failure is None:
+                self._on_rebind.append(fn)
+                return
+        fn()
 
     def _submit(self, req_id: int, parts: Parts, ref: Any) -> None:
         address = self._address
@@ -222,6 +273,9 @@ class ActorHandle:
 
 
 def _copy_outcome(src: Ref[Any], dst: Ref[Any]) -> None:
+    if src.cancelled():
+        dst.cancel()
+        return
     exc = src.exception()
     if exc is not None:
         dst.set_exception(exc)

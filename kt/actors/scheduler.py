@@ -5,6 +5,10 @@ exists for one `Compute`: its pods (`PodSlot`s, each with capacity and what is u
 it) and the provider that makes more. Placement is `pack` (the fullest pod that fits)
 or `spread` (the emptiest). A request larger than an empty pod fails at once with
 `PlacementError`; one that could fit later waits up to `placement_timeout`.
+
+`spread` prefers an empty pod, starting one while the pool is below `max_replicas`;
+`pack` starts a pod only when no pod has room. A pod with no actors for `idle_timeout`
+is deleted while the pool is above `min_replicas` (the emptiest-longest goes first).
 """
 
 from __future__ import annotations
@@ -13,13 +17,34 @@ import asyncio
 import enum
 import logging
 import secrets
+import sys
+import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from kt.core.compute import Compute
 from kt.core.errors import PlacementError
 from kt.core.provider import Pod, PodSpec, Provider
 
 logger = logging.getLogger(__name__)
+
+
+def progress(message: str) -> None:
+    """Pool and placement progress on the driver's terminal (stderr), and in the log."""
+    logger.info("%s", message)
+    if _console is not None:
+        _console.print(f"[dim]kt:[/dim] {message}", highlight=False)
+
+
+def _make_console() -> Any:
+    try:
+        from rich.console import Console
+    except ImportError:  # pragma: no cover - rich is a dependency
+        return None
+    return Console(stderr=True, file=sys.stderr)
+
+
+_console = _make_console()
 
 
 class Strategy(str, enum.Enum):
@@ -51,6 +76,7 @@ class PodSlot:
     used_gpus: int = 0
     used_memory: int = 0
     actors: set[str] = field(default_factory=set)
+    idle_since: float = field(default_factory=time.monotonic)
 
     def fits(self, req: Request) -> bool:
         return (
@@ -71,15 +97,25 @@ class PodSlot:
             self.used_cpus -= req.cpus
             self.used_gpus -= req.gpus
             self.used_memory -= req.memory
+            if not self.actors:
+                self.idle_since = time.monotonic()
 
 
 class Pool:
     """The pods made from one Compute, and the placement of actors on them."""
 
     def __init__(
-        self, compute: Compute, provider: Provider, *, name: str, token: str, detached: bool
+        self,
+        compute: Compute,
+        provider: Provider,
+        *,
+        name: str,
+        token: str,
+        detached: bool,
+        idle_timeout: float = 60.0,
     ) -> None:
         self.compute = compute
+        self.idle_timeout = idle_timeout
         self.provider = provider
         self.name = name
         self.token = token
@@ -134,17 +170,21 @@ class Pool:
             )
             for _ in range(count)
         ]
-        logger.info("pool %s: starting %d pod(s)", self.name, count)
+        target = len(self.slots) + count
+        progress(f"pool {self.name}: starting {count} pod(s), {len(self.slots)}/{target} ready")
         for pod in await self.provider.create_pods(specs):
             self.slots.append(PodSlot(pod, c.cpu_count, c.gpus, c.memory_bytes))
-        logger.info("pool %s: %d/%d pods ready", self.name, len(self.slots), self.max_replicas)
+        progress(f"pool {self.name}: {len(self.slots)}/{target} pods ready")
 
     def _choose(self, req: Request) -> PodSlot | None:
         fits = [s for s in self.slots if s.fits(req)]
         if not fits:
             return None
         if req.strategy is Strategy.SPREAD:
-            return min(fits, key=lambda s: (s.used_cpus, len(s.actors)))
+            best = min(fits, key=lambda s: (len(s.actors), s.used_cpus))
+            if best.actors and len(self.slots) < self.max_replicas:
+                return None  # an empty pod is better, and the pool may grow one
+            return best
         return max(fits, key=lambda s: (s.used_cpus, len(s.actors)))
 
     async def place(self, actor: str, req: Request, *, timeout: float) -> PodSlot:
@@ -176,13 +216,12 @@ class Pool:
                     f"({len(self.slots)}/{self.max_replicas} pods, all full)"
                 )
             if not warned:
-                logger.warning(
-                    "pool %s is full (%d/%d pods): waiting up to %.0f s for room for %s",
-                    self.name,
-                    len(self.slots),
-                    self.max_replicas,
-                    left,
-                    req,
+                used = sum(s.used_cpus for s in self.slots)
+                total = sum(s.cpus for s in self.slots)
+                progress(
+                    f"actor {actor} waits: pool {self.name} is full ({len(self.slots)}/"
+                    f"{self.max_replicas} pods, {used:g}/{total:g} cpus used); "
+                    f"waiting up to {left:.0f} s for room"
                 )
                 warned = True
             try:
@@ -214,6 +253,38 @@ class Pool:
         for slot in self.slots:
             slot.give_back(actor, req)
         self._freed.set()
+
+    async def drop(self, slot: PodSlot) -> None:
+        """Forget a pod that is gone (and make sure it is)."""
+        async with self._grow_lock:
+            if slot in self.slots:
+                self.slots.remove(slot)
+        await self.provider.delete_pod(self.name, slot.pod.name)
+        self._freed.set()
+
+    async def reap_idle(self) -> None:
+        """Delete pods idle for idle_timeout, down to min_replicas. Runs for the pool's life."""
+        while True:
+            await asyncio.sleep(min(1.0, self.idle_timeout / 4))
+            lo = self.compute.replica_range[0]
+            now = time.monotonic()
+            async with self._grow_lock:
+                idle = sorted(
+                    (
+                        s
+                        for s in self.slots
+                        if not s.actors and now - s.idle_since >= self.idle_timeout
+                    ),
+                    key=lambda s: s.idle_since,
+                )
+                doomed = idle[: max(0, len(self.slots) - lo)]
+                for slot in doomed:
+                    self.slots.remove(slot)
+            for slot in doomed:
+                logger.info("pool %s: deleting idle pod %s", self.name, slot.pod.name)
+                await self.provider.delete_pod(self.name, slot.pod.name)
+            if doomed:
+                progress(f"pool {self.name}: scaled down to {len(self.slots)} pod(s)")
 
     def slot_at(self, address: tuple[str, int]) -> PodSlot | None:
         return next((s for s in self.slots if s.pod.address == address), None)

@@ -117,6 +117,7 @@ class Compute:
     priority_class: str | None = None
     service_account: str | None = None
     inactivity_ttl: float | int | str | None = "30m"
+    idle_timeout: float | int | str | None = None
     launch_timeout: float = 600
     backend: str | None = None
     resources: dict[str, float] = field(default_factory=dict)
@@ -127,6 +128,7 @@ class Compute:
         object.__setattr__(self, "cpus", cpus)
         object.__setattr__(self, "memory", parse_memory(self.memory))
         object.__setattr__(self, "inactivity_ttl", parse_duration(self.inactivity_ttl))
+        object.__setattr__(self, "idle_timeout", parse_duration(self.idle_timeout))
         if self.gpus < 0:
             raise ConfigError(f"gpus={self.gpus} is negative")
         if self.replicas is not None and (
@@ -160,6 +162,11 @@ class Compute:
     @property
     def memory_bytes(self) -> int:
         return int(self.memory or 0)
+
+    @property
+    def idle_seconds(self) -> float | None:
+        """How long a pod with no actors lives (None: kt.config.idle_timeout)."""
+        return None if self.idle_timeout is None else float(self.idle_timeout)
 
     @property
     def ttl_seconds(self) -> float | None:

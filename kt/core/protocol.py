@@ -24,6 +24,10 @@ Kinds:
     CANCEL        {"a": actor}: best-effort cancel of request req_id
     LOG           supervisor -> owner: {"src": prefix}; payload utf-8 lines
     PING / PONG   liveness; PONG echoes req_id
+    DIED          supervisor -> the actor's owner: {"actor", "exit_code", "signal", "oom",
+                  "reason"}, sent before the calls in flight are failed
+    LOOKUP        {"name", "namespace"}: answered by a RESULT whose payload is
+                  {"actor", "cls", "methods"} or None
 """
 
 from __future__ import annotations
@@ -56,6 +60,8 @@ class FrameKind(enum.IntEnum):
     LOG = 10
     PING = 11
     PONG = 12
+    DIED = 13
+    LOOKUP = 14
 
 
 class FrameFlag(enum.IntFlag):

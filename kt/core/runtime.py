@@ -24,7 +24,7 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from kt.core import protocol
@@ -154,6 +154,10 @@ class Link:
             if not self._welcome.done():
                 self._welcome.set_exception(error)
             self._fail(error)
+        elif kind == FrameKind.DIED:
+            listener = self.runtime.on_died
+            if listener is not None:
+                listener(self.address, protocol.decode_header(header))
         elif kind == FrameKind.PONG:
             pass
         else:
@@ -169,13 +173,16 @@ class Link:
     def _fail(self, error: KtError) -> None:
         if self.state is LinkState.CLOSED:
             return
+        was_ready = self.state is LinkState.READY
         self.state = LinkState.CLOSED
         self._failure = error
+        self.runtime.forget(self)
+        if was_ready and self.runtime.on_link_lost is not None:
+            self.runtime.on_link_lost(self.address)  # before the calls fail: retries see it
         inflight, self.inflight = self.inflight, {}
         self._queued.clear()
         for ref in inflight.values():
             self.runtime.complete(ref._finish(_failed, error))
-        self.runtime.forget(self)
         if self.channel is not None:
             self.channel.abort()
 
@@ -195,6 +202,10 @@ class Runtime:
         self._wake_scheduled = False
         self._ready: list[tuple[Callback, Ref[Any]]] = []
         self._dispatch_scheduled = False
+        self.on_died: Callable[[Address, dict[str, Any]], None] | None = None
+        """Set by the driver: an actor it owns died (a DIED frame)."""
+        self.on_link_lost: Callable[[Address], None] | None = None
+        """Set by the driver: an established link to a pod broke."""
         self._thread = threading.Thread(target=self._run, name="kt-runtime", daemon=True)
         self._thread.start()
         atexit.register(self.stop)

@@ -32,7 +32,7 @@ from typing import Any
 
 from kt.core import protocol, serialization
 from kt.core.channel import BIG_FRAME, FrameChannel
-from kt.core.errors import ActorDiedError
+from kt.core.errors import ActorDiedError, ConfigError
 from kt.core.protocol import ROUTE_OFFSET, FrameFlag, FrameKind
 from kt.supervisor.processes import ExitInfo, ProcessManager, WorkerProcess
 
@@ -58,6 +58,9 @@ class ActorRecord:
     name: str
     cls_name: str
     owner: int
+    namespace: str = ""
+    methods: dict[str, int] = field(default_factory=dict)
+    named: bool = False
     worker: WorkerProcess | None = None
     backlog: list[bytes | bytearray | memoryview] = field(default_factory=list)
     state: ActorState = ActorState.STARTING
@@ -151,6 +154,7 @@ class Supervisor:
             FrameKind.KILL_ACTOR: self.on_kill_actor,
             FrameKind.CANCEL: self.on_cancel,
             FrameKind.PING: self.on_ping,
+            FrameKind.LOOKUP: self.on_lookup,
         }
 
     # -- lifecycle -------------------------------------------------------------------
@@ -285,16 +289,26 @@ class Supervisor:
     ) -> None:
         spec = protocol.decode_header(header)
         actor_id = spec["actor"]
-        if actor_id in self.actors:
+        name, namespace = spec.get("name"), spec.get("namespace") or ""
+        old = self.actors.get(actor_id)
+        if old is not None and old.state is ActorState.DEAD:  # a restart, here
+            del self.actors[actor_id]
+            self._routes = {k: r for k, r in self._routes.items() if r is not old}
+        clash = actor_id in self.actors or (name and self._named(name, namespace) is not None)
+        if clash:
+            what = f"named {name!r}" if name else actor_id
             self.reply_error(
-                peer.route, req_id, ValueError(f"actor {actor_id} already exists"), self.pod
+                peer.route, req_id, ConfigError(f"an actor {what} already exists"), self.pod
             )
             return
         rec = ActorRecord(
             id=actor_id,
-            name=spec.get("name") or actor_id,
+            name=name or actor_id,
             cls_name=spec.get("cls", "Actor"),
             owner=peer.route,
+            namespace=namespace,
+            methods=dict(spec.get("methods") or {}),
+            named=bool(name),
         )
         self.actors[rec.id] = rec
         self._relay(rec, peer.route, req_id, frame)
@@ -345,6 +359,31 @@ class Supervisor:
         if rec is not None and rec.state is not ActorState.DEAD:
             _ROUTE.pack_into(frame, ROUTE_OFFSET, peer.route)
             rec.send(bytes(frame))
+
+    def _named(self, name: str, namespace: str) -> ActorRecord | None:
+        for rec in self.actors.values():
+            if rec.named and rec.name == name and rec.namespace == namespace:
+                if rec.state is not ActorState.DEAD:
+                    return rec
+        return None
+
+    def on_lookup(
+        self,
+        peer: Peer,
+        flags: int,
+        req_id: int,
+        header: memoryview,
+        payload: memoryview,
+        frame: memoryview,
+    ) -> None:
+        query = protocol.decode_header(header)
+        rec = self._named(str(query.get("name")), str(query.get("namespace") or ""))
+        found = (
+            None if rec is None else {"actor": rec.id, "cls": rec.cls_name, "methods": rec.methods}
+        )
+        peer.channel.send(
+            protocol.encode(FrameKind.RESULT, req_id, b"", serialization.dumps_bytes(found))
+        )
 
     def on_ping(
         self,
@@ -431,6 +470,16 @@ class Supervisor:
         rec.state = ActorState.DEAD
         rec.death = death
         logger.info("actor %s (%s) died: %s", rec.id, rec.cls_name, death)
+        owner = self.peers.get(rec.owner)
+        if owner is not None:  # first, so the owner can restart before calls fail
+            event = {
+                "actor": rec.id,
+                "exit_code": death.exit_code,
+                "signal": death.signal,
+                "oom": death.oom,
+                "reason": death.reason,
+            }
+            owner.channel.send(protocol.encode(FrameKind.DIED, 0, event))
         inflight, rec.inflight = rec.inflight, {}
         for key in inflight:
             self.reply_error(key >> 64, key & ((1 << 64) - 1), death, self.pod)

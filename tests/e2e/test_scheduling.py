@@ -1,0 +1,149 @@
+"""The scheduler on real local pools.
+
+Covers: pack fills 4-cpu pods before starting another (16 actors -> exactly 4 pods);
+spread starts a pod per actor while it can, later packing fills them (4 + 12 -> 4 x 4);
+a request larger than a pod fails at once; idle pods are deleted down to min_replicas;
+a lost pod's actors are re-created (max_restarts=1) and the old handle keeps working,
+or calls fail (max_restarts=0); max_task_retries re-sends a call whose actor died;
+load-balanced services put one instance per replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import signal
+import time
+
+import pytest
+
+import kt
+from kt.actors.driver import get_driver
+from kt.core.provider import PodState, get_provider
+
+
+class Where:
+    def __init__(self, delay: float = 0.0) -> None:
+        time.sleep(delay)
+
+    def pod(self) -> str:
+        return os.environ["KT_POD"]
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def supervisor_pid(self) -> int:
+        return os.getppid()
+
+    def slow(self, seconds: float) -> str:
+        time.sleep(seconds)
+        return self.pod()
+
+
+def _pods(compute: kt.Compute) -> list[str]:
+    name = get_driver().pool_name(compute, False)
+    pods = asyncio.run(get_provider("local").list_pods(name))
+    return sorted(p.name for p in pods if p.state is PodState.READY)
+
+
+@pytest.mark.timeout(180)
+def test_pack_16_actors_on_exactly_4_pods() -> None:
+    compute = kt.Compute(cpus=4, min_replicas=0, max_replicas=4, backend="local")
+    W = kt.cls(Where).options(compute=compute, cpus=1)
+    actors = [W.remote() for _ in range(16)]
+    where = collections.Counter(kt.get([a.pod.remote() for a in actors], timeout=150))
+    assert sorted(where.values()) == [4, 4, 4, 4]
+    assert sorted(where) == _pods(compute)
+    for a in actors:
+        kt.kill(a)
+
+
+@pytest.mark.timeout(180)
+def test_spread_4_then_pack_12_gives_4_pods_of_4() -> None:
+    compute = kt.Compute(cpus=4, min_replicas=0, max_replicas=4, backend="local")
+    spread = [kt.cls(Where).options(compute=compute, placement="spread").remote() for _ in range(4)]
+    first = kt.get([a.pod.remote() for a in spread], timeout=150)
+    assert len(set(first)) == 4
+    more = [kt.cls(Where).options(compute=compute).remote() for _ in range(12)]
+    where = collections.Counter(kt.get([a.pod.remote() for a in spread + more], timeout=150))
+    assert sorted(where.values()) == [4, 4, 4, 4]
+    assert len(_pods(compute)) == 4  # never a 5th
+    # the pool is full: one more waits, then fails with a reason, never a 5th pod
+    late = kt.cls(Where).options(compute=compute, placement_timeout=1.0).remote()
+    with pytest.raises(kt.PlacementError, match=r"full|room"):
+        late.pod.remote().result(timeout=30)
+    assert len(_pods(compute)) == 4
+    for a in spread + more:
+        kt.kill(a)
+
+
+def test_request_larger_than_a_pod_fails_within_1s() -> None:
+    compute = kt.Compute(cpus=4, min_replicas=0, max_replicas=4, backend="local")
+    start = time.monotonic()
+    big = kt.cls(Where).options(compute=compute, cpus=8).remote()
+    with pytest.raises(kt.PlacementError, match=r"8 cpus > 4"):
+        big.pod.remote().result(timeout=10)
+    assert time.monotonic() - start < 1.0
+
+
+@pytest.mark.timeout(120)
+def test_idle_pods_are_deleted_down_to_min_replicas() -> None:
+    compute = kt.Compute(cpus=1, min_replicas=1, max_replicas=3, idle_timeout=2, backend="local")
+    W = kt.cls(Where).options(compute=compute, cpus=1)
+    actors = [W.remote() for _ in range(3)]
+    assert len(set(kt.get([a.pod.remote() for a in actors], timeout=90))) == 3
+    assert len(_pods(compute)) == 3
+    for a in actors:
+        kt.kill(a)
+    deadline = time.monotonic() + 30
+    while len(_pods(compute)) > 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(_pods(compute)) == 1
+    time.sleep(3)  # and never below min_replicas
+    assert len(_pods(compute)) == 1
+
+
+@pytest.mark.timeout(120)
+def test_lost_pod_restarts_its_actors_when_allowed() -> None:
+    compute = kt.Compute(cpus=2, min_replicas=0, max_replicas=2, backend="local")
+    keep = kt.cls(Where).options(compute=compute, max_restarts=1).remote()
+    lose = kt.cls(Where).options(compute=compute, max_restarts=0).remote()
+    assert keep.pod() == lose.pod()
+    old_pod = keep.pod()
+    os.kill(keep.supervisor_pid(), signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    new_pod = None
+    while time.monotonic() < deadline:
+        try:
+            new_pod = keep.pod.remote().result(timeout=30)
+            break
+        except kt.PodLostError:
+            time.sleep(0.1)  # a call that raced the loss; the next goes to the new actor
+    assert new_pod is not None and new_pod != old_pod
+    with pytest.raises((kt.ActorDiedError, kt.PodLostError)):
+        lose.pod.remote().result(timeout=30)
+    with pytest.raises(kt.ActorDiedError, match="pod was lost"):
+        lose.pod.remote().result(timeout=30)
+    kt.kill(keep)
+
+
+@pytest.mark.timeout(120)
+def test_task_retries_resend_a_call_whose_actor_died(pool: kt.Compute) -> None:
+    a = kt.cls(Where).options(compute=pool, max_restarts=1, max_task_retries=1).remote()
+    first_pid = a.pid()
+    ref = a.slow.remote(2.0)
+    time.sleep(0.3)
+    os.kill(first_pid, signal.SIGKILL)
+    assert ref.result(timeout=60) == a.pod()
+    assert a.pid() != first_pid
+    kt.kill(a)
+
+
+@pytest.mark.timeout(120)
+def test_service_puts_one_instance_per_replica() -> None:
+    compute = kt.Compute(cpus=1, replicas=2, backend="local")
+    svc = kt.cls(Where).to(compute)
+    pods = set(kt.get([svc.slow.remote(0.05) for _ in range(20)], timeout=90))
+    assert len(pods) == 2
+    svc.teardown()
