@@ -3,6 +3,7 @@
 Only re-exports; `tests/test_exports.py` keeps `__all__` in sync.
 """
 
+from kt import distributed  # registers SPMD groups
 from kt.actors.api import (
     ActorOptions,
     DeployedFunction,
@@ -62,6 +63,7 @@ __all__ = [
     "__version__",
     "cls",
     "config",
+    "distributed",
     "fn",
     "get",
     "get_actor",

@@ -53,7 +53,7 @@ class ActorMethod(Generic[P, R]):
         for v in kwargs.values():
             if isinstance(v, Ref):
                 return h._call_with_refs(self, args, kwargs)
-        parts = dumps_call(args, kwargs, self._label)
+        parts = dumps_call(args, kwargs, self._label, runtime.shm_for(h._address))
         header = self._header
         if h._retries and not self._streams:
             return h._submit_retrying(header, parts, self._label)

@@ -12,8 +12,10 @@ Every message is one frame, little-endian:
     payload the rest: opaque bytes (serialization.py's layout), relayed unread
 
 Kinds:
-    HELLO         caller -> supervisor, first frame: {"v", "token", "caller"}
-    WELCOME       supervisor -> caller: {"v", "pod"}; anything else first closes the link
+    HELLO         caller -> supervisor, first frame: {"v", "token", "caller", "host"}
+    WELCOME       supervisor -> caller: {"v", "pod", "shm"}; "shm" is true when "host"
+                  (kt.core.shm.host_key) matches the pod's: large payloads may then
+                  travel through /dev/shm. Any other first frame closes the link
     REFUSED       supervisor -> caller: {"error", "message"}; the link closes after it
     CREATE_ACTOR  {"actor", "cls", "name", "max_concurrency", "env"}; payload (cls, args,
                   kwargs); the worker sets "env" in os.environ before unpickling
@@ -67,6 +69,11 @@ class FrameKind(enum.IntEnum):
 class FrameFlag(enum.IntFlag):
     NONE = 0
     ERROR = 1
+    SHM_OK = 2
+    """Set by a supervisor on a relayed CALL: the caller shares this host's /dev/shm."""
+
+
+FLAGS_OFFSET = 5  # byte offset of `flags` inside a frame
 
 
 def encode_prefix(

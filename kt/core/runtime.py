@@ -27,7 +27,7 @@ import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from kt.core import protocol
+from kt.core import protocol, shm
 from kt.core.channel import FrameChannel
 from kt.core.errors import AuthError, KtError, PodLostError, ProtocolError
 from kt.core.protocol import FrameFlag, FrameKind
@@ -76,6 +76,7 @@ class Link:
         self.channel: FrameChannel | None = None
         self._queued: list[Parts] = []
         self._failure: KtError | None = None
+        self.same_host = False
 
     async def open(self, timeout: float = 30.0) -> None:
         loop = asyncio.get_running_loop()
@@ -89,7 +90,12 @@ class Link:
                 timeout,
             )
             self.channel = channel
-            hello = {"v": protocol.VERSION, "token": self.token, "caller": self.runtime.caller}
+            hello = {
+                "v": protocol.VERSION,
+                "token": self.token,
+                "caller": self.runtime.caller,
+                "host": shm.host_key(),
+            }
             channel.send(protocol.encode(FrameKind.HELLO, 0, hello))
             await asyncio.wait_for(welcome, timeout)
         except (TimeoutError, OSError) as exc:
@@ -146,6 +152,7 @@ class Link:
         elif kind == FrameKind.LOG:
             self.runtime.print_log(protocol.decode_header(header).get("src", ""), payload)
         elif kind == FrameKind.WELCOME:
+            self.same_host = bool(protocol.decode_header(header).get("shm"))
             if not self._welcome.done():
                 self._welcome.set_result(None)
         elif kind == FrameKind.REFUSED:
@@ -202,6 +209,7 @@ class Runtime:
         self._wake_scheduled = False
         self._ready: list[tuple[Callback, Ref[Any]]] = []
         self._dispatch_scheduled = False
+        self._arena: shm.ShmArena | None = None
         self.on_died: Callable[[Address, dict[str, Any]], None] | None = None
         """Set by the driver: an actor it owns died (a DIED frame)."""
         self.on_link_lost: Callable[[Address], None] | None = None
@@ -220,6 +228,15 @@ class Runtime:
 
     def new_id(self) -> int:
         return next(self._ids)
+
+    def shm_for(self, address: Address | None) -> shm.ShmArena | None:
+        """The arena for large arguments to `address`, if it shares this host's /dev/shm."""
+        link = self._links.get(address) if address is not None else None
+        if link is None or not link.same_host:
+            return None
+        if self._arena is None:
+            self._arena = shm.ShmArena()
+        return self._arena
 
     # -- calls (any thread) -------------------------------------------------------------
     def submit(self, address: Address, token: str, req_id: int, parts: Parts, ref: Pending) -> None:

@@ -7,6 +7,10 @@ Payload layout (little-endian), the `payload` of a frame:
     pickle bytes
     buffers, back to back
 
+or, when the buffers went through shared memory (kt.core.shm), nbuf has its top bit
+set and the buffers are replaced by a descriptor: after the pickle stream comes orjson
+`{"seg": name, "offs": [...]}` (lens still gives each buffer's length).
+
 Large buffers (numpy arrays, tensors, bytes over 64 KiB) travel as separate parts, so
 a 100 MiB array is handed to the socket without being copied into one big bytes object,
 and on the receiving side is rebuilt as a view on the receive buffer.
@@ -23,12 +27,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import cloudpickle
+import orjson
 
 from kt.core.errors import SerializationError
+from kt.core.shm import SHM_THRESHOLD, ShmArena, attach
 
 OOB_THRESHOLD = 64 * 1024
 _U32 = struct.Struct("<I")
 _NO_OOB = struct.Struct("<IQ")
+_SHM_BIT = 0x80000000
 _SCALARS = frozenset({int, float, str, bytes, bool, type(None)})
 
 Parts = list[bytes | memoryview]
@@ -49,8 +56,10 @@ def _plain(value: Any, depth: int = 0) -> bool:
     return False
 
 
-def dumps(value: Any) -> Parts:
+def dumps(value: Any, shm: ShmArena | None = None) -> Parts:
     """Serialize to a list of parts whose concatenation is the payload.
+
+    With an arena (the receiver shares this host), large buffers go through it.
 
     Raises:
         Exception: whatever the pickler raised; callers turn it into SerializationError.
@@ -71,7 +80,12 @@ def dumps(value: Any) -> Parts:
         head = _NO_OOB.pack(0, len(main))
         return [head + main] if len(main) < OOB_THRESHOLD else [head, main]
     raws = [b.raw() for b in buffers]
-    head = struct.pack(f"<I{len(raws) + 1}Q", len(raws), len(main), *(r.nbytes for r in raws))
+    sizes = [r.nbytes for r in raws]
+    if shm is not None and sum(sizes) >= SHM_THRESHOLD:
+        name, offsets = shm.write(raws)
+        head = struct.pack(f"<I{len(raws) + 1}Q", _SHM_BIT | len(raws), len(main), *sizes)
+        return [head, main, orjson.dumps({"seg": name, "offs": offsets})]
+    head = struct.pack(f"<I{len(raws) + 1}Q", len(raws), len(main), *sizes)
     return [head, main, *raws]
 
 
@@ -84,12 +98,17 @@ def loads(payload: bytes | bytearray | memoryview) -> Any:
     """Rebuild a value; out-of-band buffers become views on `payload` (no copy)."""
     view = memoryview(payload)
     (nbuf,) = _U32.unpack_from(view, 0)
+    in_shm = bool(nbuf & _SHM_BIT)
+    nbuf &= ~_SHM_BIT
     lens = struct.unpack_from(f"<{nbuf + 1}Q", view, 4)
     pos = 4 + 8 * (nbuf + 1)
     main = view[pos : pos + lens[0]]
     pos += lens[0]
     if not nbuf:
         return pickle.loads(main)
+    if in_shm:
+        where = orjson.loads(view[pos:])
+        return pickle.loads(main, buffers=attach(where["seg"], where["offs"], list(lens[1:])))
     bufs = []
     for n in lens[1:]:
         bufs.append(view[pos : pos + n])
@@ -101,14 +120,16 @@ def parts_size(parts: Sequence[bytes | memoryview]) -> int:
     return sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in parts)
 
 
-def dumps_call(args: tuple[Any, ...], kwargs: dict[str, Any], what: str) -> Parts:
+def dumps_call(
+    args: tuple[Any, ...], kwargs: dict[str, Any], what: str, shm: ShmArena | None = None
+) -> Parts:
     """Serialize call arguments, naming the argument that failed.
 
     Raises:
         SerializationError: an argument could not be pickled; `path` names it.
     """
     try:
-        return dumps((args, kwargs))
+        return dumps((args, kwargs), shm)
     except Exception as exc:
         for i, arg in enumerate(args):
             path = _find_unpicklable(arg, f"argument {i}")
@@ -121,14 +142,14 @@ def dumps_call(args: tuple[Any, ...], kwargs: dict[str, Any], what: str) -> Part
         raise SerializationError(what, "the arguments", _describe(exc)) from exc
 
 
-def dumps_value(value: Any, what: str) -> Parts:
+def dumps_value(value: Any, what: str, shm: ShmArena | None = None) -> Parts:
     """Serialize a result or an init spec, naming the attribute that failed.
 
     Raises:
         SerializationError: the value could not be pickled.
     """
     try:
-        return dumps(value)
+        return dumps(value, shm)
     except Exception as exc:
         path = _find_unpicklable(value, "the value")
         if path:

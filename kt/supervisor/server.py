@@ -30,10 +30,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kt.core import protocol, serialization
+from kt.core import protocol, serialization, shm
 from kt.core.channel import BIG_FRAME, FrameChannel
 from kt.core.errors import ActorDiedError, ConfigError
-from kt.core.protocol import ROUTE_OFFSET, FrameFlag, FrameKind
+from kt.core.protocol import FLAGS_OFFSET, ROUTE_OFFSET, FrameFlag, FrameKind
 from kt.supervisor.processes import ExitInfo, ProcessManager, WorkerProcess
 
 logger = logging.getLogger(__name__)
@@ -89,6 +89,7 @@ class Peer:
         self.route = route
         self.caller = ""
         self.authenticated = False
+        self.same_host = False
         self.channel = FrameChannel(self._on_frame, self._on_lost)
 
     def _on_frame(
@@ -143,6 +144,7 @@ class Supervisor:
         self.actors: dict[str, ActorRecord] = {}
         self._routes: dict[bytes, ActorRecord] = {}
         self._by_worker: dict[int, ActorRecord] = {}
+        self.host_key = shm.host_key()
         self._next_route = 1
         self._tmp = tempfile.mkdtemp(prefix="kt-pod-")
         self.socket_path = os.path.join(self._tmp, "workers.sock")
@@ -218,9 +220,9 @@ class Supervisor:
             return
         peer.authenticated = True
         peer.caller = str(hello.get("caller", ""))
-        peer.channel.send(
-            protocol.encode(FrameKind.WELCOME, 0, {"v": protocol.VERSION, "pod": self.pod})
-        )
+        peer.same_host = self.host_key is not None and hello.get("host") == self.host_key
+        welcome = {"v": protocol.VERSION, "pod": self.pod, "shm": peer.same_host}
+        peer.channel.send(protocol.encode(FrameKind.WELCOME, 0, welcome))
 
     def _refuse(self, peer: Peer, message: str) -> None:
         peer.channel.send(
@@ -266,6 +268,8 @@ class Supervisor:
                 )
                 return
             self._routes[key] = rec
+        if peer.same_host:
+            frame[FLAGS_OFFSET] |= FrameFlag.SHM_OK
         self._relay(rec, peer.route, req_id, frame)
 
     def _relay(self, rec: ActorRecord, route: int, req_id: int, frame: memoryview) -> None:

@@ -29,6 +29,7 @@ from kt.core.errors import ActorDiedError, SerializationError
 from kt.core.methods import RUN_METHOD, MethodKind, method_kind
 from kt.core.protocol import FrameFlag, FrameKind
 from kt.core.runtime import new_event_loop
+from kt.core.shm import ShmArena
 
 
 class ActorHost:
@@ -41,6 +42,7 @@ class ActorHost:
         self.cls_name = "Actor"
         self.actor_id = ""
         self.init_error = ""
+        self._arena: ShmArena | None = None
         self.pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.loop = asyncio.get_running_loop()
         self._methods: dict[bytes, tuple[str, Callable[..., Any], int]] = {}
@@ -57,7 +59,7 @@ class ActorHost:
         frame: memoryview,
     ) -> None:
         if kind == FrameKind.CALL:
-            self.call(route, req_id, header, payload)
+            self.call(route, req_id, bool(flags & FrameFlag.SHM_OK), header, payload)
         elif kind == FrameKind.CREATE_ACTOR:
             self.create(route, req_id, header, payload)
         elif kind == FrameKind.CANCEL:
@@ -67,16 +69,27 @@ class ActorHost:
 
     # -- replies -----------------------------------------------------------------------
     def reply(
-        self, route: int, req_id: int, value: Any, what: str, kind: int = FrameKind.RESULT
+        self,
+        route: int,
+        req_id: int,
+        value: Any,
+        what: str,
+        kind: int = FrameKind.RESULT,
+        shm: bool = False,
     ) -> None:
         try:
-            parts = serialization.dumps_value(value, what)
+            parts = serialization.dumps_value(value, what, self.arena() if shm else None)
         except SerializationError as exc:
             self.reply_error(route, req_id, exc, what)
             return
         size = serialization.parts_size(parts)
         self.channel.send(protocol.encode_prefix(kind, req_id, b"", size, route=route))
         self.channel.send_parts(parts)
+
+    def arena(self) -> ShmArena:
+        if self._arena is None:
+            self._arena = ShmArena()
+        return self._arena
 
     def reply_error(
         self, route: int, req_id: int, exc: BaseException, what: str, header: bytes = b""
@@ -130,7 +143,9 @@ class ActorHost:
         """`fn(instance, ...)` in this process: kt's own layers (collective groups) use it."""
         return fn(self.instance, *args, **kwargs)
 
-    def call(self, route: int, req_id: int, header: memoryview, payload: memoryview) -> None:
+    def call(
+        self, route: int, req_id: int, shm: bool, header: memoryview, payload: memoryview
+    ) -> None:
         what = self.cls_name
         if self.init_error:
             died = ActorDiedError(self.actor_id, self.pod, reason=self.init_error)
@@ -149,25 +164,27 @@ class ActorHost:
                 except BaseException as exc:
                     self.reply_error(route, req_id, exc, what)
                     return
-                self.reply(route, req_id, value, what)
+                self.reply(route, req_id, value, what, shm=shm)
             else:
                 future = self.loop.run_in_executor(self.pool, lambda: fn(*args, **kwargs))
-                future.add_done_callback(lambda f: self._done(route, req_id, what, f))
+                future.add_done_callback(lambda f: self._done(route, req_id, what, shm, f))
         elif kind == MethodKind.ASYNC:
             task = self.loop.create_task(fn(*args, **kwargs))
             self._tasks[req_id] = task
-            task.add_done_callback(lambda t: self._done(route, req_id, what, t))
+            task.add_done_callback(lambda t: self._done(route, req_id, what, shm, t))
         elif kind == MethodKind.ASYNC_GEN:
             task = self.loop.create_task(
-                self._stream_async(route, req_id, what, fn(*args, **kwargs))
+                self._stream_async(route, req_id, what, shm, fn(*args, **kwargs))
             )
             self._tasks[req_id] = task
         else:
             self.loop.run_in_executor(
-                None, self._stream_sync, route, req_id, what, fn(*args, **kwargs)
+                None, self._stream_sync, route, req_id, what, shm, fn(*args, **kwargs)
             )
 
-    def _done(self, route: int, req_id: int, what: str, fut: asyncio.Future[Any]) -> None:
+    def _done(
+        self, route: int, req_id: int, what: str, shm: bool, fut: asyncio.Future[Any]
+    ) -> None:
         self._tasks.pop(req_id, None)
         if fut.cancelled():
             self.reply_error(route, req_id, asyncio.CancelledError(f"{what} was cancelled"), what)
@@ -176,12 +193,12 @@ class ActorHost:
         if exc is not None:
             self.reply_error(route, req_id, exc, what)
         else:
-            self.reply(route, req_id, fut.result(), what)
+            self.reply(route, req_id, fut.result(), what, shm=shm)
 
-    async def _stream_async(self, route: int, req_id: int, what: str, gen: Any) -> None:
+    async def _stream_async(self, route: int, req_id: int, what: str, shm: bool, gen: Any) -> None:
         try:
             async for item in gen:
-                self.reply(route, req_id, item, what, FrameKind.ITEM)
+                self.reply(route, req_id, item, what, FrameKind.ITEM, shm)
         except BaseException as exc:
             self.reply_error(route, req_id, exc, what)
         else:
@@ -189,12 +206,12 @@ class ActorHost:
         finally:
             self._tasks.pop(req_id, None)
 
-    def _stream_sync(self, route: int, req_id: int, what: str, gen: Any) -> None:
+    def _stream_sync(self, route: int, req_id: int, what: str, shm: bool, gen: Any) -> None:
         """Runs on a thread; each item is handed to the loop as it is produced."""
         send = self.loop.call_soon_threadsafe
         try:
             for item in gen:
-                send(self.reply, route, req_id, item, what, FrameKind.ITEM)
+                send(self.reply, route, req_id, item, what, FrameKind.ITEM, shm)
         except BaseException as exc:
             send(self.reply_error, route, req_id, exc, what)
         else:

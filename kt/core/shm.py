@@ -1,0 +1,177 @@
+"""Large payloads through shared memory when caller and callee share a host.
+
+Who uses it: `kt.core.serialization` (to write and read buffers), the runtime and the
+worker (which decide per link whether the far side shares this host's /dev/shm).
+
+Theory of operation. Over TCP every large argument costs a copy into the kernel, one
+out of it at each hop, and fresh pages on the receiving side (on small VMs, faulting in
+fresh memory is slower than copying it). When both ends share /dev/shm, the sender
+instead copies the buffers once into a segment from its own `ShmArena` (a pool of
+/dev/shm files it keeps mapped, so their pages are already faulted in), and sends
+only the segment's name and offsets. The receiver maps the file and rebuilds arrays as
+views on it: no copy at all on that side.
+
+A segment is reused only when its receiver is done with it: the receiver takes a
+shared `flock` on the file before it marks the segment claimed, and releases it when the
+last view on its mapping is garbage; the sender reuses a segment only when it is
+claimed and an exclusive `flock` succeeds. A segment never claimed (its call was lost)
+stays out of the pool. Segment files are unlinked when the sender exits, and files of
+processes that no longer exist are swept when an arena is made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import mmap
+import os
+import re
+import struct
+import threading
+import weakref
+from dataclasses import dataclass
+
+SHM_DIR = "/dev/shm"
+SHM_THRESHOLD = 1 << 20
+"""Out-of-band buffers of at least this many bytes in total take the shared-memory path."""
+_HEADER = 64  # claimed flag (u64) and padding, before the data
+_NAME = re.compile(r"kt-shm-(\d+)-[0-9a-f]+-\d+")
+_CLAIMED = struct.Struct("<Q")
+
+
+def host_key() -> str | None:
+    """Names this host's /dev/shm: equal keys mean a file written here is visible there.
+
+    None (shared memory off) where there is no /dev/shm, or when KT_SHM=0.
+    """
+    if os.environ.get("KT_SHM") == "0":
+        return None
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        st = os.stat(SHM_DIR)
+    except OSError:
+        return None
+    return f"{boot}:{st.st_dev}:{st.st_ino}"
+
+
+@dataclass
+class Segment:
+    name: str
+    size: int
+    fd: int
+    map: mmap.mmap
+
+    def claimed(self) -> bool:
+        return bool(_CLAIMED.unpack_from(self.map, 0)[0])
+
+    def free(self) -> bool:
+        """Claimed by its receiver, and no receiver holds it any more."""
+        if not self.claimed():
+            return False
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        return True
+
+
+class ShmArena:
+    """The sending side: a pool of mapped /dev/shm segments, reused once released."""
+
+    def __init__(self) -> None:
+        self._segments: list[Segment] = []
+        self._lock = threading.Lock()
+        self._count = 0
+        self._tag = os.urandom(4).hex()
+        _sweep_dead()
+        weakref.finalize(self, _unlink_all, self._segments)
+
+    def write(self, buffers: list[memoryview]) -> tuple[str, list[int]]:
+        """Copy `buffers` into one segment; returns its name and each buffer's offset."""
+        total = sum(b.nbytes for b in buffers)
+        seg = self._acquire(total)
+        offsets = []
+        pos = _HEADER
+        for buf in buffers:
+            n = buf.nbytes
+            seg.map[pos : pos + n] = buf
+            offsets.append(pos)
+            pos += n
+        return seg.name, offsets
+
+    def _acquire(self, nbytes: int) -> Segment:
+        with self._lock:
+            for seg in sorted(self._segments, key=lambda s: s.size):
+                if seg.size - _HEADER >= nbytes and seg.free():
+                    break
+            else:
+                seg = self._create(max(nbytes + _HEADER, 1 << 20))
+            _CLAIMED.pack_into(seg.map, 0, 0)
+            return seg
+
+    def _create(self, nbytes: int) -> Segment:
+        size = 1 << (nbytes - 1).bit_length()  # powers of two: reused for nearby sizes
+        self._count += 1
+        name = f"kt-shm-{os.getpid()}-{self._tag}-{self._count}"
+        fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        os.ftruncate(fd, size)
+        seg = Segment(name, size, fd, mmap.mmap(fd, size))
+        self._segments.append(seg)
+        return seg
+
+
+class _Mapping(mmap.mmap):
+    """A receiver's mapping; its finalizer releases the segment for reuse."""
+
+
+def attach(name: str, offsets: list[int], lengths: list[int]) -> list[memoryview]:
+    """The receiving side: views on a sender's segment (valid while any view lives).
+
+    Raises:
+        ValueError: the name is not a kt segment.
+        OSError: the segment is gone (its sender exited).
+    """
+    if not _NAME.fullmatch(name):
+        raise ValueError(f"not a kt shared-memory segment: {name!r}")
+    fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        mapping = _Mapping(fd, 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    weakref.finalize(mapping, os.close, fd)
+    _CLAIMED.pack_into(mapping, 0, 1)
+    view = memoryview(mapping)
+    return [view[o : o + n] for o, n in zip(offsets, lengths, strict=True)]
+
+
+def _unlink_all(segments: list[Segment]) -> None:
+    for seg in segments:
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(SHM_DIR, seg.name))
+
+
+def _sweep_dead() -> None:
+    """Remove segments left by kt processes that died without cleaning up."""
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return
+    for name in names:
+        m = _NAME.fullmatch(name)
+        if m and not _pid_exists(int(m.group(1))):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(SHM_DIR, name))
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,437 @@
+"""SPMD groups: N workers x M long-lived rank actors with torchrun's contract.
+
+Who calls it: `kt.fn(f).to(c)` and `kt.cls(C).to(c)` when `c = compute.distribute(...)`,
+through the factory `kt.distributed` registers with `kt.actors.api.register_spmd`.
+
+Theory of operation: an *attempt* is one incarnation of the group: an agent actor on pod
+0 (`kt.distributed.agent`: MASTER_PORT and the agent store) and N*M rank actors, rank r
+pinned to pod r // M with torchrun's environment (`kt.distributed.env`). Rank processes
+live across calls, so a second call re-imports and re-rendezvouses nothing. Calls wait
+at a gate while an attempt starts or recovers, then fan out (`kt.distributed.fanout`).
+A failed call goes to the group's agent thread, which picks the root cause, raises it
+naming the rank, and lets the pure policy (`kt.distributed.state`) resume, restart
+(kill every rank, start attempt N+1 with TORCHELASTIC_RESTART_COUNT=N+1) or fail.
+Lifecycle work runs on short-lived daemon threads, never on kt's event-loop thread,
+because killing and placing actors block. A rank that dies between calls is noticed by
+the next call, which fails and restarts the group.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from kt.actors.api import RemoteClass, cls, kill
+from kt.core.compute import Compute
+from kt.core.config import config
+from kt.core.errors import ActorDiedError, ConfigError, KtError
+from kt.core.ref import Ref
+from kt.distributed import env as envs
+from kt.distributed.agent import RankAgent
+from kt.distributed.fanout import FanOut, GroupMethod, RankView
+from kt.distributed.state import Decision, GroupState, check_transition, decide, root_cause
+
+if TYPE_CHECKING:
+    from kt.actors.handle import ActorHandle
+
+logger = logging.getLogger(__name__)
+STORE_TIMEOUT_S = 1800.0  # the agent store's own wait timeout; torchrun's default
+
+
+@dataclass
+class Attempt:
+    """One incarnation of the group: its agent and ranks (restart_count = number)."""
+
+    number: int
+    agent: ActorHandle
+    ranks: list[ActorHandle] = field(default_factory=list)
+    failed: bool = False
+
+
+class SpmdGroup:
+    """Every rank of an SPMD group, called as one; results come back ordered by rank.
+
+    Set against `kt.Service`: a service balances each call onto one replica; a group runs
+    each call on every rank (or the ranks `rank()`/`ranks()` pick) and restarts as a unit.
+    """
+
+    def __init__(
+        self,
+        remote_cls: RemoteClass[Any],
+        compute: Compute,
+        init_args: tuple[Any, ...] = (),
+        init_kwargs: dict[str, Any] | None = None,
+        *,
+        max_restarts: int | None = None,
+        grace: float = 2.0,
+        settle: float = 0.25,
+    ) -> None:
+        dist = compute.distribution
+        if dist is None:
+            raise ConfigError("an SPMD group needs compute.distribute(...)")
+        opts = remote_cls._options
+        self.name = remote_cls.__name__
+        self.kind = dist.kind
+        self.max_restarts = opts.max_restarts if max_restarts is None else max_restarts
+        if self.max_restarts < 0:
+            raise ConfigError(f"max_restarts={self.max_restarts} is negative")
+        self.run_id = str(uuid.uuid4())
+        self.grace, self.settle = grace, settle
+        self._specs = envs.rank_specs(dist.workers, dist.procs_per_worker)
+        self.world_size = len(self._specs)
+        self._compute = compute
+        self._remote_cls = remote_cls
+        self._init = (init_args, dict(init_kwargs or {}))
+        self._methods = remote_cls._methods
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
+        self._ops = threading.Lock()  # one lifecycle operation at a time
+        self.state = GroupState.STARTING
+        self._attempt: Attempt | None = None  # current attempt, None before the first
+        self._open = False  # the gate: calls go straight to the ranks
+        self._waiting: list[Callable[[Attempt | BaseException], None]] = []
+        self._fatal: BaseException | None = None
+        self._background(self._start, 0)
+
+    def __repr__(self) -> str:
+        return f"<kt.distributed.SpmdGroup {self.name} x{self.world_size} {self.state.value}>"
+
+    # -- calling ---------------------------------------------------------------------------
+    def __getattr__(self, name: str) -> GroupMethod:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return GroupMethod(self, name, range(self.world_size), False)
+
+    def remote(self, *args: Any, **kwargs: Any) -> Ref[list[Any]]:
+        return self._call("__call__", range(self.world_size), args, kwargs, single=False)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> list[Any]:
+        result: list[Any] = self.remote(*args, **kwargs).result()
+        return result
+
+    def rank(self, i: int) -> RankView:
+        return RankView(self, [i], single=True)
+
+    def ranks(self, ranks: Sequence[int]) -> RankView:
+        return RankView(self, list(ranks), single=False)
+
+    @property
+    def restart_count(self) -> int:
+        attempt = self._attempt
+        return 0 if attempt is None else attempt.number
+
+    def _check_method(self, method: str) -> None:
+        kind = self._methods.get(method)
+        if kind is None:
+            raise AttributeError(f"{self.name} has no method {method!r}")
+        if kind.streams:
+            raise ConfigError(
+                f"{self.name}.{method} is a generator: SPMD groups gather one result per "
+                "rank; return a list instead"
+            )
+
+    def _call(
+        self,
+        method: str,
+        ranks: Sequence[int],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        single: bool,
+    ) -> Ref[Any]:
+        self._check_method(method)
+        call = FanOut(ranks, f"{self.name}.{method}", single=single, on_failure=self._failed)
+
+        def go(attempt: Attempt | BaseException) -> None:
+            if isinstance(attempt, BaseException):
+                call.out.set_exception(attempt)
+                return
+            call.attempt = attempt
+            call.send(attempt.ranks, method, args, kwargs)
+
+        with self._lock:
+            if self._fatal is not None:
+                go(self._fatal)
+            elif self._open and not self._waiting and self._attempt is not None:
+                go(self._attempt)
+            else:
+                self._waiting.append(go)  # sent in order when the gate opens
+        return call.out
+
+    def _handle_of(self, rank: int, timeout: float | None) -> ActorHandle:
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._open or self._fatal is not None, timeout):
+                raise KtError(f"SPMD group {self.name} was not running within {timeout} s")
+            if self._fatal is not None:
+                raise self._fatal
+            assert self._attempt is not None
+            return self._attempt.ranks[rank]
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def _background(self, fn: Callable[..., None], *args: Any) -> None:
+        threading.Thread(target=fn, args=args, name=f"kt-spmd-{self.name}", daemon=True).start()
+
+    def _move(self, finish: GroupState) -> None:
+        """Change state (lock held); wakes whoever waits for the group."""
+        check_transition(f"SPMD group {self.name}", self.state, finish)
+        logger.debug("group %s: %s -> %s", self.name, self.state.value, finish.value)
+        self.state = finish
+        self._changed.notify_all()
+
+    def _open_gate(self, attempt: Attempt | BaseException) -> None:
+        """Lock held: send (or fail) the calls that waited, in order, then let calls through."""
+        waiting, self._waiting = self._waiting, []
+        for go in waiting:
+            go(attempt)
+        if isinstance(attempt, BaseException):
+            self._fatal = attempt
+        else:
+            self._open = True
+        self._changed.notify_all()
+
+    def _start(self, number: int) -> None:
+        with self._ops:
+            self._start_locked(number)
+
+    def _start_locked(self, number: int) -> None:
+        """Ops lock held: launch attempt `number` and open the gate (or fail the group)."""
+        try:
+            attempt = self._launch(number)
+        except BaseException as exc:
+            logger.error("group %s: attempt %d could not start: %s", self.name, number, exc)
+            with self._lock:
+                if self.state is not GroupState.STOPPED:
+                    self._move(GroupState.FAILED)
+                    self._open_gate(exc)
+            return
+        with self._lock:
+            stopped = self.state is GroupState.STOPPED
+            self._attempt = attempt
+            if not stopped:
+                self._move(GroupState.RUNNING)
+                self._open_gate(attempt)
+        if stopped:
+            self._kill(attempt)
+
+    def _launch(self, number: int) -> Attempt:
+        """Place the agent and every rank of attempt `number` (all of them, or none)."""
+        c, timeout = self._compute, config.placement_timeout
+        opts = self._remote_cls._options
+        agent_cls = cls(RankAgent).options(compute=c, cpus=0)
+        agents = [agent_cls.options(pod=w).remote() for w in range(len(self._pod_range()))]
+        attempt = Attempt(number, agents[0])
+        try:
+            hosts = [a._wait_placed(timeout)[0] for a in agents]
+            port = agents[0].reserve_port.remote(hosts[0]).result(timeout)
+            for extra in agents[1:]:  # they only told us their pod's address
+                _kill_quietly(extra)
+            if self.kind == "pytorch":
+                store = agents[0].serve_store.remote(hosts[0], self.world_size, STORE_TIMEOUT_S)
+                store.on_done(lambda ref: self._store_done(attempt, ref))
+            else:  # rank 0's own coordinator binds MASTER_PORT
+                agents[0].release_port.remote().result(timeout)
+            user_env = dict(opts.env or {})
+            pod_env = {**c.env, **user_env}
+            dist = c.distribution
+            assert dist is not None
+            per_rank = {"cpus": c.cpu_count / dist.procs_per_worker}
+            if c.gpus:
+                per_rank["gpus"] = c.gpus // dist.procs_per_worker
+            for spec in self._specs:
+                rank_env = envs.torchrun_env(
+                    spec,
+                    master_addr=hosts[0],
+                    master_port=port,
+                    run_id=self.run_id,
+                    restart_count=number,
+                    max_restarts=self.max_restarts,
+                    pod_ips=hosts,
+                    use_agent_store=self.kind == "pytorch",
+                    error_file=envs.error_file(self.run_id, number, spec.rank),
+                    pod_env=pod_env,
+                )
+                rank_cls = self._remote_cls.options(
+                    compute=c,
+                    pod=spec.group_rank,
+                    env={**user_env, **rank_env},
+                    name=None,
+                    get_if_exists=False,
+                    max_restarts=0,  # the group restarts, not the rank
+                    **per_rank,
+                )
+                attempt.ranks.append(rank_cls.remote(*self._init[0], **self._init[1]))
+            for handle in attempt.ranks:  # gang: a rank that cannot be placed fails them all
+                handle._wait_placed(timeout)
+        except BaseException:
+            self._kill(attempt)
+            raise
+        logger.info(
+            "group %s: attempt %d placed: %d ranks on %d pods, master %s:%d",
+            self.name,
+            number,
+            self.world_size,
+            len(hosts),
+            hosts[0],
+            port,
+        )
+        return attempt
+
+    def _pod_range(self) -> range:
+        dist = self._compute.distribution
+        assert dist is not None
+        return range(dist.workers)
+
+    def _store_done(self, attempt: Attempt, ref: Ref[int]) -> None:
+        exc = None if ref.cancelled() else ref.exception()
+        if exc is None:
+            return
+        if isinstance(exc, ImportError):
+            exc = ConfigError(
+                f"distribute('pytorch') needs torch on the pods ({exc}): install kt[torch] "
+                "into the image, or use distribute('spmd')"
+            )
+        logger.error("group %s: the agent store failed: %s", self.name, exc)
+        self._background(self._stop_failed, attempt, exc)
+
+    def _stop_failed(self, attempt: Attempt, exc: BaseException) -> None:
+        with self._ops:
+            with self._lock:
+                done = (GroupState.STOPPED, GroupState.FAILED)
+                if self._attempt is not attempt or self.state in done:
+                    return
+                self._open = False
+                self._move(GroupState.FAILED)
+                self._open_gate(exc)
+            self._kill(attempt)
+
+    def _kill(self, attempt: Attempt) -> None:
+        for handle in [*attempt.ranks, attempt.agent]:
+            _kill_quietly(handle)
+
+    def teardown(self) -> None:
+        """Kill every rank and the agent; later calls raise. Safe to call twice."""
+        with self._lock:
+            if self.state is GroupState.STOPPED:
+                return
+            self._open = False
+            self._move(GroupState.STOPPED)
+            self._open_gate(KtError(f"SPMD group {self.name} was torn down"))
+        with self._ops:  # lets a start in progress finish, then kills what it made
+            attempt = self._attempt
+            if attempt is not None:
+                self._kill(attempt)
+
+    # -- failures --------------------------------------------------------------------------
+    def _failed(self, call: FanOut) -> None:
+        """First failed rank of `call` (any thread): close the gate, recover in background."""
+        attempt: Attempt = call.attempt
+        with self._lock:
+            over = self.state in (GroupState.STOPPED, GroupState.FAILED)
+            late = attempt is not self._attempt or attempt.failed or over
+            if not late:
+                attempt.failed = True
+                self._open = False
+                self._move(GroupState.RECOVERING)
+        if late:  # another call already brought this attempt down: report this one as is
+            failure, exc = call.snapshot()[0]
+            note = "the group was already stopping after another failed call"
+            call.out.set_exception(self._worded(failure.rank, exc, attempt, note))
+            return
+        self._background(self._recover, call)
+
+    def _recover(self, call: FanOut) -> None:
+        with self._ops:
+            attempt: Attempt = call.attempt
+            start = time.monotonic()
+            if not call.snapshot()[0][0].died:  # a death may be on its way: let it arrive
+                while time.monotonic() - start < self.settle and not call.finished.is_set():
+                    if any(f.died for f, _ in call.snapshot()):
+                        break
+                    time.sleep(0.01)
+            failures = call.snapshot()
+            cause = root_cause([f for f, _ in failures])
+            exc = next(e for f, e in failures if f is cause)
+            left = self.max_restarts - attempt.number
+            if cause.died:
+                if left > 0:
+                    note = f"the group restarts as attempt {attempt.number + 1} ({left - 1} of "
+                    note += f"{self.max_restarts} restarts left after it)"
+                else:
+                    note = f"no restarts left (max_restarts={self.max_restarts}): group failed"
+            else:
+                note = f"ranks still running after {self.grace:g} s are stopped, as torchrun does"
+            call.out.set_exception(self._worded(cause.rank, exc, attempt, note))
+            if not cause.died:
+                call.finished.wait(max(0.0, self.grace - (time.monotonic() - start)))
+                if any(f.died for f, _ in call.snapshot()):
+                    cause = root_cause([f for f, _ in call.snapshot()])
+            decision = decide(cause=cause, all_finished=call.finished.is_set(), restarts_left=left)
+            self._carry_out(decision, attempt, cause.rank, exc)
+
+    def _carry_out(
+        self, decision: Decision, attempt: Attempt, rank: int, exc: BaseException
+    ) -> None:
+        """Ops lock held: resume, restart or fail after rank `rank` raised `exc`."""
+        with self._lock:
+            if self.state is GroupState.STOPPED:
+                return
+            if decision is Decision.RESUME:
+                attempt.failed = False
+                self._move(GroupState.RUNNING)
+                self._open_gate(attempt)
+                return
+            self._move(GroupState.STARTING if decision is Decision.RESTART else GroupState.FAILED)
+        self._kill(attempt)
+        if decision is Decision.RESTART:
+            logger.warning(
+                "group %s: rank %d failed (%s); restarting as attempt %d (%d/%d restarts left)",
+                self.name,
+                rank,
+                str(exc)[:256],
+                attempt.number + 1,
+                self.max_restarts - attempt.number - 1,
+                self.max_restarts,
+            )
+            self._start_locked(attempt.number + 1)
+            return
+        logger.error("group %s: rank %d failed and no restarts are left", self.name, rank)
+        died = ActorDiedError(
+            exc.actor if isinstance(exc, ActorDiedError) else f"SPMD group {self.name}",
+            exc.pod if isinstance(exc, ActorDiedError) else "-",
+            reason=f"rank {rank} failed ({str(exc)[:256]}) and no restarts were left "
+            f"(max_restarts={self.max_restarts}); create the group again",
+        )
+        with self._lock:
+            if self.state is not GroupState.STOPPED:
+                self._open_gate(died)
+
+    def _worded(self, rank: int, exc: BaseException, attempt: Attempt, note: str) -> BaseException:
+        """`exc` naming the rank: a new ActorDiedError for a death, else `exc` with a note."""
+        where = f"rank {rank} of SPMD group {self.name} (attempt {attempt.number})"
+        if isinstance(exc, ActorDiedError):
+            why = f": {exc.reason}" if exc.reason else ""
+            worded = ActorDiedError(
+                exc.actor,
+                exc.pod,
+                exit_code=exc.exit_code,
+                signal=exc.signal,
+                oom=exc.oom,
+                reason=f"{where}{why}; {note}",
+            )
+            worded.__cause__ = exc
+            return worded
+        exc.add_note(f"raised on {where}; {note}")
+        return exc
+
+
+def _kill_quietly(handle: ActorHandle) -> None:
+    """kt.kill, for teardown: an actor that never got placed has nothing to kill."""
+    try:
+        kill(handle)
+    except KtError as exc:
+        logger.debug("kill %r: %s", handle, exc)

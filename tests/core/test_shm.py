@@ -1,0 +1,51 @@
+"""Shared-memory segments: data arrives intact as views, a segment is reused only once
+its receiver has dropped every view, and names outside kt's are refused."""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+
+from kt.core import serialization, shm
+
+
+def test_round_trip_through_a_segment_is_a_view() -> None:
+    arena = shm.ShmArena()
+    arr = np.arange(2 * 2**20, dtype=np.uint8)
+    parts = serialization.dumps(arr, arena)
+    assert not any(isinstance(p, memoryview) and p.nbytes >= 2**20 for p in parts)
+    out = serialization.loads(b"".join(parts))
+    assert np.array_equal(out, arr)
+
+
+def test_segment_is_reused_only_after_the_receiver_drops_it() -> None:
+    arena = shm.ShmArena()
+    first = serialization.loads(b"".join(serialization.dumps(np.full(2**21, 1, np.uint8), arena)))
+    second = serialization.loads(b"".join(serialization.dumps(np.full(2**21, 2, np.uint8), arena)))
+    assert len(arena._segments) == 2  # the first is still held: not overwritten
+    assert int(first[0]) == 1 and int(second[0]) == 2
+    del first
+    gc.collect()
+    third = serialization.loads(b"".join(serialization.dumps(np.full(2**21, 3, np.uint8), arena)))
+    assert len(arena._segments) == 2  # the first one's segment came back
+    assert int(second[0]) == 2 and int(third[0]) == 3
+
+
+def test_unclaimed_segment_is_not_reused() -> None:
+    arena = shm.ShmArena()
+    serialization.dumps(np.zeros(2**21, np.uint8), arena)  # never received
+    serialization.dumps(np.zeros(2**21, np.uint8), arena)
+    assert len(arena._segments) == 2
+
+
+def test_foreign_names_are_refused() -> None:
+    with pytest.raises(ValueError):
+        shm.attach("../etc/passwd", [64], [1])
+
+
+def test_kt_shm_0_turns_it_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert shm.host_key() is not None
+    monkeypatch.setenv("KT_SHM", "0")
+    assert shm.host_key() is None
