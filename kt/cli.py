@@ -1,0 +1,164 @@
+"""The `kt` command: list, status, logs, teardown, bench, version.
+
+Talks to pools through the provider interface (the backend from KT_BACKEND or the
+environment, as the library picks it) and to pods through their control HTTP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import defaultdict
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+import kt
+from kt.core.provider import Pod, Provider, get_provider, resolve_backend
+
+console = Console()
+
+
+def _provider(args: argparse.Namespace) -> Provider:
+    return get_provider(resolve_backend(args.backend))
+
+
+def _status_of(pod: Pod, token: str | None) -> dict[str, object]:
+    request = urllib.request.Request(
+        f"http://{pod.host}:{pod.port + 1}/status",
+        headers={"Authorization": f"Bearer {token or ''}"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=3) as reply:
+            return dict(json.loads(reply.read()))
+    except OSError as exc:
+        return {"error": str(exc)}
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    pods = asyncio.run(_provider(args).list_pods())
+    pools: dict[str, list[Pod]] = defaultdict(list)
+    for pod in pods:
+        pools[pod.pool].append(pod)
+    table = Table("pool", "pods", "ready", "addresses")
+    for name, members in sorted(pools.items()):
+        ready = sum(p.state.value == "ready" for p in members)
+        table.add_row(name, str(len(members)), str(ready), ", ".join(p.host for p in members))
+    console.print(table if pools else "no pools")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    provider = _provider(args)
+    pods = asyncio.run(provider.list_pods(args.name))
+    if not pods:
+        console.print(f"no pool named {args.name!r} (see `kt list`)")
+        return 1
+    token = asyncio.run(provider.read_token(args.name))
+    table = Table("pod", "state", "actor", "class", "actor state", "pid", "calls")
+    for pod in pods:
+        status = _status_of(pod, token)
+        actors = status.get("actors")
+        if not isinstance(actors, list) or not actors:
+            table.add_row(pod.name, pod.state.value, "-", "-", "-", "-", "-")
+            continue
+        for actor in actors:
+            table.add_row(
+                pod.name,
+                pod.state.value,
+                str(actor["name"]),
+                str(actor["class"]),
+                str(actor["state"]),
+                str(actor["pid"]),
+                str(actor["calls"]),
+            )
+    console.print(table)
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from kt.local.provider import kt_home
+
+    pool_dir = kt_home() / "local" / args.name
+    logs = sorted(pool_dir.glob(f"{args.pod or '*'}.log"))
+    if not logs:
+        console.print(f"no logs for pool {args.name!r} under {pool_dir}")
+        return 1
+    positions = {path: 0 for path in logs}
+    while True:
+        for path in logs:
+            with open(path, "rb") as f:
+                f.seek(positions[path])
+                data = f.read()
+                positions[path] = f.tell()
+            if data:
+                sys.stdout.write(data.decode("utf-8", "replace"))
+        sys.stdout.flush()
+        if not args.follow:
+            return 0
+        time.sleep(0.5)
+
+
+def cmd_teardown(args: argparse.Namespace) -> int:
+    provider = _provider(args)
+
+    async def run() -> int:
+        pods = await provider.list_pods(None if args.all else args.name)
+        for pod in pods:
+            await provider.delete_pod(pod.pool, pod.name)
+        return len(pods)
+
+    if not args.all and not args.name:
+        console.print("name a pool, or pass --all")
+        return 2
+    console.print(f"deleted {asyncio.run(run())} pod(s)")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    root = Path.cwd()
+    if not (root / "bench" / "__main__.py").exists():
+        console.print("run `kt bench` from a kt checkout (it runs bench/ against Ray)")
+        return 2
+    return subprocess.call([sys.executable, "-m", "bench", *args.rest], cwd=root)
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    print(f"kt {kt.__version__} (python {sys.version.split()[0]}, pid {os.getpid()})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kt", description="kt: actors on Kubernetes")
+    parser.add_argument("--backend", choices=["local", "k8s"], default=None)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="pools and their pods").set_defaults(fn=cmd_list)
+    p = sub.add_parser("status", help="a pool's pods and actors")
+    p.add_argument("name")
+    p.set_defaults(fn=cmd_status)
+    p = sub.add_parser("logs", help="what a pool's pods and actors printed")
+    p.add_argument("name")
+    p.add_argument("-f", "--follow", action="store_true")
+    p.add_argument("--pod", default=None)
+    p.set_defaults(fn=cmd_logs)
+    p = sub.add_parser("teardown", help="delete a pool's pods (or every pool's)")
+    p.add_argument("name", nargs="?")
+    p.add_argument("--all", action="store_true")
+    p.set_defaults(fn=cmd_teardown)
+    p = sub.add_parser("bench", help="the benchmark suite against Ray")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=cmd_bench)
+    sub.add_parser("version").set_defaults(fn=cmd_version)
+    args = parser.parse_args(argv)
+    return int(args.fn(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
