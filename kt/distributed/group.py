@@ -51,6 +51,7 @@ class Attempt:
     agent: ActorHandle
     ranks: list[ActorHandle] = field(default_factory=list)
     failed: bool = False
+    closing: bool = False  # being killed: its actors' deaths are expected
 
 
 class SpmdGroup:
@@ -288,7 +289,7 @@ class SpmdGroup:
 
     def _store_done(self, attempt: Attempt, ref: Ref[int]) -> None:
         exc = None if ref.cancelled() else ref.exception()
-        if exc is None:
+        if exc is None or attempt.closing:
             return
         if isinstance(exc, ImportError):
             exc = ConfigError(
@@ -310,6 +311,7 @@ class SpmdGroup:
             self._kill(attempt)
 
     def _kill(self, attempt: Attempt) -> None:
+        attempt.closing = True
         for handle in [*attempt.ranks, attempt.agent]:
             _kill_quietly(handle)
 

@@ -14,9 +14,13 @@ import itertools
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
+
+import orjson
 
 from kt.core.channel import FrameChannel
 
@@ -54,27 +58,48 @@ def _oom_kills() -> int:
     return 0
 
 
+def _pid_running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1][:1] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 class WorkerProcess:
     """One worker process and its Unix-socket channel.
 
-    Frames sent before the worker has connected wait in `_backlog`.
+    Made by fork from the zygote, or spawned when there is none; either way it has a
+    pid, a stdout stream and an exit code that arrives in `exited`. Frames sent before
+    the worker has connected wait in `_backlog`.
     """
 
-    def __init__(self, worker_id: int, proc: asyncio.subprocess.Process) -> None:
+    def __init__(self, worker_id: int, pid: int, stdout: asyncio.StreamReader) -> None:
+        loop = asyncio.get_running_loop()
         self.id = worker_id
-        self.proc = proc
-        self.pid = proc.pid
+        self.pid = pid
+        self.stdout = stdout
+        self.exited: asyncio.Future[int | None] = loop.create_future()
+        """The exit code (negative: killed by that signal; None: unknown)."""
         self.state = WorkerState.STARTING
         self.channel: FrameChannel | None = None
-        self.log_source = f"(worker pid={proc.pid})"
+        self.log_source = f"(worker pid={pid})"
         self.on_log: Callable[[WorkerProcess, bytes], None] | None = None
         self.on_exit: Callable[[WorkerProcess, ExitInfo], None] | None = None
         self._backlog: list[bytes | bytearray | memoryview] = []
         self._oom_before = _oom_kills()
-        self.connected = asyncio.get_running_loop().create_future()
+        self.connected: asyncio.Future[None] = loop.create_future()
 
     def attach(self, channel: FrameChannel) -> None:
         self.channel = channel
+        previous = channel.on_lost
+
+        def lost(exc: Exception | None) -> None:
+            if previous is not None:
+                previous(exc)
+            asyncio.get_running_loop().create_task(self._confirm_exit())
+
+        channel.on_lost = lost
         for frame in self._backlog:
             channel.send(frame)
         self._backlog.clear()
@@ -95,23 +120,32 @@ class WorkerProcess:
                 pass
 
     async def _pump_logs(self) -> None:
-        assert self.proc.stdout is not None
         while True:
-            chunk = await self.proc.stdout.read(65536)
+            chunk = await self.stdout.read(65536)
             if not chunk:
                 return
             if self.on_log is not None:
                 self.on_log(self, chunk)
 
-    async def _watch(self) -> None:
+    async def _confirm_exit(self) -> None:
+        """The socket closed. Normally the exit code follows; if its reporter (the zygote)
+        is gone too, notice the exit from the pid alone."""
+        for _ in range(40):
+            if self.exited.done():
+                return
+            await asyncio.sleep(0.05)
+        if not _pid_running(self.pid) and not self.exited.done():
+            self.exited.set_result(None)
+
+    async def watch(self) -> None:
         pump = asyncio.get_running_loop().create_task(self._pump_logs())
-        code = await self.proc.wait()
+        code = await self.exited
         try:
             await asyncio.wait_for(pump, 1.0)
         except TimeoutError:
             pump.cancel()
         self.state = WorkerState.EXITED
-        sig = -code if code < 0 else None
+        sig = -code if code is not None and code < 0 else None
         info = ExitInfo(
             exit_code=None if sig else code,
             signal=sig,
@@ -122,7 +156,7 @@ class WorkerProcess:
 
 
 class ProcessManager:
-    """Spawns workers and keeps `warm` idle ones ready."""
+    """Makes workers (forked from the zygote) and keeps `warm` idle ones ready."""
 
     def __init__(self, socket_path: str, *, pod: str, warm: int = 2) -> None:
         self.socket_path = socket_path
@@ -136,11 +170,99 @@ class ProcessManager:
         self._tasks: set[asyncio.Task[None]] = set()
         self._spawning: set[int] = set()
         self._early: dict[int, FrameChannel] = {}
+        self._zygote: socket.socket | None = None
+        self._zygote_writer: asyncio.StreamWriter | None = None
+        self._forks: dict[int, asyncio.Future[int]] = {}
+        self._by_pid: dict[int, WorkerProcess] = {}
+        self._exits: dict[int, int] = {}
 
-    async def spawn(self) -> WorkerProcess:
-        worker_id = next(self._ids)
-        self._spawning.add(worker_id)
-        env = dict(os.environ, PYTHONUNBUFFERED="1", KT_IN_WORKER="1", KT_POD=self.pod)
+    def _env(self) -> dict[str, str]:
+        return dict(
+            os.environ,
+            PYTHONUNBUFFERED="1",
+            KT_IN_WORKER="1",
+            KT_POD=self.pod,
+            KT_SUPERVISOR_PID=str(os.getpid()),
+        )
+
+    def _task(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- the zygote ----------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start the zygote; without it (it failed), workers are spawned instead."""
+        ours, theirs = socket.socketpair()
+        try:
+            await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "kt.supervisor.zygote",
+                str(theirs.fileno()),
+                stdin=asyncio.subprocess.DEVNULL,
+                pass_fds=[theirs.fileno()],
+                env=self._env(),
+            )
+        except OSError as exc:
+            logger.warning("no zygote (%s): workers will be spawned", exc)
+            ours.close()
+            return
+        finally:
+            theirs.close()
+        self._zygote = ours  # requests are written here, blocking (they are tiny)
+        # The event loop takes ownership of the socket it reads from: give it a dup.
+        # Keep the writer: when it is garbage-collected it closes the transport.
+        reader, self._zygote_writer = await asyncio.open_unix_connection(sock=ours.dup())
+        self._task(self._read_zygote(reader))
+
+    async def _read_zygote(self, reader: asyncio.StreamReader) -> None:
+        while line := await reader.readline():
+            event = orjson.loads(line)
+            if "spawned" in event:
+                fut = self._forks.pop(int(event["spawned"]), None)
+                if fut is not None and not fut.done():
+                    fut.set_result(int(event["pid"]))
+            elif "exited" in event:
+                pid, code = int(event["exited"]), int(event["code"])
+                worker = self._by_pid.pop(pid, None)
+                if worker is None:
+                    self._exits[pid] = code  # exited before we knew its pid
+                elif not worker.exited.done():
+                    worker.exited.set_result(code)
+        logger.info("the zygote exited: workers will be spawned from now on")
+        self._zygote = None
+        for fut in self._forks.values():
+            if not fut.done():
+                fut.set_exception(OSError("the zygote exited"))
+
+    async def _fork(self, worker_id: int) -> WorkerProcess:
+        assert self._zygote is not None
+        loop = asyncio.get_running_loop()
+        read_fd, write_fd = os.pipe()
+        fut: asyncio.Future[int] = loop.create_future()
+        self._forks[worker_id] = fut
+        try:
+            request = orjson.dumps({"worker": worker_id, "socket": self.socket_path}) + b"\n"
+            socket.send_fds(self._zygote, [request], [write_fd])
+        finally:
+            os.close(write_fd)
+        try:
+            pid = await asyncio.wait_for(fut, 30)
+        except BaseException:
+            os.close(read_fd)
+            raise
+        reader = asyncio.StreamReader()
+        await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", buffering=0)
+        )
+        worker = WorkerProcess(worker_id, pid, reader)
+        self._by_pid[pid] = worker
+        if pid in self._exits:
+            worker.exited.set_result(self._exits.pop(pid))
+        return worker
+
+    async def _spawn_process(self, worker_id: int) -> WorkerProcess:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -150,19 +272,43 @@ class ProcessManager:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
-            env=env,
+            env=self._env(),
         )
-        self._spawning.discard(worker_id)
-        worker = WorkerProcess(worker_id, proc)
+        assert proc.stdout is not None
+        worker = WorkerProcess(worker_id, proc.pid, proc.stdout)
+
+        async def wait() -> None:
+            code = await proc.wait()
+            if not worker.exited.done():
+                worker.exited.set_result(code)
+
+        self._task(wait())
+        return worker
+
+    # -- workers -------------------------------------------------------------------------
+    async def spawn(self) -> WorkerProcess:
+        worker_id = next(self._ids)
+        self._spawning.add(worker_id)
+        try:
+            if self._zygote is not None:
+                try:
+                    worker = await self._fork(worker_id)
+                except OSError as exc:
+                    logger.warning("fork through the zygote failed (%s); spawning", exc)
+                    worker = await self._spawn_process(worker_id)
+            else:
+                worker = await self._spawn_process(worker_id)
+        finally:
+            self._spawning.discard(worker_id)
         self.workers[worker_id] = worker
         early = self._early.pop(worker_id, None)
-        if early is not None:  # it connected before create_subprocess_exec returned
+        if early is not None:  # it connected before we had its process record
             worker.attach(early)
-        asyncio.get_running_loop().create_task(self._watch(worker))
+        self._task(self._watch(worker))
         return worker
 
     async def _watch(self, worker: WorkerProcess) -> None:
-        await worker._watch()
+        await worker.watch()
         self.workers.pop(worker.id, None)
         if worker in self._idle:
             self._idle.remove(worker)
@@ -197,12 +343,9 @@ class ProcessManager:
         """Start workers until idle + starting reaches `warm`."""
         if self._closing:
             return
-        loop = asyncio.get_running_loop()
         while len(self._idle) + self._starting < self.warm:
             self._starting += 1
-            task = loop.create_task(self._spawn_warm())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._task(self._spawn_warm())
 
     async def acquire(self) -> WorkerProcess:
         """An idle worker if one is warm, else a new one (frames queue until it connects)."""
@@ -218,3 +361,5 @@ class ProcessManager:
         self._closing = True
         for worker in list(self.workers.values()):
             worker.kill()
+        if self._zygote is not None:
+            self._zygote.close()

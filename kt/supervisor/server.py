@@ -163,7 +163,10 @@ class Supervisor:
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
         self._tcp = await loop.create_server(self._new_peer, self.host, self.port)
-        self._unix = await loop.create_unix_server(self._new_worker_link, self.socket_path)
+        self._unix = await loop.create_unix_server(
+            self._new_worker_link, self.socket_path, backlog=512
+        )
+        await self.procs.start()
         self.procs.top_up()
         tasks = [loop.create_task(self._watchdog())]
         if self.control_port is not None:

@@ -240,16 +240,21 @@ async def serve(socket_path: str, worker_id: int) -> None:
     await lost
 
 
-def main() -> None:
+def extend_sys_path() -> None:
+    """The driver's sys.path (local backend), so its modules import by reference here."""
     extra = os.environ.get("KT_SYS_PATH")
     if extra:
         for entry in reversed(extra.split(os.pathsep)):
             if entry not in sys.path:
                 sys.path.insert(0, entry)
+
+
+def run(socket_path: str, worker_id: int) -> None:
+    """Serve until the supervisor closes the socket, then exit (never returns)."""
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
     try:
-        loop.run_until_complete(serve(sys.argv[1], int(sys.argv[2])))
+        loop.run_until_complete(serve(socket_path, worker_id))
     except KeyboardInterrupt:
         pass
     # The supervisor closed our socket: the pod is going away, and so does this actor.
@@ -257,4 +262,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    extend_sys_path()
+    run(sys.argv[1], int(sys.argv[2]))

@@ -68,3 +68,20 @@ def test_request_bigger_than_a_pod_fails_at_once(pool: kt.Compute) -> None:
     with pytest.raises(kt.PlacementError, match="can never fit"):
         s.ping.remote().result(timeout=10)
     assert time.monotonic() - start < 1.0
+
+
+def test_actors_survive_their_zygote_and_deaths_are_still_seen(pool: kt.Compute) -> None:
+    S = kt.cls(Sleeper).options(compute=pool, cpus=0)
+    a = S.remote()
+    pid = a.pid()
+    zygote = int(open(f"/proc/{pid}/stat").read().rsplit(") ", 1)[1].split()[1])
+    os.kill(zygote, signal.SIGKILL)
+    time.sleep(0.3)
+    assert a.ping() == "pong"
+    ref = a.sleep.remote(30)
+    time.sleep(0.2)
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(kt.ActorDiedError):
+        ref.result(timeout=10)
+    b = S.remote()  # new workers are spawned without the zygote
+    assert b.ping() == "pong"

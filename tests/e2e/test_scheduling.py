@@ -34,6 +34,9 @@ class Where:
         return os.getpid()
 
     def supervisor_pid(self) -> int:
+        return int(os.environ["KT_SUPERVISOR_PID"])
+
+    def zygote_pid(self) -> int:
         return os.getppid()
 
     def slow(self, seconds: float) -> str:

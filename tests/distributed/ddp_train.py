@@ -1,0 +1,43 @@
+"""A small DDP training run, identical under torchrun and under kt (see test_ddp.py).
+
+    python -m torch.distributed.run --nnodes=1 --nproc_per_node=4 ddp_train.py OUT.pt
+
+Under kt the same `train` runs once on each rank of a group. Every rank draws its own
+synthetic batches from a generator seeded by its global rank, so the result depends only
+on the world size and the seed, not on how ranks are laid out over pods.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+
+def train(steps: int = 25, seed: int = 0, out: str | None = None) -> dict[str, Any]:
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo")  # env:// with torchrun's variables, unmodified
+    rank = dist.get_rank()
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+    ddp = DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+    data = torch.Generator().manual_seed(seed * 1000 + rank)
+    for _ in range(steps):
+        x = torch.randn(16, 8, generator=data)
+        y = torch.sin(x.sum(dim=1, keepdim=True))
+        loss = torch.nn.functional.mse_loss(ddp(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if out is not None and rank == 0:
+        torch.save(state, out)
+    dist.destroy_process_group()
+    return state
+
+
+if __name__ == "__main__":
+    train(out=sys.argv[1])
