@@ -218,3 +218,45 @@ def test_wait_returns_ready_and_pending(counters: list[kt.ActorHandle]) -> None:
 def test_calling_the_class_directly_says_how() -> None:
     with pytest.raises(TypeError, match=r"Counter.remote"):
         kt.cls(Counter)()
+
+
+class Cancellable:
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    async def wait(self, seconds: float) -> str:
+        try:
+            await asyncio.sleep(seconds)
+        except asyncio.CancelledError:
+            self.cancelled = True
+            raise
+        return "finished"
+
+    def was_cancelled(self) -> bool:
+        return self.cancelled
+
+
+def test_cancel_stops_an_async_method(pool: kt.Compute) -> None:
+    c = kt.cls(Cancellable).options(compute=pool, cpus=0).remote()
+    ref = c.wait.remote(30)
+    time.sleep(0.3)
+    assert ref.cancel()
+    with pytest.raises(kt.CancelledError):
+        ref.result(timeout=5)
+    deadline = time.monotonic() + 10
+    while not c.was_cancelled() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert c.was_cancelled()
+
+
+def test_await_refs_in_user_event_loop_with_timeout(counters: list[kt.ActorHandle]) -> None:
+    async def main() -> tuple[int, bool]:
+        value = await kt.get_async(counters[0].get.remote(), timeout=10)
+        try:
+            await kt.get_async(counters[1].sleep.remote(2.0), timeout=0.1)
+        except kt.GetTimeoutError:
+            return value, True
+        return value, False
+
+    value, timed_out = asyncio.run(main())
+    assert isinstance(value, int) and timed_out
