@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 Address = tuple[str, int]
 Pending = Ref[Any] | StreamRef[Any]
+_ERROR = int(FrameFlag.ERROR)  # plain ints on the hot path: IntFlag's & is Python code
 _done = RefState.DONE
 _failed = RefState.FAILED
 
@@ -141,7 +142,7 @@ class Link:
             ref = self.inflight.pop(req_id, None)
             if ref is None:
                 return  # cancelled or already failed
-            if flags & FrameFlag.ERROR:
+            if flags & _ERROR:
                 self.runtime.complete(ref._finish(_failed, loads_exception(payload)))
             else:
                 self.runtime.complete(ref._finish(_done, loads(payload)))

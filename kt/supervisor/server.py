@@ -38,6 +38,7 @@ from kt.supervisor.processes import ExitInfo, ProcessManager, WorkerProcess
 
 logger = logging.getLogger(__name__)
 _ROUTE = struct.Struct("<I")
+_SHM_OK = int(FrameFlag.SHM_OK)
 
 Handler = Callable[["Peer", int, int, memoryview, memoryview, memoryview], None]
 
@@ -272,7 +273,7 @@ class Supervisor:
                 return
             self._routes[key] = rec
         if peer.same_host:
-            frame[FLAGS_OFFSET] |= FrameFlag.SHM_OK
+            frame[FLAGS_OFFSET] |= _SHM_OK
         self._relay(rec, peer.route, req_id, frame)
 
     def _relay(self, rec: ActorRecord, route: int, req_id: int, frame: memoryview) -> None:

@@ -31,6 +31,8 @@ from kt.core.protocol import FrameFlag, FrameKind
 from kt.core.runtime import new_event_loop
 from kt.core.shm import ShmArena
 
+_SHM_OK = int(FrameFlag.SHM_OK)  # plain ints on the hot path: IntFlag's & is Python code
+
 
 class ActorHost:
     """Holds the actor instance and runs calls on it."""
@@ -59,7 +61,7 @@ class ActorHost:
         frame: memoryview,
     ) -> None:
         if kind == FrameKind.CALL:
-            self.call(route, req_id, bool(flags & FrameFlag.SHM_OK), header, payload)
+            self.call(route, req_id, bool(flags & _SHM_OK), header, payload)
         elif kind == FrameKind.CREATE_ACTOR:
             self.create(route, req_id, header, payload)
         elif kind == FrameKind.CANCEL:
