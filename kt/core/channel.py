@@ -9,14 +9,19 @@
   buffers unpickled from it stay valid for as long as the value lives.
 - Sending. `send` appends to an outbox and schedules one flush per loop iteration, so a
   burst of calls or results leaves in one `write` (one syscall), not one per frame.
+  A caller's thread may instead `write_now` a small frame itself when nothing is queued
+  (a blocking call then costs no wake-up of the loop thread); `write_lock` orders the
+  two writers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import struct
+import threading
 from collections.abc import Callable, Sequence
 
 from kt.core.protocol import LENGTH_SIZE, PREFIX, PREFIX_SIZE
@@ -56,6 +61,9 @@ class FrameChannel(asyncio.BufferedProtocol):
         self._out_size = 0
         self._flush_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._fd = -1
+        self.write_lock: threading.Lock | None = None
+        """Set when another thread may write directly (see `write_now`)."""
 
     # -- connection lifecycle -------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -64,6 +72,8 @@ class FrameChannel(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if sock is not None:
+            self._fd = sock.fileno()
         if self.on_made is not None:
             self.on_made(self)
 
@@ -162,13 +172,48 @@ class FrameChannel(asyncio.BufferedProtocol):
 
     def flush(self) -> None:
         self._flush_scheduled = False
-        out = self._out
-        if not out or self.transport is None or self.closed:
+        if not self._out or self.transport is None or self.closed:
             return
-        self._out = []
+        if self.write_lock is None:
+            self._write_out()
+        else:
+            with self.write_lock:
+                self._write_out()
+
+    def _write_out(self) -> None:
+        assert self.transport is not None
+        out, self._out = self._out, []
         if self._out_size < BIG_FRAME or len(out) == 1:
             self.transport.write(out[0] if len(out) == 1 else b"".join(out))
         else:
             for part in out:
                 self.transport.write(part)
         self._out_size = 0
+
+    def write_now(self, data: bytes) -> bool:
+        """From another thread, under `write_lock`: write `data` straight to the socket.
+
+        Only when nothing else is waiting to be written, so order is kept; a partial
+        write leaves the rest to the loop. False (nothing written): use `send`.
+        """
+        transport = self.transport
+        if (
+            self._fd < 0
+            or self.closed
+            or transport is None
+            or self._out
+            or transport.get_write_buffer_size()
+        ):
+            return False
+        try:
+            n = os.write(self._fd, data)
+        except BlockingIOError:
+            n = 0
+        except OSError:
+            return False
+        if n < len(data):
+            self._out.append(data[n:])
+            self._out_size += len(data) - n
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self.flush)
+        return True

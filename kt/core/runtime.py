@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 Address = tuple[str, int]
 Pending = Ref[Any] | StreamRef[Any]
+DIRECT_SEND = os.environ.get("KT_DIRECT_SEND", "1") != "0"
+"""A caller's thread writes a lone call to the socket itself (see Link.submit_direct)."""
 _ERROR = int(FrameFlag.ERROR)  # plain ints on the hot path: IntFlag's & is Python code
 _done = RefState.DONE
 _failed = RefState.FAILED
@@ -91,6 +93,7 @@ class Link:
                 timeout,
             )
             self.channel = channel
+            channel.write_lock = threading.Lock()
             hello = {
                 "v": protocol.VERSION,
                 "token": self.token,
@@ -109,6 +112,28 @@ class Link:
         for parts in self._queued:
             channel.send_parts(parts)
         self._queued.clear()
+
+    def submit_direct(self, req_id: int, parts: Parts, ref: Pending) -> bool:
+        """From a caller's thread: write the call to the socket now, if that keeps order.
+
+        Returns False (nothing done) when it cannot; the caller then goes through the loop.
+        """
+        channel = self.channel
+        if channel is None or self.state is not LinkState.READY or channel.write_lock is None:
+            return False
+        if self.inflight:
+            return False  # a burst: the loop batches it into few writes; this is for lone calls
+        data = b"".join(parts)
+        with channel.write_lock:
+            self.inflight[req_id] = ref
+            if not channel.write_now(data):
+                del self.inflight[req_id]
+                return False
+        if self.state is not LinkState.READY and self.inflight.pop(req_id, None) is not None:
+            # the link failed between our check and our write: fail the call like the rest
+            failure = self._failure or PodLostError(self.pod, "connection lost")
+            self.runtime.complete(ref._finish(_failed, failure))
+        return True
 
     def submit(self, req_id: int, parts: Parts, ref: Pending) -> None:
         if self.state is LinkState.CLOSED:
@@ -242,6 +267,10 @@ class Runtime:
     # -- calls (any thread) -------------------------------------------------------------
     def submit(self, address: Address, token: str, req_id: int, parts: Parts, ref: Pending) -> None:
         """Send one framed call; `ref` completes when its RESULT (or a failure) arrives."""
+        if DIRECT_SEND and not self._inbox and not self.on_loop_thread:
+            link = self._links.get(address)
+            if link is not None and link.submit_direct(req_id, parts, ref):
+                return
         self._inbox.append((address, token, req_id, parts, ref))
         if not self._wake_scheduled:
             self._wake_scheduled = True
