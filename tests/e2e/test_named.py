@@ -88,3 +88,17 @@ def test_names_are_unique_and_get_if_exists(pool: kt.Compute) -> None:
     kt.kill(first)
     with pytest.raises(kt.ConfigError, match="no live actor"):
         kt.get_actor(f"missing-{uuid.uuid4().hex[:6]}")
+
+
+class Finder:
+    def find_and_get(self, name: str) -> int:
+        return int(kt.get_actor(name).get())
+
+
+def test_get_actor_from_inside_an_actor(pool: kt.Compute) -> None:
+    name = f"box-{uuid.uuid4().hex[:6]}"
+    box = kt.cls(Box).options(compute=pool, name=name, cpus=0).remote(42)
+    assert box.get() == 42
+    finder = kt.cls(Finder).options(compute=pool, cpus=0).remote()
+    assert finder.find_and_get(name) == 42
+    kt.kill(box)
