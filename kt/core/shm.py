@@ -31,6 +31,8 @@ import threading
 import weakref
 from dataclasses import dataclass
 
+from kt.core.liveness import pid_alive
+
 SHM_DIR = "/dev/shm"
 SHM_THRESHOLD = 1 << 20
 """Out-of-band buffers of at least this many bytes in total take the shared-memory path."""
@@ -162,16 +164,6 @@ def _sweep_dead() -> None:
         return
     for name in names:
         m = _NAME.fullmatch(name)
-        if m and not _pid_exists(int(m.group(1))):
+        if m and not pid_alive(int(m.group(1))):
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(SHM_DIR, name))
-
-
-def _pid_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

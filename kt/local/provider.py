@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from kt.core.errors import PlacementError
+from kt.core.liveness import pid_alive
 from kt.core.provider import SUPERVISOR_PORT, Pod, PodEvent, PodSpec, PodState, Provider
 
 logger = logging.getLogger(__name__)
@@ -59,20 +60,6 @@ def pick_address() -> tuple[str, int]:
         if _bindable("127.0.0.1", port):
             return "127.0.0.1", port
     raise PlacementError("no free loopback address and port for a local pod")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is not alive
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][:1] != "Z"
-    except OSError:
-        return True
 
 
 class LocalProvider(Provider):
@@ -187,7 +174,7 @@ class LocalProvider(Provider):
         if pid is not None:
             _killpg(pid, signal.SIGTERM)
             deadline = time.monotonic() + 2
-            while _alive(pid) and time.monotonic() < deadline:
+            while pid_alive(pid) and time.monotonic() < deadline:
                 if proc is not None:
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(asyncio.shield(proc.wait()), 0.05)
@@ -209,7 +196,7 @@ class LocalProvider(Provider):
                     info = json.loads(path.read_text())
                 except (OSError, ValueError):
                     continue
-                state = PodState.READY if _alive(int(info["pid"])) else PodState.LOST
+                state = PodState.READY if pid_alive(int(info["pid"])) else PodState.LOST
                 pods.append(Pod(info["name"], info["pool"], info["host"], info["port"], state))
         return pods
 

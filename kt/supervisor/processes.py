@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 
 from kt.core.channel import FrameChannel
+from kt.core.liveness import pid_alive
 
 logger = logging.getLogger(__name__)
 
@@ -56,14 +57,6 @@ def _oom_kills() -> int:
     except (OSError, ValueError):
         pass
     return 0
-
-
-def _pid_running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(") ", 1)[1][:1] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 class WorkerProcess:
@@ -134,7 +127,7 @@ class WorkerProcess:
             if self.exited.done():
                 return
             await asyncio.sleep(0.05)
-        if not _pid_running(self.pid) and not self.exited.done():
+        if not pid_alive(self.pid) and not self.exited.done():
             self.exited.set_result(None)
 
     async def watch(self) -> None:

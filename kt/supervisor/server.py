@@ -33,6 +33,7 @@ from typing import Any
 from kt.core import protocol, serialization, shm
 from kt.core.channel import BIG_FRAME, FrameChannel
 from kt.core.errors import ActorDiedError, ConfigError
+from kt.core.liveness import pid_alive
 from kt.core.protocol import FLAGS_OFFSET, ROUTE_OFFSET, FrameFlag, FrameKind
 from kt.supervisor.processes import ExitInfo, ProcessManager, WorkerProcess
 
@@ -190,7 +191,7 @@ class Supervisor:
         """Exit when the driver process is gone (local) or nobody called for inactivity_ttl."""
         while True:
             await asyncio.sleep(0.5)
-            if self.driver_pid is not None and not _pid_alive(self.driver_pid):
+            if self.driver_pid is not None and not pid_alive(self.driver_pid):
                 logger.info("driver %d exited; pod %s stops", self.driver_pid, self.pod)
                 self.stop()
             idle = time.monotonic() - self.last_activity
@@ -522,13 +523,3 @@ class Supervisor:
                 {"pid": w.pid, "state": w.state.value} for w in self.procs.workers.values()
             ],
         }
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
