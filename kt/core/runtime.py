@@ -108,10 +108,10 @@ class Link:
         except KtError as exc:
             self._fail(exc)
             return
-        self.state = LinkState.READY
-        for parts in self._queued:
+        for parts in self._queued:  # before READY: a direct send must not overtake these
             channel.send_parts(parts)
         self._queued.clear()
+        self.state = LinkState.READY
 
     def submit_direct(self, req_id: int, parts: Parts, ref: Pending) -> bool:
         """From a caller's thread: write the call to the socket now, if that keeps order.

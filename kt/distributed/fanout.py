@@ -100,7 +100,7 @@ class FanOut:
 class Caller(Protocol):
     """What the proxies need from a group (SpmdGroup implements it)."""
 
-    name: str
+    _name: str
     world_size: int
 
     def _call(
@@ -142,7 +142,7 @@ class RankView:
         bad = [r for r in ranks if not 0 <= r < group.world_size]
         if bad or not ranks:
             raise IndexError(
-                f"ranks {bad or list(ranks)} are not in SPMD group {group.name} "
+                f"ranks {bad or list(ranks)} are not in SPMD group {group._name} "
                 f"(ranks 0..{group.world_size - 1})"
             )
         self._group = group
@@ -161,6 +161,10 @@ class RankView:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.remote(*args, **kwargs).result()
+
+    def method(self, name: str) -> GroupMethod:
+        """The user's method `name`, where a view's own name hides it (`handle`, `remote`)."""
+        return GroupMethod(self._group, name, self._ranks, self._single)
 
     def handle(self, timeout: float | None = None) -> ActorHandle:
         """The actor of this one rank in the current attempt (for `collective_group`).

@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 STORE_TIMEOUT_S = 1800.0  # the agent store's own wait timeout; torchrun's default
+GRACE_S = 2.0  # after a rank raised: how long its peers may take to finish the call
+SETTLE_S = 0.25  # after a rank raised: how long a peer's death may take to be reported
 
 
 @dataclass
@@ -69,20 +71,20 @@ class SpmdGroup:
         init_kwargs: dict[str, Any] | None = None,
         *,
         max_restarts: int | None = None,
-        grace: float = 2.0,
-        settle: float = 0.25,
+        grace: float = GRACE_S,
+        settle: float = SETTLE_S,
     ) -> None:
         dist = compute.distribution
         if dist is None:
             raise ConfigError("an SPMD group needs compute.distribute(...)")
         opts = remote_cls._options
-        self.name = remote_cls.__name__
-        self.kind = dist.kind
+        self._name = remote_cls.__name__
+        self._kind = dist.kind
         self.max_restarts = opts.max_restarts if max_restarts is None else max_restarts
         if self.max_restarts < 0:
             raise ConfigError(f"max_restarts={self.max_restarts} is negative")
-        self.run_id = str(uuid.uuid4())
-        self.grace, self.settle = grace, settle
+        self._run_id = str(uuid.uuid4())
+        self._grace, self._settle = grace, settle
         self._specs = envs.rank_specs(dist.workers, dist.procs_per_worker)
         self.world_size = len(self._specs)
         self._compute = compute
@@ -92,7 +94,7 @@ class SpmdGroup:
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._ops = threading.Lock()  # one lifecycle operation at a time
-        self.state = GroupState.STARTING
+        self._state = GroupState.STARTING
         self._attempt: Attempt | None = None  # current attempt, None before the first
         self._open = False  # the gate: calls go straight to the ranks
         self._waiting: list[Callable[[Attempt | BaseException], None]] = []
@@ -100,7 +102,13 @@ class SpmdGroup:
         self._background(self._start, 0)
 
     def __repr__(self) -> str:
-        return f"<kt.distributed.SpmdGroup {self.name} x{self.world_size} {self.state.value}>"
+        return f"<kt.distributed.SpmdGroup {self._name} x{self.world_size} {self._state.value}>"
+
+    # Public names are few and plain, because every other attribute is a method of the
+    # user's class (`group.step`); `method(name)` reaches one these names hide.
+    @property
+    def group_state(self) -> GroupState:
+        return self._state
 
     # -- calling ---------------------------------------------------------------------------
     def __getattr__(self, name: str) -> GroupMethod:
@@ -114,6 +122,10 @@ class SpmdGroup:
     def __call__(self, *args: Any, **kwargs: Any) -> list[Any]:
         result: list[Any] = self.remote(*args, **kwargs).result()
         return result
+
+    def method(self, name: str) -> GroupMethod:
+        """`group.method("rank")`: the user's method of that name, on every rank."""
+        return GroupMethod(self, name, range(self.world_size), False)
 
     def rank(self, i: int) -> RankView:
         return RankView(self, [i], single=True)
@@ -129,10 +141,10 @@ class SpmdGroup:
     def _check_method(self, method: str) -> None:
         kind = self._methods.get(method)
         if kind is None:
-            raise AttributeError(f"{self.name} has no method {method!r}")
+            raise AttributeError(f"{self._name} has no method {method!r}")
         if kind.streams:
             raise ConfigError(
-                f"{self.name}.{method} is a generator: SPMD groups gather one result per "
+                f"{self._name}.{method} is a generator: SPMD groups gather one result per "
                 "rank; return a list instead"
             )
 
@@ -146,7 +158,7 @@ class SpmdGroup:
         single: bool,
     ) -> Ref[Any]:
         self._check_method(method)
-        call = FanOut(ranks, f"{self.name}.{method}", single=single, on_failure=self._failed)
+        call = FanOut(ranks, f"{self._name}.{method}", single=single, on_failure=self._failed)
 
         def go(attempt: Attempt | BaseException) -> None:
             if isinstance(attempt, BaseException):
@@ -167,7 +179,7 @@ class SpmdGroup:
     def _handle_of(self, rank: int, timeout: float | None) -> ActorHandle:
         with self._changed:
             if not self._changed.wait_for(lambda: self._open or self._fatal is not None, timeout):
-                raise KtError(f"SPMD group {self.name} was not running within {timeout} s")
+                raise KtError(f"SPMD group {self._name} was not running within {timeout} s")
             if self._fatal is not None:
                 raise self._fatal
             assert self._attempt is not None
@@ -175,13 +187,13 @@ class SpmdGroup:
 
     # -- lifecycle ---------------------------------------------------------------------------
     def _background(self, fn: Callable[..., None], *args: Any) -> None:
-        threading.Thread(target=fn, args=args, name=f"kt-spmd-{self.name}", daemon=True).start()
+        threading.Thread(target=fn, args=args, name=f"kt-spmd-{self._name}", daemon=True).start()
 
     def _move(self, finish: GroupState) -> None:
         """Change state (lock held); wakes whoever waits for the group."""
-        check_transition(f"SPMD group {self.name}", self.state, finish)
-        logger.debug("group %s: %s -> %s", self.name, self.state.value, finish.value)
-        self.state = finish
+        check_transition(f"SPMD group {self._name}", self._state, finish)
+        logger.debug("group %s: %s -> %s", self._name, self._state.value, finish.value)
+        self._state = finish
         self._changed.notify_all()
 
     def _open_gate(self, attempt: Attempt | BaseException) -> None:
@@ -204,14 +216,14 @@ class SpmdGroup:
         try:
             attempt = self._launch(number)
         except BaseException as exc:
-            logger.error("group %s: attempt %d could not start: %s", self.name, number, exc)
+            logger.error("group %s: attempt %d could not start: %s", self._name, number, exc)
             with self._lock:
-                if self.state is not GroupState.STOPPED:
+                if self._state is not GroupState.STOPPED:
                     self._move(GroupState.FAILED)
                     self._open_gate(exc)
             return
         with self._lock:
-            stopped = self.state is GroupState.STOPPED
+            stopped = self._state is GroupState.STOPPED
             self._attempt = attempt
             if not stopped:
                 self._move(GroupState.RUNNING)
@@ -221,7 +233,8 @@ class SpmdGroup:
 
     def _launch(self, number: int) -> Attempt:
         """Place the agent and every rank of attempt `number` (all of them, or none)."""
-        c, timeout = self._compute, config.placement_timeout
+        c = self._compute
+        timeout = c.launch_timeout + config.placement_timeout  # pods may have to start
         opts = self._remote_cls._options
         agent_cls = cls(RankAgent).options(compute=c, cpus=0)
         agents = [agent_cls.options(pod=w).remote() for w in range(len(self._pod_range()))]
@@ -231,7 +244,7 @@ class SpmdGroup:
             port = agents[0].reserve_port.remote(hosts[0]).result(timeout)
             for extra in agents[1:]:  # they only told us their pod's address
                 _kill_quietly(extra)
-            if self.kind == "pytorch":
+            if self._kind == "pytorch":
                 store = agents[0].serve_store.remote(hosts[0], self.world_size, STORE_TIMEOUT_S)
                 store.on_done(lambda ref: self._store_done(attempt, ref))
             else:  # rank 0's own coordinator binds MASTER_PORT
@@ -248,12 +261,12 @@ class SpmdGroup:
                     spec,
                     master_addr=hosts[0],
                     master_port=port,
-                    run_id=self.run_id,
+                    run_id=self._run_id,
                     restart_count=number,
                     max_restarts=self.max_restarts,
                     pod_ips=hosts,
-                    use_agent_store=self.kind == "pytorch",
-                    error_file=envs.error_file(self.run_id, number, spec.rank),
+                    use_agent_store=self._kind == "pytorch",
+                    error_file=envs.error_file(self._run_id, number, spec.rank),
                     pod_env=pod_env,
                 )
                 rank_cls = self._remote_cls.options(
@@ -270,10 +283,12 @@ class SpmdGroup:
                 handle._wait_placed(timeout)
         except BaseException:
             self._kill(attempt)
+            for extra in agents[1:]:
+                _kill_quietly(extra)
             raise
         logger.info(
             "group %s: attempt %d placed: %d ranks on %d pods, master %s:%d",
-            self.name,
+            self._name,
             number,
             self.world_size,
             len(hosts),
@@ -296,14 +311,14 @@ class SpmdGroup:
                 f"distribute('pytorch') needs torch on the pods ({exc}): install kt[torch] "
                 "into the image, or use distribute('spmd')"
             )
-        logger.error("group %s: the agent store failed: %s", self.name, exc)
+        logger.error("group %s: the agent store failed: %s", self._name, exc)
         self._background(self._stop_failed, attempt, exc)
 
     def _stop_failed(self, attempt: Attempt, exc: BaseException) -> None:
         with self._ops:
             with self._lock:
                 done = (GroupState.STOPPED, GroupState.FAILED)
-                if self._attempt is not attempt or self.state in done:
+                if self._attempt is not attempt or self._state in done:
                     return
                 self._open = False
                 self._move(GroupState.FAILED)
@@ -318,11 +333,11 @@ class SpmdGroup:
     def teardown(self) -> None:
         """Kill every rank and the agent; later calls raise. Safe to call twice."""
         with self._lock:
-            if self.state is GroupState.STOPPED:
+            if self._state is GroupState.STOPPED:
                 return
             self._open = False
             self._move(GroupState.STOPPED)
-            self._open_gate(KtError(f"SPMD group {self.name} was torn down"))
+            self._open_gate(KtError(f"SPMD group {self._name} was torn down"))
         with self._ops:  # lets a start in progress finish, then kills what it made
             attempt = self._attempt
             if attempt is not None:
@@ -333,7 +348,7 @@ class SpmdGroup:
         """First failed rank of `call` (any thread): close the gate, recover in background."""
         attempt: Attempt = call.attempt
         with self._lock:
-            over = self.state in (GroupState.STOPPED, GroupState.FAILED)
+            over = self._state in (GroupState.STOPPED, GroupState.FAILED)
             late = attempt is not self._attempt or attempt.failed or over
             if not late:
                 attempt.failed = True
@@ -351,7 +366,7 @@ class SpmdGroup:
             attempt: Attempt = call.attempt
             start = time.monotonic()
             if not call.snapshot()[0][0].died:  # a death may be on its way: let it arrive
-                while time.monotonic() - start < self.settle and not call.finished.is_set():
+                while time.monotonic() - start < self._settle and not call.finished.is_set():
                     if any(f.died for f, _ in call.snapshot()):
                         break
                     time.sleep(0.01)
@@ -366,12 +381,14 @@ class SpmdGroup:
                 else:
                     note = f"no restarts left (max_restarts={self.max_restarts}): group failed"
             else:
-                note = f"ranks still running after {self.grace:g} s are stopped, as torchrun does"
+                note = f"ranks still running after {self._grace:g} s are stopped, as torchrun does"
             call.out.set_exception(self._worded(cause.rank, exc, attempt, note))
             if not cause.died:
-                call.finished.wait(max(0.0, self.grace - (time.monotonic() - start)))
-                if any(f.died for f, _ in call.snapshot()):
-                    cause = root_cause([f for f, _ in call.snapshot()])
+                call.finished.wait(max(0.0, self._grace - (time.monotonic() - start)))
+                failures = call.snapshot()
+                if any(f.died for f, _ in failures):  # a rank died meanwhile: that is the cause
+                    cause = root_cause([f for f, _ in failures])
+                    exc = next(e for f, e in failures if f is cause)
             decision = decide(cause=cause, all_finished=call.finished.is_set(), restarts_left=left)
             self._carry_out(decision, attempt, cause.rank, exc)
 
@@ -380,7 +397,7 @@ class SpmdGroup:
     ) -> None:
         """Ops lock held: resume, restart or fail after rank `rank` raised `exc`."""
         with self._lock:
-            if self.state is GroupState.STOPPED:
+            if self._state is GroupState.STOPPED:
                 return
             if decision is Decision.RESUME:
                 attempt.failed = False
@@ -392,7 +409,7 @@ class SpmdGroup:
         if decision is Decision.RESTART:
             logger.warning(
                 "group %s: rank %d failed (%s); restarting as attempt %d (%d/%d restarts left)",
-                self.name,
+                self._name,
                 rank,
                 str(exc)[:256],
                 attempt.number + 1,
@@ -401,20 +418,20 @@ class SpmdGroup:
             )
             self._start_locked(attempt.number + 1)
             return
-        logger.error("group %s: rank %d failed and no restarts are left", self.name, rank)
+        logger.error("group %s: rank %d failed and no restarts are left", self._name, rank)
         died = ActorDiedError(
-            exc.actor if isinstance(exc, ActorDiedError) else f"SPMD group {self.name}",
+            exc.actor if isinstance(exc, ActorDiedError) else f"SPMD group {self._name}",
             exc.pod if isinstance(exc, ActorDiedError) else "-",
             reason=f"rank {rank} failed ({str(exc)[:256]}) and no restarts were left "
             f"(max_restarts={self.max_restarts}); create the group again",
         )
         with self._lock:
-            if self.state is not GroupState.STOPPED:
+            if self._state is not GroupState.STOPPED:
                 self._open_gate(died)
 
     def _worded(self, rank: int, exc: BaseException, attempt: Attempt, note: str) -> BaseException:
         """`exc` naming the rank: a new ActorDiedError for a death, else `exc` with a note."""
-        where = f"rank {rank} of SPMD group {self.name} (attempt {attempt.number})"
+        where = f"rank {rank} of SPMD group {self._name} (attempt {attempt.number})"
         if isinstance(exc, ActorDiedError):
             why = f": {exc.reason}" if exc.reason else ""
             worded = ActorDiedError(

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -57,19 +56,24 @@ def probe(fail_on: int = -1, collective: bool = True) -> dict[str, Any]:
     }
 
 
-@pytest.fixture(scope="module")
-def group() -> Iterator[SpmdGroup]:
+@pytest.mark.timeout(120)
+def test_group_calls() -> None:
+    """One group for all of it: under pytest-xdist, tests sharing a fixture may not share
+    a worker, and a second group would cost a second start."""
     compute = kt.Compute(cpus=2, backend="local").distribute(
         "pytorch", workers=2, procs_per_worker=2
     )
-    g = kt.fn(probe).to(compute)
-    assert isinstance(g, SpmdGroup)
-    yield g
-    g.teardown()
+    group = kt.fn(probe).to(compute)
+    assert isinstance(group, SpmdGroup)
+    try:
+        _second_call_reuses_processes_and_rendezvous(group)
+        _rank_views_call_a_subset(group)
+        _error_on_one_rank_names_it_and_keeps_the_group(group)
+    finally:
+        group.teardown()
 
 
-@pytest.mark.timeout(120)
-def test_second_call_reuses_processes_and_rendezvous(group: SpmdGroup) -> None:
+def _second_call_reuses_processes_and_rendezvous(group: SpmdGroup) -> None:
     first = group.remote().result(timeout=90)
     assert [r["rank"] for r in first] == [r["env_rank"] for r in first] == [0, 1, 2, 3]
     assert all(not r["was_initialized"] and r["calls"] == 1 for r in first)
@@ -85,8 +89,7 @@ def test_second_call_reuses_processes_and_rendezvous(group: SpmdGroup) -> None:
     assert len({r["pid"] for r in second}) == 4
 
 
-@pytest.mark.timeout(60)
-def test_rank_views_call_a_subset(group: SpmdGroup) -> None:
+def _rank_views_call_a_subset(group: SpmdGroup) -> None:
     pids = [r["pid"] for r in group()]
     one = group.rank(2)(collective=False)
     assert (one["env_rank"], one["pid"]) == (2, pids[2])
@@ -96,8 +99,7 @@ def test_rank_views_call_a_subset(group: SpmdGroup) -> None:
         group.rank(4)
 
 
-@pytest.mark.timeout(60)
-def test_error_on_one_rank_names_it_and_keeps_the_group(group: SpmdGroup) -> None:
+def _error_on_one_rank_names_it_and_keeps_the_group(group: SpmdGroup) -> None:
     pids = [r["pid"] for r in group()]
     with pytest.raises(ValueError, match="refusing on purpose") as info:
         group(fail_on=2)

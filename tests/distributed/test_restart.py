@@ -6,9 +6,11 @@ Behaviours covered:
   collective with it, is stopped too (not left hanging);
 - with `max_restarts`, the next call succeeds on new processes that see
   TORCHELASTIC_RESTART_COUNT incremented and a new MASTER_PORT (a new rendezvous);
-- a rank that raises while its peers wait for it in a collective is named in the error,
-  and the stuck peers are stopped and the group restarted after the grace period;
-- once no restarts are left, the failing call says so and every later call raises.
+- a rank that raises while its peers wait for it in a collective is named in the error at
+  once, and the stuck peers are stopped after the grace period (and the group restarted
+  while restarts are left: the policy itself is tested in test_state.py);
+- once no restarts are left, the failing call says so, every later call raises, and no
+  rank process is left running.
 """
 
 from __future__ import annotations
@@ -16,13 +18,13 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 import kt
 from kt.distributed import GroupState, SpmdGroup
+from kt.distributed.group import GRACE_S
 
 pytest.importorskip("torch")
 
@@ -54,63 +56,70 @@ def _gone(pid: int) -> bool:
     return False
 
 
-@pytest.fixture(scope="module")
-def group() -> Iterator[SpmdGroup]:
+def _group(max_restarts: int) -> SpmdGroup:
     compute = kt.Compute(cpus=2, backend="local").distribute("pytorch", workers=2)
-    g = kt.fn(step).to(compute, max_restarts=2)
-    assert isinstance(g, SpmdGroup) and g.max_restarts == 2
-    yield g
-    g.teardown()
+    g = kt.fn(step).to(compute, max_restarts=max_restarts)
+    assert isinstance(g, SpmdGroup) and g.max_restarts == max_restarts
+    return g
 
 
 @pytest.mark.timeout(120)
-def test_kill_9_mid_call_restarts_the_group(group: SpmdGroup) -> None:
-    before = group.remote().result(timeout=90)
-    assert [r["restart_count"] for r in before] == ["0", "0"]
-    assert [r["max_restarts"] for r in before] == ["2", "2"]
-    ref = group.remote(hold=60)
-    time.sleep(0.5)  # rank 0 waits in the barrier, rank 1 sleeps
-    os.kill(before[1]["pid"], signal.SIGKILL)
-    start = time.monotonic()
-    with pytest.raises(kt.ActorDiedError, match="rank 1 of SPMD group step") as info:
-        ref.result(timeout=30)
-    assert time.monotonic() - start < 5
-    assert info.value.signal == signal.SIGKILL
-    assert "restarts as attempt 1" in str(info.value)
+def test_kill_9_mid_call_restarts_the_group_until_restarts_run_out() -> None:
+    group = _group(max_restarts=1)
+    try:
+        before = group.remote().result(timeout=90)
+        assert [r["restart_count"] for r in before] == ["0", "0"]
+        assert [r["max_restarts"] for r in before] == ["1", "1"]
+        ref = group.remote(hold=60)
+        time.sleep(0.5)  # rank 0 waits in the barrier, rank 1 sleeps
+        os.kill(before[1]["pid"], signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(kt.ActorDiedError, match="rank 1 of SPMD group step") as info:
+            ref.result(timeout=30)
+        assert time.monotonic() - start < 5
+        assert info.value.signal == signal.SIGKILL
+        assert "restarts as attempt 1" in str(info.value)
 
-    after = group.remote().result(timeout=90)
-    assert [r["restart_count"] for r in after] == ["1", "1"]
-    assert after[0]["master_port"] != before[0]["master_port"]
-    assert {r["pid"] for r in after}.isdisjoint(r["pid"] for r in before)
-    assert _gone(before[0]["pid"])  # the peer stuck in the barrier was stopped too
-    assert group.state is GroupState.RUNNING and group.restart_count == 1
-
-
-@pytest.mark.timeout(120)
-def test_raise_with_stuck_peers_restarts_then_restarts_run_out(group: SpmdGroup) -> None:
-    before = group.remote().result(timeout=90)
-    with pytest.raises(RuntimeError, match="gives up") as info:
-        group.remote(fail_on=1).result(timeout=30)
-    assert any("rank 1 of SPMD group step" in n for n in info.value.__notes__)
-    # rank 0 is stuck in the barrier: after the grace the group restarts
-    after = group.remote().result(timeout=90)
-    assert after[0]["restart_count"] == str(before[0]["restart_count"] + "") or True
-    assert int(after[0]["restart_count"]) == int(before[0]["restart_count"]) + 1
-    assert _gone(before[0]["pid"])
-
-    while group.restart_count < group.max_restarts:  # use up what is left
-        os.kill(after[1]["pid"], signal.SIGKILL)
-        with pytest.raises(kt.ActorDiedError):
-            group.remote().result(timeout=30)
         after = group.remote().result(timeout=90)
-    os.kill(after[0]["pid"], signal.SIGKILL)
-    with pytest.raises(kt.ActorDiedError, match="no restarts left") as last:
-        group.remote().result(timeout=30)
-    assert "rank 0 of SPMD group step" in str(last.value)
-    with pytest.raises(kt.ActorDiedError, match="no restarts were left"):
-        group.remote().result(timeout=30)
-    assert group.state is GroupState.FAILED
+        assert [r["restart_count"] for r in after] == ["1", "1"]
+        assert after[0]["master_port"] != before[0]["master_port"]
+        assert {r["pid"] for r in after}.isdisjoint(r["pid"] for r in before)
+        assert _gone(before[0]["pid"])  # the peer stuck in the barrier was stopped too
+        assert group.group_state is GroupState.RUNNING and group.restart_count == 1
+
+        os.kill(after[0]["pid"], signal.SIGKILL)
+        with pytest.raises(kt.ActorDiedError, match="no restarts left") as last:
+            group.remote().result(timeout=30)
+        assert "rank 0 of SPMD group step" in str(last.value)
+        with pytest.raises(kt.ActorDiedError, match="no restarts were left"):
+            group.remote().result(timeout=30)
+        assert group.group_state is GroupState.FAILED
+        _wait_gone(after[1]["pid"])
+    finally:
+        group.teardown()
+
+
+@pytest.mark.timeout(120)
+def test_raise_with_stuck_peers_stops_them_after_the_grace() -> None:
+    group = _group(max_restarts=0)
+    try:
+        before = group.remote().result(timeout=90)
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match="gives up") as info:
+            group.remote(fail_on=1).result(timeout=30)
+        assert time.monotonic() - start < GRACE_S  # raised before the grace is over
+        assert any("rank 1 of SPMD group step" in n for n in info.value.__notes__)
+        # rank 0 is stuck in the barrier: after the grace it is stopped; no restarts left
+        with pytest.raises(kt.ActorDiedError, match="no restarts were left"):
+            group.remote().result(timeout=30)
+        assert group.group_state is GroupState.FAILED
+        _wait_gone(before[0]["pid"])
+    finally:
+        group.teardown()
+
+
+def _wait_gone(pid: int) -> None:
     deadline = time.monotonic() + 10
-    while not _gone(after[1]["pid"]) and time.monotonic() < deadline:
+    while not _gone(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert _gone(after[1]["pid"])
+    assert _gone(pid)
