@@ -39,7 +39,8 @@ ROWS = (
     "arg100m_rt",
 )
 ONCE = ("place100",)  # slow on Ray: first repetition only
-TIMEOUT_S = {"kt": 600.0, "ray": 900.0}
+SPMD = "spmd"  # kt's SPMD group against torchrun (bench/spmd_side.py), once per run
+TIMEOUT_S = {"kt": 600.0, "ray": 900.0, "spmd": 300.0}
 
 
 def _log(msg: str) -> None:
@@ -51,7 +52,7 @@ def run_side(side: str, python: str, rows: list[str]) -> dict[str, Any]:
     script = BENCH_DIR / f"{side}_side.py"
     env = dict(os.environ)
     with tempfile.TemporaryDirectory(prefix=f"bench-{side}-") as home:
-        if side == "kt":
+        if side in ("kt", "spmd"):
             env["KT_HOME"] = home  # no state left in ~/.kt
         t0 = time.perf_counter()
         try:
@@ -79,6 +80,18 @@ def run_side(side: str, python: str, rows: list[str]) -> dict[str, Any]:
     return result
 
 
+def run_spmd() -> dict[str, Any]:
+    """kt's 2x2 group second call, and torchrun's relaunch of the same step (as the anchor)."""
+    _log("spmd: kt group second call vs torchrun relaunch")
+    result = run_side("spmd", sys.executable, [])
+    if "spmd_second_call" not in result:
+        return {"_errors": result.get("_errors", {"spmd": "no result"})}
+    return {
+        "kt": {"second_call_ms": result["spmd_second_call"]["median_ms"]},
+        "torchrun": {"second_call_ms": 1000.0 * result["torchrun_relaunch"]["seconds"]},
+    }
+
+
 def ensure_matplotlib(python: Path) -> bool:
     """matplotlib in the Ray venv (bench-owned), installed on first use."""
     check = [str(python), "-c", "import matplotlib"]
@@ -103,7 +116,9 @@ def render_plot(python: Path, latest: Path, png: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--reps", type=int, default=3, help="repetitions per side (default 3)")
-    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), metavar="ROW")
+    parser.add_argument(
+        "--rows", nargs="+", choices=(*ROWS, SPMD), default=[*ROWS, SPMD], metavar="ROW"
+    )
     parser.add_argument("--no-ray", action="store_true", help="run the kt side only")
     args = parser.parse_args(argv)
 
@@ -111,8 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     kt_runs: list[dict[str, Any]] = []
     ray_runs: list[dict[str, Any]] = []
     t0 = time.perf_counter()
+    if SPMD in args.rows:
+        spmd = run_spmd()
+        kt_runs.append({"spmd": spmd.get("kt", {}), "_errors": spmd.get("_errors", {})})
+        ray_runs.append({"spmd": spmd.get("torchrun", {})})
     for rep in range(args.reps):
-        rows = [r for r in args.rows if rep == 0 or r not in ONCE]
+        rows = [r for r in args.rows if r != SPMD and (rep == 0 or r not in ONCE)]
         sides = ["kt", "ray"] if rep % 2 == 0 else ["ray", "kt"]
         for side in sides:
             if side == "ray" and ray_python is None:
