@@ -17,10 +17,17 @@ and on the receiving side is rebuilt as a view on the receive buffer.
 
 Values made only of builtin scalars take the stdlib pickler (same bytes, ~5x faster);
 anything else goes through cloudpickle so that `__main__` code travels by value.
+
+CPU torch tensors travel as numpy arrays (rebuilt with `torch.from_numpy`): torch's own
+pickling costs ~400 us a tensor against ~13 us, and the array's buffer goes out of band
+like any other. Tensors that share storage arrive as separate copies (the same tensor
+object twice is still one); dtypes numpy lacks (bfloat16) and non-CPU tensors take
+torch's own path.
 """
 
 from __future__ import annotations
 
+import io
 import pickle
 import struct
 from collections.abc import Sequence
@@ -56,6 +63,39 @@ def _plain(value: Any, depth: int = 0) -> bool:
     return False
 
 
+class _Pickler(cloudpickle.Pickler):
+    """cloudpickle, plus plain CPU tensors as numpy arrays."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        t = type(obj)
+        if t.__name__ == "Tensor" and t.__module__ == "torch":
+            reduced = _reduce_tensor(obj)
+            if reduced is not None:
+                return reduced
+        return super().reducer_override(obj)
+
+
+def _reduce_tensor(tensor: Any) -> tuple[Any, ...] | None:
+    if tensor.device.type != "cpu" or tensor.layout.__repr__() != "torch.strided":
+        return None
+    if tensor.is_quantized or tensor.is_conj() or tensor.is_neg():
+        return None
+    try:
+        array = tensor.detach().numpy()
+    except (TypeError, RuntimeError):  # a dtype numpy lacks (bfloat16)
+        return None
+    return (_tensor_from_numpy, (array, tensor.requires_grad))
+
+
+def _tensor_from_numpy(array: Any, requires_grad: bool) -> Any:
+    import torch
+
+    if not array.flags.writeable:  # torch tensors are writable; never alias read-only memory
+        array = array.copy()
+    tensor = torch.from_numpy(array)
+    return tensor.requires_grad_() if requires_grad else tensor
+
+
 def dumps(value: Any, shm: ShmArena | None = None) -> Parts:
     """Serialize to a list of parts whose concatenation is the payload.
 
@@ -75,7 +115,9 @@ def dumps(value: Any, shm: ShmArena | None = None) -> Parts:
     if _plain(value):
         main = pickle.dumps(value, protocol=5)
     else:
-        main = cloudpickle.dumps(value, protocol=5, buffer_callback=keep)
+        out = io.BytesIO()
+        _Pickler(out, protocol=5, buffer_callback=keep).dump(value)
+        main = out.getvalue()
     if not buffers:
         head = _NO_OOB.pack(0, len(main))
         return [head + main] if len(main) < OOB_THRESHOLD else [head, main]

@@ -54,3 +54,27 @@ def test_exception_round_trip_keeps_type_and_traceback() -> None:
     exc = serialization.loads_exception(payload)
     assert isinstance(exc, KeyError) and exc.args == ("k",)
     assert "Traceback: here" in str(exc.__cause__)
+
+
+def test_cpu_tensors_travel_as_arrays_and_come_back_equal() -> None:
+    torch = pytest.importorskip("torch")
+    tied = torch.randn(4)
+    values = [
+        torch.randn(3, 4),
+        torch.randn(3, 4)[:, 1:],  # a non-contiguous view
+        torch.arange(10) > 4,
+        torch.randn(2, requires_grad=True),
+        torch.randn(4).to(torch.bfloat16),  # numpy has no bfloat16: torch's own path
+        torch.zeros(0),
+    ]
+    for value in values:
+        out = serialization.loads(serialization.dumps_bytes(value))
+        assert type(out) is torch.Tensor and out.dtype == value.dtype
+        assert out.requires_grad == value.requires_grad
+        assert torch.equal(out.detach(), value.detach())
+    pair = serialization.loads(serialization.dumps_bytes({"a": tied, "b": tied}))
+    assert pair["a"] is pair["b"]  # the same tensor twice stays one tensor
+    big = torch.arange(2**20, dtype=torch.float32)  # 4 MiB: out of band, as an array
+    parts = serialization.dumps(big)
+    assert any(isinstance(p, memoryview) and p.nbytes == 4 * 2**20 for p in parts)
+    assert torch.equal(serialization.loads(b"".join(parts)), big)
