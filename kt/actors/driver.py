@@ -180,7 +180,11 @@ class Driver:
         pool = victims[0].pool
         assert pool is not None
         slot = pool.slot_at(address)
-        alive = slot is not None and await _pod_alive(pool.provider, pool.name, slot.pod.name)
+        alive = (
+            slot is not None
+            and await _pod_alive(pool.provider, pool.name, slot.pod.name)
+            and await _reachable(address)
+        )
         if alive:
             for actor in victims:
                 actor.handle._bind(address, pool.token)
@@ -255,6 +259,19 @@ class Driver:
 
 async def _awaitable(ref: Ref[Any]) -> Any:
     return await ref
+
+
+async def _reachable(address: Address, tries: int = 3) -> bool:
+    """The pod accepts connections (a dying process can still look alive to the provider)."""
+    for attempt in range(tries):
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(*address), 1.0)
+        except (TimeoutError, OSError):
+            await asyncio.sleep(0.2 * (attempt + 1))
+            continue
+        writer.close()
+        return True
+    return False
 
 
 async def _pod_alive(provider: Provider, pool: str, name: str) -> bool:

@@ -206,11 +206,10 @@ class Link:
     def _fail(self, error: KtError) -> None:
         if self.state is LinkState.CLOSED:
             return
-        was_ready = self.state is LinkState.READY
         self.state = LinkState.CLOSED
         self._failure = error
         self.runtime.forget(self)
-        if was_ready and self.runtime.on_link_lost is not None:
+        if self.runtime.on_link_lost is not None:
             self.runtime.on_link_lost(self.address)  # before the calls fail: retries see it
         inflight, self.inflight = self.inflight, {}
         self._queued.clear()
