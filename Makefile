@@ -23,7 +23,7 @@ test: lint
 	$(BIN)/python -m pytest -n 2 tests
 
 demo: $(STAMP)
-	$(BIN)/python examples/quickstart.py
+	$(BIN)/python examples/rl_grpo/train.py --task sort --steps 400
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
