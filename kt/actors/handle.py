@@ -122,9 +122,7 @@ class ActorHandle:
 
     @staticmethod
     def _runtime() -> Runtime:
-        from kt.actors.driver import get_runtime
-
-        return get_runtime()
+        return _get_runtime()
 
     # -- placement ----------------------------------------------------------------------
     def _bind(self, address: Address, token: str) -> None:
@@ -270,6 +268,15 @@ class ActorHandle:
             _rebuild,
             (self._actor_id, self._cls_name, dict(self._methods), address, self._token, self._name),
         )
+
+
+def _get_runtime() -> Runtime:
+    """The process's runtime (kt.actors.driver imports this module, so import it late)."""
+    global _get_runtime
+    from kt.actors.driver import get_runtime
+
+    _get_runtime = get_runtime  # every later call goes straight there
+    return get_runtime()
 
 
 def _copy_outcome(src: Ref[Any], dst: Ref[Any]) -> None:

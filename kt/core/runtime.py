@@ -40,7 +40,9 @@ Address = tuple[str, int]
 Pending = Ref[Any] | StreamRef[Any]
 DIRECT_SEND = os.environ.get("KT_DIRECT_SEND", "1") != "0"
 """A caller's thread writes a lone call to the socket itself (see Link.submit_direct)."""
-_ERROR = int(FrameFlag.ERROR)  # plain ints on the hot path: IntFlag's & is Python code
+# Plain ints on the hot path: enum member lookups and IntFlag's & are Python code.
+_ERROR = int(FrameFlag.ERROR)
+_RESULT = int(FrameKind.RESULT)
 _done = RefState.DONE
 _failed = RefState.FAILED
 
@@ -163,7 +165,7 @@ class Link:
         payload: memoryview,
         frame: memoryview,
     ) -> None:
-        if kind == FrameKind.RESULT:
+        if kind == _RESULT:
             ref = self.inflight.pop(req_id, None)
             if ref is None:
                 return  # cancelled or already failed

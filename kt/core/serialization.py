@@ -49,17 +49,27 @@ Parts = list[bytes | memoryview]
 
 
 def _plain(value: Any, depth: int = 0) -> bool:
+    """Only builtin scalars in small tuples, lists and str-keyed dicts (on every call: loops,
+    not generators, which cost more than the check itself)."""
     t = type(value)
     if t in _SCALARS:
         return True
     if depth > 2:
         return False
     if t is tuple or t is list:
-        return len(value) <= 16 and all(_plain(v, depth + 1) for v in value)
+        if len(value) > 16:
+            return False
+        for v in value:
+            if type(v) not in _SCALARS and not _plain(v, depth + 1):
+                return False
+        return True
     if t is dict:
-        return len(value) <= 16 and all(
-            type(k) is str and _plain(v, depth + 1) for k, v in value.items()
-        )
+        if len(value) > 16:
+            return False
+        for k, v in value.items():
+            if type(k) is not str or (type(v) not in _SCALARS and not _plain(v, depth + 1)):
+                return False
+        return True
     return False
 
 

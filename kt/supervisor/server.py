@@ -39,7 +39,9 @@ from kt.supervisor.processes import ExitInfo, ProcessManager, WorkerProcess
 
 logger = logging.getLogger(__name__)
 _ROUTE = struct.Struct("<I")
+# Plain ints on the hot path: enum member lookups and IntFlag's & are Python code.
 _SHM_OK = int(FrameFlag.SHM_OK)
+_RESULT = int(FrameKind.RESULT)
 
 Handler = Callable[["Peer", int, int, memoryview, memoryview, memoryview], None]
 
@@ -50,6 +52,9 @@ class ActorState(str, enum.Enum):
     STARTING = "starting"
     ALIVE = "alive"
     DEAD = "dead"
+
+
+_STARTING = ActorState.STARTING
 
 
 @dataclass
@@ -448,9 +453,9 @@ class Supervisor:
         frame: memoryview,
     ) -> None:
         rec = self._by_worker.get(worker.id)
-        if kind == FrameKind.RESULT and rec is not None:
+        if kind == _RESULT and rec is not None:
             rec.inflight.pop((route << 64) | req_id, None)
-            if rec.state is ActorState.STARTING:
+            if rec.state is _STARTING:
                 self._started(rec, failed=bool(flags & FrameFlag.ERROR), header=header)
         peer = self.peers.get(route)
         if peer is not None:

@@ -31,7 +31,9 @@ from kt.core.protocol import FrameFlag, FrameKind
 from kt.core.runtime import new_event_loop
 from kt.core.shm import ShmArena
 
-_SHM_OK = int(FrameFlag.SHM_OK)  # plain ints on the hot path: IntFlag's & is Python code
+# Plain ints on the hot path: enum member lookups and IntFlag's & are Python code.
+_SHM_OK = int(FrameFlag.SHM_OK)
+_CALL, _CREATE, _CANCEL = int(FrameKind.CALL), int(FrameKind.CREATE_ACTOR), int(FrameKind.CANCEL)
 
 
 class ActorHost:
@@ -60,11 +62,11 @@ class ActorHost:
         payload: memoryview,
         frame: memoryview,
     ) -> None:
-        if kind == FrameKind.CALL:
+        if kind == _CALL:
             self.call(route, req_id, bool(flags & _SHM_OK), header, payload)
-        elif kind == FrameKind.CREATE_ACTOR:
+        elif kind == _CREATE:
             self.create(route, req_id, header, payload)
-        elif kind == FrameKind.CANCEL:
+        elif kind == _CANCEL:
             task = self._tasks.get(req_id)
             if task is not None:
                 task.cancel()
