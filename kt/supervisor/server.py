@@ -43,7 +43,8 @@ _ROUTE = struct.Struct("<I")
 _SHM_OK = int(FrameFlag.SHM_OK)
 _RESULT = int(FrameKind.RESULT)
 
-Handler = Callable[["Peer", int, int, memoryview, memoryview, memoryview], None]
+Handler = Callable[["Peer", int, memoryview, memoryview], None]
+"""handler(peer, req_id, header, frame): one per frame kind, in Supervisor.handlers."""
 
 
 class ActorState(str, enum.Enum):
@@ -117,7 +118,7 @@ class Peer:
             logger.warning("peer %s sent unknown frame kind %d; closing", self.caller, kind)
             self.channel.abort()
             return
-        handler(self, flags, req_id, header, payload, frame)
+        handler(self, req_id, header, frame)
 
     def _on_lost(self, exc: Exception | None) -> None:
         self.supervisor.peer_lost(self)
@@ -255,15 +256,7 @@ class Supervisor:
         )
 
     # -- handlers ----------------------------------------------------------------------
-    def on_call(
-        self,
-        peer: Peer,
-        flags: int,
-        req_id: int,
-        header: memoryview,
-        payload: memoryview,
-        frame: memoryview,
-    ) -> None:
+    def on_call(self, peer: Peer, req_id: int, header: memoryview, frame: memoryview) -> None:
         key = bytes(header)
         rec = self._routes.get(key)
         if rec is None:
@@ -293,13 +286,7 @@ class Supervisor:
         rec.send(frame if len(frame) > BIG_FRAME else bytes(frame))
 
     def on_create_actor(
-        self,
-        peer: Peer,
-        flags: int,
-        req_id: int,
-        header: memoryview,
-        payload: memoryview,
-        frame: memoryview,
+        self, peer: Peer, req_id: int, header: memoryview, frame: memoryview
     ) -> None:
         spec = protocol.decode_header(header)
         actor_id = spec["actor"]
@@ -338,15 +325,7 @@ class Supervisor:
         if rec.state is ActorState.DEAD:  # killed before it had a process
             worker.kill()
 
-    def on_kill_actor(
-        self,
-        peer: Peer,
-        flags: int,
-        req_id: int,
-        header: memoryview,
-        payload: memoryview,
-        frame: memoryview,
-    ) -> None:
+    def on_kill_actor(self, peer: Peer, req_id: int, header: memoryview, frame: memoryview) -> None:
         actor_id = protocol.decode_header(header).get("actor", "")
         rec = self.actors.get(actor_id)
         if rec is not None and rec.state is not ActorState.DEAD:
@@ -359,15 +338,7 @@ class Supervisor:
             protocol.encode(FrameKind.RESULT, req_id, b"", serialization.dumps_bytes(None))
         )
 
-    def on_cancel(
-        self,
-        peer: Peer,
-        flags: int,
-        req_id: int,
-        header: memoryview,
-        payload: memoryview,
-        frame: memoryview,
-    ) -> None:
+    def on_cancel(self, peer: Peer, req_id: int, header: memoryview, frame: memoryview) -> None:
         actor_id = protocol.decode_header(header).get("a", "")
         rec = self.actors.get(actor_id)
         if rec is not None and rec.state is not ActorState.DEAD:
@@ -381,15 +352,7 @@ class Supervisor:
                     return rec
         return None
 
-    def on_lookup(
-        self,
-        peer: Peer,
-        flags: int,
-        req_id: int,
-        header: memoryview,
-        payload: memoryview,
-        frame: memoryview,
-    ) -> None:
+    def on_lookup(self, peer: Peer, req_id: int, header: memoryview, frame: memoryview) -> None:
         query = protocol.decode_header(header)
         rec = self._named(str(query.get("name")), str(query.get("namespace") or ""))
         found = (
@@ -399,15 +362,7 @@ class Supervisor:
             protocol.encode(FrameKind.RESULT, req_id, b"", serialization.dumps_bytes(found))
         )
 
-    def on_ping(
-        self,
-        peer: Peer,
-        flags: int,
-        req_id: int,
-        header: memoryview,
-        payload: memoryview,
-        frame: memoryview,
-    ) -> None:
+    def on_ping(self, peer: Peer, req_id: int, header: memoryview, frame: memoryview) -> None:
         self.last_activity = time.monotonic()
         peer.channel.send(protocol.encode(FrameKind.PONG, req_id))
 
