@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import enum
 import importlib
+import importlib.util
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -121,9 +122,18 @@ def resolve_backend(requested: str | None) -> str:
             raise ConfigError(f"KT_BACKEND={env!r}: choose one of {sorted(_BACKENDS)}")
         return env
     kubeconfig = os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
-    if os.path.exists(kubeconfig) or os.environ.get("KUBERNETES_SERVICE_HOST"):
+    in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+    if (os.path.exists(kubeconfig) or in_cluster) and _importable("kt.k8s.provider"):
         return "k8s"
     return "local"
+
+
+def _importable(module: str) -> bool:
+    """Whether a backend's module is installed (the k8s one is an optional part)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
 
 
 def get_provider(name: str) -> Provider:

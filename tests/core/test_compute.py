@@ -31,3 +31,18 @@ def test_replica_range_and_pool_names() -> None:
     assert kt.Compute(cpus=2).pool_name() == kt.Compute(cpus=2).pool_name()
     assert kt.Compute(cpus=2).pool_name() != kt.Compute(cpus=3).pool_name()
     assert kt.Compute(name="rollout").pool_name() == "rollout"
+
+
+def test_backend_choice(monkeypatch: pytest.MonkeyPatch, tmp_path: object) -> None:
+    from kt.core.provider import get_provider, resolve_backend
+
+    monkeypatch.delenv("KT_BACKEND", raising=False)
+    monkeypatch.setenv("KUBECONFIG", "/nonexistent/kubeconfig")
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    assert resolve_backend(None) == "local"
+    assert resolve_backend("k8s") == "k8s"
+    monkeypatch.setenv("KT_BACKEND", "nomad")
+    with pytest.raises(kt.ConfigError, match="KT_BACKEND"):
+        resolve_backend(None)
+    with pytest.raises(kt.ConfigError, match="unknown backend"):
+        get_provider("nomad")
