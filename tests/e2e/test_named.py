@@ -7,6 +7,7 @@ actor; a second actor with a taken name is refused; an unknown name says so.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import uuid
 import pytest
 
 import kt
+from kt.core.provider import PodState, get_provider
 
 MAKER = textwrap.dedent(
     """
@@ -62,9 +64,21 @@ def _driver(code: str, name: str) -> str:
 @pytest.mark.timeout(240)
 def test_detached_named_actor_outlives_its_driver() -> None:
     name = f"registry-{uuid.uuid4().hex[:6]}"
-    assert "made" in _driver(MAKER, name)  # the first driver has exited
-    out = _driver(USER, name)
-    assert "2 ['from the first driver', 'from the second driver']" in out
+    pool = kt.Compute(cpus=1, replicas=1, backend="local").pool_name() + "-detached"
+    try:
+        assert "made" in _driver(MAKER, name)  # the first driver has exited
+        assert _pods(pool), "the detached pool went away with its driver"
+        out = _driver(USER, name)
+        assert "2 ['from the first driver', 'from the second driver']" in out
+    finally:  # detached pods live until their inactivity_ttl: do not leave them behind
+        provider = get_provider("local")
+        for pod in asyncio.run(provider.list_pods(pool)):
+            asyncio.run(provider.delete_pod(pool, pod.name))
+
+
+def _pods(pool: str) -> list[str]:
+    pods = asyncio.run(get_provider("local").list_pods(pool))
+    return [p.name for p in pods if p.state is PodState.READY]
 
 
 class Box:
