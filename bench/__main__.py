@@ -145,7 +145,11 @@ def main(argv: list[str] | None = None) -> int:
         kt_runs,
         ray_runs,
         ray_python=None if ray_python is None else str(ray_python),
-        extra={"reps": args.reps, "rows": args.rows},
+        extra={
+            "reps": args.reps,
+            "rows": args.rows,
+            "run_seconds": round(time.perf_counter() - t0, 1),
+        },
     )
     latest = report.RESULTS_DIR / "latest.json"
     _log(f"wrote {latest}")

@@ -151,6 +151,10 @@ class Run:
         """Step time not spent computing: kt's calls, serialization and the weight sync."""
         return max(0.0, self.wall_s - self.eval_s - self.compute_s.get("critical", 0.0))
 
+    @property
+    def overhead_fraction(self) -> float:
+        return self.overhead_s / max(self.wall_s - self.eval_s, 1e-9)
+
     def split_line(self) -> str:
         c = self.compute_s
         steps = self.wall_s - self.eval_s
@@ -160,7 +164,7 @@ class Run:
             f"reward {c.get('reward', 0):.1f}s, train {c.get('train', 0):.1f}s, "
             f"sync {self.sync_s:.1f}s, eval {self.eval_s:.1f}s; "
             f"kt overhead (calls + sync) {self.overhead_s:.1f}s = "
-            f"{100 * self.overhead_s / max(steps, 1e-9):.1f}% of step time"
+            f"{100 * self.overhead_fraction:.1f}% of step time ({steps:.1f}s)"
         )
 
 
@@ -182,6 +186,7 @@ async def run_async(cfg: RunConfig, progress: Progress | None = None) -> Run:
     trainer = kt.cls(Trainer).to(trainer_pool, init_args=(cfg.task, model, cfg.seed, hp, cfg.steps))
     weights = await asyncio.to_thread(collective_group, [trainer.rank(0), *workers])
     held_out = eval_prompts(task, hp.eval_size, cfg.seed)
+    unseen = {tuple(p) for p in held_out.tolist()}  # evaluation prompts are never trained on
     prompt_gen = torch.Generator().manual_seed(cfg.seed)
     run = Run(History(), parts={"workers": workers, "trainer": trainer, "weights": weights})
     c = run.compute_s = dict.fromkeys(("rollout", "reward", "train", "critical"), 0.0)
@@ -190,8 +195,16 @@ async def run_async(cfg: RunConfig, progress: Progress | None = None) -> Run:
 
     synced = 0  # weight versions broadcast so far
 
-    def launch() -> tuple[torch.Tensor, list[kt.Ref[Any]]]:
+    def fresh_prompts() -> torch.Tensor:
         prompts = task.sample_prompts(hp.prompts, prompt_gen)
+        while True:
+            clash = [i for i, p in enumerate(prompts.tolist()) if tuple(p) in unseen]
+            if not clash:
+                return prompts
+            prompts[clash] = task.sample_prompts(len(clash), prompt_gen)
+
+    def launch() -> tuple[torch.Tensor, list[kt.Ref[Any]]]:
+        prompts = fresh_prompts()
         chunks = prompts.chunk(cfg.rollouts)
         return prompts, [
             w.sample.remote(ch, hp.group, synced) for w, ch in zip(workers, chunks, strict=True)

@@ -33,6 +33,8 @@ def parse(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Namespace]
     ap.add_argument("--lr", type=float, default=Hyper.lr)
     ap.add_argument("--no-overlap", action="store_true", help="no rollout/train overlap")
     ap.add_argument("--stop-at", type=float, default=None, help="stop at this exact-match")
+    ap.add_argument("--min-exact", type=float, default=None, help="exit 1 below this")
+    ap.add_argument("--max-overhead", type=float, default=None, help="exit 1 above this")
     ap.add_argument("--plot", default=str(Path(__file__).parent / "out" / "grpo_curves.png"))
     a = ap.parse_args(argv)
     hp = dataclasses.replace(Hyper(), prompts=a.prompts, group=a.group, lr=a.lr)
@@ -77,6 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(run.split_line())
     teardown(run)
+    failed = []
+    if args.min_exact is not None and final < args.min_exact:
+        failed.append(f"exact-match {final:.3f} < {args.min_exact}")
+    overhead = run.overhead_fraction
+    if args.max_overhead is not None and overhead > args.max_overhead:
+        failed.append(f"kt overhead {overhead:.1%} > {args.max_overhead:.0%}")
+    if failed:
+        print("FAILED: " + "; ".join(failed))
+        return 1
     return 0
 
 

@@ -51,6 +51,7 @@ class ActorOptions:
     placement_timeout: float | None = None
     env: dict[str, str] | None = None
     pod: int | None = None
+    resources: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         if self.placement not in ("pack", "spread"):
@@ -67,6 +68,7 @@ class ActorOptions:
             memory=parse_memory(self.memory),
             strategy=Strategy(self.placement),
             pod_index=self.pod,
+            resources=tuple(sorted((self.resources or {}).items())),
         )
 
 

@@ -62,6 +62,8 @@ class Request:
     strategy: Strategy = Strategy.PACK
     pod_index: int | None = None
     """Pin to the pool's pod of this index (in creation order); SPMD ranks use it."""
+    resources: tuple[tuple[str, float], ...] = ()
+    """Custom resources (name, amount) that pods advertise through Compute(resources=)."""
 
 
 @dataclass
@@ -77,18 +79,26 @@ class PodSlot:
     used_memory: int = 0
     actors: set[str] = field(default_factory=set)
     idle_since: float = field(default_factory=time.monotonic)
+    resources: dict[str, float] = field(default_factory=dict)
+    used_resources: dict[str, float] = field(default_factory=dict)
 
     def fits(self, req: Request) -> bool:
         return (
             self.used_cpus + req.cpus <= self.cpus + 1e-9
             and self.used_gpus + req.gpus <= self.gpus
             and (not req.memory or self.used_memory + req.memory <= self.memory)
+            and all(
+                self.used_resources.get(k, 0.0) + v <= self.resources.get(k, 0.0) + 1e-9
+                for k, v in req.resources
+            )
         )
 
     def take(self, actor: str, req: Request) -> None:
         self.used_cpus += req.cpus
         self.used_gpus += req.gpus
         self.used_memory += req.memory
+        for k, v in req.resources:
+            self.used_resources[k] = self.used_resources.get(k, 0.0) + v
         self.actors.add(actor)
 
     def give_back(self, actor: str, req: Request) -> None:
@@ -97,6 +107,8 @@ class PodSlot:
             self.used_cpus -= req.cpus
             self.used_gpus -= req.gpus
             self.used_memory -= req.memory
+            for k, v in req.resources:
+                self.used_resources[k] = self.used_resources.get(k, 0.0) - v
             if not self.actors:
                 self.idle_since = time.monotonic()
 
@@ -138,6 +150,9 @@ class Pool:
             problems.append(f"{req.gpus} gpus > {c.gpus}")
         if req.memory and c.memory_bytes and req.memory > c.memory_bytes:
             problems.append(f"{req.memory} bytes of memory > {c.memory_bytes}")
+        for name, amount in req.resources:
+            if amount > c.resources.get(name, 0.0) + 1e-9:
+                problems.append(f"{amount:g} {name!r} > {c.resources.get(name, 0.0):g}")
         if problems:
             raise PlacementError(
                 f"the request can never fit pool {self.name}: a pod has less than asked "
@@ -173,7 +188,8 @@ class Pool:
         target = len(self.slots) + count
         progress(f"pool {self.name}: starting {count} pod(s), {len(self.slots)}/{target} ready")
         for pod in await self.provider.create_pods(specs):
-            self.slots.append(PodSlot(pod, c.cpu_count, c.gpus, c.memory_bytes))
+            slot = PodSlot(pod, c.cpu_count, c.gpus, c.memory_bytes, resources=dict(c.resources))
+            self.slots.append(slot)
         progress(f"pool {self.name}: {len(self.slots)}/{target} pods ready")
 
     def _choose(self, req: Request) -> PodSlot | None:

@@ -9,6 +9,7 @@ trainer ranks hold the same weights.
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,11 +24,13 @@ from pipeline import RunConfig, run_pipeline, teardown  # noqa: E402
 @pytest.mark.timeout(400)
 def test_grpo_reverse_learns_and_rollouts_hold_the_trainers_weights() -> None:
     cfg = RunConfig(task="reverse", steps=150, seed=0, rollouts=2, stop_at_gain=0.5)
-    run = run_pipeline(cfg)
+    start = time.monotonic()
+    run = run_pipeline(cfg)  # pods, actors, trainer group, collective group, training
+    elapsed = time.monotonic() - start
     try:
         assert run.reward_gain() >= 0.5, run.history.reward
         assert len(run.history.step) <= 150
-        assert run.wall_s < 180, run.split_line()
+        assert elapsed < 180, run.split_line()
         trainer, workers = run.parts["trainer"], run.parts["workers"]
         ranks = trainer.flat_weights()
         assert torch.equal(ranks[0], ranks[1])

@@ -14,12 +14,15 @@ import asyncio
 import collections
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 
 import kt
 from kt.actors.driver import get_driver
+from kt.core.liveness import pid_alive
 from kt.core.provider import PodState, get_provider
 
 
@@ -99,6 +102,8 @@ def test_idle_pods_are_deleted_down_to_min_replicas() -> None:
     assert len(_pods(compute)) == 3
     for a in actors:
         kt.kill(a)
+    time.sleep(0.5)  # idle for less than idle_timeout (2 s): nothing is deleted yet
+    assert len(_pods(compute)) == 3
     deadline = time.monotonic() + 30
     while len(_pods(compute)) > 1 and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -144,9 +149,55 @@ def test_task_retries_resend_a_call_whose_actor_died(pool: kt.Compute) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_service_puts_one_instance_per_replica() -> None:
+def test_service_puts_one_instance_per_replica_and_balances_on_calls_in_flight() -> None:
     compute = kt.Compute(cpus=1, replicas=2, backend="local")
     svc = kt.cls(Where).to(compute)
     pods = set(kt.get([svc.slow.remote(0.05) for _ in range(20)], timeout=90))
     assert len(pods) == 2
+    busy = svc.slow.remote(3.0)  # one replica is busy ...
+    time.sleep(0.2)
+    quick = [svc.pod() for _ in range(6)]  # ... so every call meanwhile goes to the other
+    assert len(set(quick)) == 1 and quick[0] != busy.result(timeout=30)
     svc.teardown()
+
+
+DRIVER = """
+import os, signal, sys, kt
+class Where:
+    def supervisor_pid(self):
+        return int(os.environ["KT_SUPERVISOR_PID"])
+w = kt.cls(Where).options(compute=kt.Compute(cpus=1, replicas=1, backend="local")).remote()
+print(w.supervisor_pid(), flush=True)
+if sys.argv[1] == "kill":
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", ["exit", "kill"])
+def test_a_drivers_pods_and_actors_go_when_it_exits(how: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", DRIVER, how], capture_output=True, text=True, timeout=90
+    )
+    supervisor = int(out.stdout.split()[0])
+    deadline = time.monotonic() + 10
+    while pid_alive(supervisor) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not pid_alive(supervisor), f"pod still running after its driver's {how}"
+
+
+def test_custom_resources_are_placed_and_refused() -> None:
+    compute = kt.Compute(
+        cpus=4, resources={"tpu": 2}, min_replicas=0, max_replicas=2, backend="local"
+    )
+    W = kt.cls(Where).options(compute=compute, cpus=0, resources={"tpu": 1})
+    actors = [W.remote() for _ in range(4)]  # 2 tpus per pod: two pods
+    assert len(set(kt.get([a.pod.remote() for a in actors], timeout=90))) == 2
+    too_big = kt.cls(Where).options(compute=compute, resources={"tpu": 3}).remote()
+    with pytest.raises(kt.PlacementError, match="'tpu'"):
+        too_big.pod.remote().result(timeout=10)
+    unknown = kt.cls(Where).options(compute=compute, resources={"fpga": 1}).remote()
+    with pytest.raises(kt.PlacementError, match="'fpga'"):
+        unknown.pod.remote().result(timeout=10)
+    for a in actors:
+        kt.kill(a)

@@ -21,26 +21,44 @@ class Toucher:
     def __init__(self, path: str) -> None:
         pathlib.Path(path).write_text("init ran")
 
-    def touch(self, path: str) -> None:
+    def touch(self, path: str, marker: object = None) -> None:
         pathlib.Path(path).write_text("call ran")
+
+
+class TouchOnUnpickle:
+    """Unpickling this writes a file: proof that a payload was (or was not) unpickled."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (_touch, (self.path, "unpickled"))
+
+
+def _touch(path: str, text: str) -> str:
+    pathlib.Path(path).write_text(text)
+    return path
 
 
 def _frames(actor_id: str, init_path: str, call_path: str) -> bytes:
     create = serialization.dumps_bytes((Toucher, (init_path,), {}))
-    call = serialization.dumps_bytes(((call_path,), {}))
+    call = serialization.dumps_bytes(((call_path, TouchOnUnpickle(call_path + ".pickle")), {}))
     return protocol.encode(
         FrameKind.CREATE_ACTOR, 1, {"actor": actor_id, "cls": "Toucher"}, create
     ) + protocol.encode(FrameKind.CALL, 2, {"a": actor_id, "m": "touch"}, call)
 
 
-def _read_all(sock: socket.socket, timeout: float = 5.0) -> bytes:
+def _read_until_closed(sock: socket.socket, timeout: float = 10.0) -> bytes:
+    """Everything the supervisor sent before it closed the connection (it must close it)."""
     sock.settimeout(timeout)
     data = b""
     try:
         while chunk := sock.recv(65536):
             data += chunk
-    except (TimeoutError, ConnectionResetError):
-        pass
+    except ConnectionResetError:
+        pass  # closed with data unread on its side: closed all the same
+    except TimeoutError:
+        raise AssertionError("the supervisor kept an unauthenticated connection open") from None
     return data
 
 
@@ -63,11 +81,12 @@ def test_frames_without_hello_are_dropped_unrun(pool: kt.Compute, tmp_path: path
     init_path, call_path = tmp_path / "init", tmp_path / "call"
     with socket.create_connection(address) as sock:
         sock.sendall(_frames("intruder1", str(init_path), str(call_path)))
-        reply = _read_all(sock)
+        reply = _read_until_closed(sock)
     assert FrameKind.RESULT not in _kinds(reply)
     assert _kinds(reply) in ([], [FrameKind.REFUSED])
     time.sleep(1.0)
     assert not init_path.exists() and not call_path.exists()
+    assert not pathlib.Path(f"{call_path}.pickle").exists()  # nothing was even unpickled
 
 
 def test_wrong_token_is_refused_and_nothing_runs(pool: kt.Compute, tmp_path: pathlib.Path) -> None:
@@ -76,10 +95,11 @@ def test_wrong_token_is_refused_and_nothing_runs(pool: kt.Compute, tmp_path: pat
     hello = protocol.encode(FrameKind.HELLO, 0, {"v": protocol.VERSION, "token": "guess"})
     with socket.create_connection(address) as sock:
         sock.sendall(hello + _frames("intruder2", str(init_path), str(call_path)))
-        reply = _read_all(sock)
+        reply = _read_until_closed(sock)
     assert _kinds(reply) == [FrameKind.REFUSED]
     time.sleep(1.0)
     assert not init_path.exists() and not call_path.exists()
+    assert not pathlib.Path(f"{call_path}.pickle").exists()  # nothing was even unpickled
 
 
 def test_right_token_runs_the_same_frames(pool: kt.Compute, tmp_path: pathlib.Path) -> None:
@@ -94,3 +114,4 @@ def test_right_token_runs_the_same_frames(pool: kt.Compute, tmp_path: pathlib.Pa
             time.sleep(0.05)
     assert init_path.read_text() == "init ran"
     assert call_path.read_text() == "call ran"
+    assert pathlib.Path(f"{call_path}.pickle").read_text() == "unpickled"
