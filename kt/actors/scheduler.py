@@ -187,10 +187,12 @@ class Pool:
         ]
         target = len(self.slots) + count
         progress(f"pool {self.name}: starting {count} pod(s), {len(self.slots)}/{target} ready")
-        for pod in await self.provider.create_pods(specs):
+        # One create per pod, so each is counted as it comes up ("3/4 pods ready").
+        for ready in asyncio.as_completed([self.provider.create_pods([s]) for s in specs]):
+            (pod,) = await ready
             slot = PodSlot(pod, c.cpu_count, c.gpus, c.memory_bytes, resources=dict(c.resources))
             self.slots.append(slot)
-        progress(f"pool {self.name}: {len(self.slots)}/{target} pods ready")
+            progress(f"pool {self.name}: {len(self.slots)}/{target} pods ready")
 
     def _choose(self, req: Request) -> PodSlot | None:
         fits = [s for s in self.slots if s.fits(req)]
