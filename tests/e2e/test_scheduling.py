@@ -95,14 +95,14 @@ def test_request_larger_than_a_pod_fails_within_1s() -> None:
 
 @pytest.mark.timeout(120)
 def test_idle_pods_are_deleted_down_to_min_replicas() -> None:
-    compute = kt.Compute(cpus=1, min_replicas=1, max_replicas=3, idle_timeout=2, backend="local")
+    compute = kt.Compute(cpus=1, min_replicas=1, max_replicas=3, idle_timeout=3, backend="local")
     W = kt.cls(Where).options(compute=compute, cpus=1)
     actors = [W.remote() for _ in range(3)]
     assert len(set(kt.get([a.pod.remote() for a in actors], timeout=90))) == 3
     assert len(_pods(compute)) == 3
     for a in actors:
         kt.kill(a)
-    time.sleep(0.5)  # idle for less than idle_timeout (2 s): nothing is deleted yet
+    time.sleep(0.5)  # idle for less than idle_timeout (3 s): nothing is deleted yet
     assert len(_pods(compute)) == 3
     deadline = time.monotonic() + 30
     while len(_pods(compute)) > 1 and time.monotonic() < deadline:
@@ -154,7 +154,7 @@ def test_service_puts_one_instance_per_replica_and_balances_on_calls_in_flight()
     svc = kt.cls(Where).to(compute)
     pods = set(kt.get([svc.slow.remote(0.05) for _ in range(20)], timeout=90))
     assert len(pods) == 2
-    busy = svc.slow.remote(3.0)  # one replica is busy ...
+    busy = svc.slow.remote(5.0)  # one replica is busy ...
     time.sleep(0.2)
     quick = [svc.pod() for _ in range(6)]  # ... so every call meanwhile goes to the other
     assert len(set(quick)) == 1 and quick[0] != busy.result(timeout=30)
