@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -338,22 +339,16 @@ def get(refs: Ref[Any] | Iterable[Ref[Any]], timeout: float | None = None) -> An
 async def get_async(refs: Ref[Any] | Iterable[Ref[Any]], timeout: float | None = None) -> Any:
     try:
         if isinstance(refs, Ref):
-            return await asyncio.wait_for(_await(refs), timeout)
+            return await asyncio.wait_for(refs, timeout)
         return await asyncio.wait_for(asyncio.gather(*refs), timeout)
     except TimeoutError:
         raise GetTimeoutError(f"not ready after {timeout} s") from None
-
-
-async def _await(ref: Ref[T]) -> T:
-    return await ref
 
 
 def wait(
     refs: list[Ref[Any]], *, num_returns: int = 1, timeout: float | None = None
 ) -> tuple[list[Ref[Any]], list[Ref[Any]]]:
     """Block until `num_returns` Refs are done or `timeout` passes: (ready, pending)."""
-    import threading
-
     if num_returns > len(refs):
         raise ConfigError(f"num_returns={num_returns} > {len(refs)} refs")
     event = threading.Event()

@@ -223,7 +223,7 @@ class Driver:
             frame = protocol.encode(FrameKind.LOOKUP, req_id, query)
             self.runtime.submit(pod.address, token, req_id, [frame], ref)
             try:
-                found = await asyncio.wait_for(_awaitable(ref), 10)
+                found = await asyncio.wait_for(ref, 10)
             except (TimeoutError, KtError):
                 continue
             if found:
@@ -255,10 +255,6 @@ class Driver:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*(p.teardown() for p in pools), return_exceptions=True)
-
-
-async def _awaitable(ref: Ref[Any]) -> Any:
-    return await ref
 
 
 async def _reachable(address: Address, tries: int = 3) -> bool:

@@ -46,7 +46,6 @@ PREFIX = struct.Struct("<IBBHIQ")
 PREFIX_SIZE = PREFIX.size  # 20
 LENGTH_SIZE = 4
 ROUTE_OFFSET = 8  # byte offset of `route` inside a frame
-MAX_FRAME = 1 << 40
 
 
 class FrameKind(enum.IntEnum):

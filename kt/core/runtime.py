@@ -31,7 +31,7 @@ from kt.core import protocol, shm
 from kt.core.channel import FrameChannel
 from kt.core.errors import AuthError, KtError, PodLostError, ProtocolError
 from kt.core.protocol import FrameFlag, FrameKind
-from kt.core.ref import Callback, Ref, RefState, StreamRef, dispatch
+from kt.core.ref import Callback, Ref, RefState, StreamRef, dispatch, run_callbacks
 from kt.core.serialization import Parts, loads, loads_exception
 
 logger = logging.getLogger(__name__)
@@ -327,13 +327,14 @@ class Runtime:
 
     # -- results (loop thread) ------------------------------------------------------------
     def complete(self, batch: list[tuple[Callback, Ref[Any]]]) -> None:
-        if not batch:
-            return
-        if len(batch) == 1 and batch[0][0][0] is None:
-            dispatch(batch)  # a blocked thread (ref.result): wake it without a loop turn
-            return
-        self._ready.extend(batch)
-        if not self._dispatch_scheduled:
+        """Callbacks bound to no loop (a thread blocked in ref.result) run now; those of
+        event loops are gathered and handed over once per loop turn."""
+        for item in batch:
+            if item[0][0] is None:
+                run_callbacks([item])
+            else:
+                self._ready.append(item)
+        if self._ready and not self._dispatch_scheduled:
             self._dispatch_scheduled = True
             self.loop.call_soon(self._dispatch)
 

@@ -36,7 +36,7 @@ from typing import Any
 import cloudpickle
 import orjson
 
-from kt.core.errors import SerializationError
+from kt.core.errors import KtError, RemoteError, SerializationError
 from kt.core.shm import SHM_THRESHOLD, ShmArena, attach
 
 OOB_THRESHOLD = 64 * 1024
@@ -266,8 +266,6 @@ def dumps_exception(exc: BaseException, where: str, tb: str) -> bytes:
 
 def loads_exception(payload: bytes | bytearray | memoryview) -> BaseException:
     """Rebuild a remote exception, with the remote traceback and location attached."""
-    from kt.core.errors import KtError, RemoteError
-
     obj, type_name, message, tb, where = loads(payload)
     exc: BaseException | None = None
     if isinstance(obj, bytes):
