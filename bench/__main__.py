@@ -3,9 +3,8 @@
 Each repetition runs ``bench/kt_side.py`` (this interpreter) and ``bench/ray_side.py`` (the
 Ray venv's, made on first use by ``bench.ray_venv``) as fresh subprocesses, alternating which
 goes first; then ``bench.report`` prints the medians and speedups, writes
-``bench/results/latest.json`` and renders ``bench/results/ratios.png`` with the Ray venv's
-interpreter (matplotlib is installed there, never into kt's venv). ``place100`` (about 40 s on
-Ray) runs in the first repetition only.
+``bench/results/latest.json`` and renders ``bench/results/ratios.png`` with matplotlib from
+kt's locked venv. ``place100`` (about 40 s on Ray) runs in the first repetition only.
 """
 
 from __future__ import annotations
@@ -92,23 +91,8 @@ def run_spmd() -> dict[str, Any]:
     }
 
 
-def ensure_matplotlib(python: Path) -> bool:
-    """matplotlib in the Ray venv (bench-owned), installed on first use."""
-    check = [str(python), "-c", "import matplotlib"]
-    if subprocess.run(check, capture_output=True, check=False).returncode == 0:
-        return True
-    _log(f"installing matplotlib into {python}")
-    pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check", "matplotlib"]
-    if subprocess.run(pip, stdout=sys.stderr, check=False).returncode != 0:
-        _log("could not install matplotlib: no plot")
-        return False
-    return subprocess.run(check, capture_output=True, check=False).returncode == 0
-
-
-def render_plot(python: Path, latest: Path, png: Path) -> None:
-    if not ensure_matplotlib(python):
-        return
-    cmd = [str(python), str(BENCH_DIR / "report.py"), "--plot", str(latest), str(png)]
+def render_plot(latest: Path, png: Path) -> None:
+    cmd = [sys.executable, str(BENCH_DIR / "report.py"), "--plot", str(latest), str(png)]
     if subprocess.run(cmd, check=False).returncode != 0:
         _log("plotting failed")
 
@@ -154,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     latest = report.RESULTS_DIR / "latest.json"
     _log(f"wrote {latest}")
     if ray_python is not None:
-        render_plot(ray_python, latest, report.RESULTS_DIR / "ratios.png")
+        render_plot(latest, report.RESULTS_DIR / "ratios.png")
     return 0
 
 

@@ -3,8 +3,7 @@
 Speedup is "how many times better kt is" (> 1: kt is better), whatever the metric's direction:
 ``ray / kt`` for lower-is-better metrics (latencies, seconds, MiB), ``kt / ray`` for throughput.
 
-Also a script, run by ``python -m bench`` under the Ray venv's interpreter (which has
-matplotlib but not kt or rich):
+Also a script, run by ``python -m bench`` under kt's venv (matplotlib is in its lock):
 
     python bench/report.py --plot bench/results/latest.json bench/results/ratios.png
 
