@@ -23,13 +23,21 @@ pickling costs ~400 us a tensor against ~13 us, and the array's buffer goes out 
 like any other. Tensors that share storage arrive as separate copies (the same tensor
 object twice is still one); dtypes numpy lacks (bfloat16) and non-CPU tensors take
 torch's own path.
+
+Code pickled by value (functions and classes of `__main__`, notebooks, closures) keeps
+its real `co_filename` and carries the source lines it spans; unpickling puts them in
+the receiving process's `linecache`, so a remote traceback shows the user's file, line
+and source even on a pod that has no copy of the file. cloudpickle itself (3.1.3 and
+later) would rename the file `<dynamic-code>`.
 """
 
 from __future__ import annotations
 
 import io
+import linecache
 import pickle
 import struct
+import types
 from collections.abc import Sequence
 from typing import Any
 
@@ -74,15 +82,81 @@ def _plain(value: Any, depth: int = 0) -> bool:
 
 
 class _Pickler(cloudpickle.Pickler):
-    """cloudpickle, plus plain CPU tensors as numpy arrays."""
+    """cloudpickle, plus plain CPU tensors as numpy arrays and code that keeps its source."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._spans: dict[str, list[tuple[int, int]]] = {}  # source lines already carried
 
     def reducer_override(self, obj: Any) -> Any:
         t = type(obj)
+        if t is types.CodeType:
+            return self._reduce_code(obj)
         if t.__name__ == "Tensor" and t.__module__ == "torch":
             reduced = _reduce_tensor(obj)
             if reduced is not None:
                 return reduced
         return super().reducer_override(obj)
+
+    def _reduce_code(self, code: types.CodeType) -> tuple[Any, ...]:
+        """The constructor's arguments, real file name included, and the lines it spans.
+
+        A nested function's lines usually lie inside its parent's, carried just before.
+        """
+        first = code.co_firstlineno
+        last = max((line for _, _, line in code.co_lines() if line is not None), default=first)
+        spans = self._spans.setdefault(code.co_filename, [])
+        lines: list[str] = []
+        if not any(a <= first and last <= b for a, b in spans):
+            lines = linecache.getlines(code.co_filename)[first - 1 : last]
+            spans.append((first, last))
+        args = (
+            code.co_argcount,
+            code.co_posonlyargcount,
+            code.co_kwonlyargcount,
+            code.co_nlocals,
+            code.co_stacksize,
+            code.co_flags,
+            code.co_code,
+            code.co_consts,
+            code.co_names,
+            code.co_varnames,
+            code.co_filename,
+            code.co_name,
+            code.co_qualname,
+            first,
+            code.co_linetable,
+            code.co_exceptiontable,
+            code.co_freevars,
+            code.co_cellvars,
+        )
+        return _load_code, (args, lines)
+
+
+def _load_code(args: tuple[Any, ...], lines: list[str]) -> types.CodeType:
+    """Rebuild a code object pickled by value, first making its source known here."""
+    code = types.CodeType(*args)
+    if lines:
+        remember_source(code.co_filename, code.co_firstlineno, lines)
+    return code
+
+
+def remember_source(filename: str, first: int, lines: list[str]) -> None:
+    """Put `lines` (from line `first` on) into this process's linecache for `filename`.
+
+    The entry has no mtime, so `linecache.checkcache` keeps it even when no such file
+    exists here; lines not carried stay blank. What was carried wins over a file on
+    this host: it is the code that runs.
+    """
+    entry = linecache.cache.get(filename)
+    known = list(entry[2]) if entry is not None and len(entry) == 4 else []
+    if not known and entry is None:
+        known = list(linecache.getlines(filename))
+    end = first - 1 + len(lines)
+    if len(known) < end:
+        known.extend(["\n"] * (end - len(known)))
+    known[first - 1 : end] = lines
+    linecache.cache[filename] = (sum(map(len, known)), None, known, filename)
 
 
 def _reduce_tensor(tensor: Any) -> tuple[Any, ...] | None:
@@ -254,7 +328,9 @@ def dumps_exception(exc: BaseException, where: str, tb: str) -> bytes:
     """
     obj: bytes | None
     try:
-        data = cloudpickle.dumps(exc, protocol=5)
+        out = io.BytesIO()
+        _Pickler(out, protocol=5).dump(exc)
+        data = out.getvalue()
         pickle.loads(data)  # an exception whose __init__ args do not round-trip
         obj = data
     except Exception:

@@ -127,6 +127,7 @@ def test_remote_exception_of_unknown_type_becomes_remote_error(
     with pytest.raises(kt.RemoteError) as info:
         r.go()
     assert "Unpicklable" in info.value.type_name and "1-2" in str(info.value)
+    assert f'File "{__file__}"' in info.value.traceback  # not cloudpickle's <dynamic-code>
     assert "raise Unpicklable(1, 2)" in info.value.traceback
 
 
