@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import os
 import socket
 import sys
@@ -254,15 +255,32 @@ def extend_sys_path() -> None:
 
 
 def run(socket_path: str, worker_id: int) -> None:
-    """Serve until the supervisor closes the socket, then exit (never returns)."""
+    """Serve until the supervisor closes the socket, then exit (never returns).
+
+    However the loop ends -- the socket closed (the pod is going away), a SystemExit
+    from a callback or signal handler of user code, any other escape -- the process
+    leaves through `os._exit`, never through interpreter finalization: native threads
+    of user libraries (gloo's, in a rank) that touch Python objects while the
+    interpreter finalizes abort the process ("terminate called without an active
+    exception"), and atexit handlers would run user code after kt reported the exit.
+    """
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
+    code = 0
     try:
         loop.run_until_complete(serve(socket_path, worker_id))
     except KeyboardInterrupt:
         pass
-    # The supervisor closed our socket: the pod is going away, and so does this actor.
-    os._exit(0)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,13 @@ def train(steps: int = 25, seed: int = 0, out: str | None = None) -> dict[str, A
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if out is not None and rank == 0:
         torch.save(state, out)
+    # Teardown in an order no rank can race: every rank past its last collective (the
+    # barrier), DDP's reducer (which holds the process group and its gloo work) freed
+    # while the interpreter is fully alive, then the group destroyed. Left to
+    # interpreter exit, gloo threads can meet a finalizing interpreter and abort the
+    # rank: "terminate called without an active exception".
+    dist.barrier()
+    del ddp, opt
     dist.destroy_process_group()
     return state
 

@@ -2,7 +2,7 @@
 
 Behaviours covered:
 - a 2 workers x 2 procs group runs an unmodified `init_process_group("gloo")` DDP script;
-- its final parameters equal, with torch.equal, those of `torchrun --nnodes=1
+- its final parameters equal, with torch.equal, those of `torchrun --standalone
   --nproc_per_node=4` on the same seed (run here as a real subprocess);
 - every rank ends with the same parameters, and training moved them.
 """
@@ -15,7 +15,7 @@ import pytest
 
 import kt
 from tests.distributed import ddp_train
-from tests.distributed.torchrun import finish, free_port, launcher_env, torchrun
+from tests.distributed.torchrun import finish, launcher_env, torchrun
 
 torch = pytest.importorskip("torch")
 
@@ -25,9 +25,8 @@ def test_ddp_under_kt_matches_torchrun_bit_for_bit(tmp_path: pathlib.Path) -> No
     out = tmp_path / "torchrun.pt"
     proc = torchrun(
         [
-            "--nnodes=1",
+            "--standalone",  # torchrun binds its own free port: no port picked, then raced for
             "--nproc_per_node=4",
-            f"--master_port={free_port()}",
             ddp_train.__file__,
             str(out),
         ],
