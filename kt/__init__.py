@@ -33,6 +33,7 @@ from kt.core.errors import (
     PodLostError,
     RemoteError,
     SerializationError,
+    ShutdownError,
 )
 from kt.core.ref import Ref, StreamRef
 
@@ -59,6 +60,7 @@ __all__ = [
     "RemoteFunction",
     "SerializationError",
     "Service",
+    "ShutdownError",
     "StreamRef",
     "__version__",
     "cls",

@@ -48,6 +48,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     for pod in pods:
         pools[pod.pool].append(pod)
     table = Table("pool", "pods", "ready", "addresses")
+    table.columns[0].no_wrap = True
     for name, members in sorted(pools.items()):
         ready = sum(p.state.value == "ready" for p in members)
         table.add_row(name, str(len(members)), str(ready), ", ".join(p.host for p in members))
@@ -63,6 +64,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 1
     token = asyncio.run(provider.read_token(args.name))
     table = Table("pod", "state", "actor", "class", "actor state", "pid", "calls")
+    table.columns[0].no_wrap = True  # a pod name cut short cannot be passed to `kt logs --pod`
     for pod in pods:
         status = _status_of(pod, token)
         actors = status.get("actors")
@@ -118,7 +120,11 @@ def cmd_teardown(args: argparse.Namespace) -> int:
     if not args.all and not args.name:
         console.print("name a pool, or pass --all")
         return 2
-    console.print(f"deleted {asyncio.run(run())} pod(s)")
+    deleted = asyncio.run(run())
+    if not deleted and not args.all:
+        console.print(f"no pool named {args.name!r} (see `kt list`)")
+        return 1
+    console.print(f"deleted {deleted} pod(s)")
     return 0
 
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 
+import psutil
+
 import kt
 from kt.actors.driver import get_driver
+from kt.local.provider import kt_home
 
 
 class Talker:
@@ -16,15 +20,15 @@ class Talker:
         return text
 
 
-def _kt(*args: str) -> str:
+def _kt(*args: str, code: int = 0, columns: int = 200) -> str:
     out = subprocess.run(
         [sys.executable, "-m", "kt.cli", *args],
         capture_output=True,
         text=True,
         timeout=60,
-        env=dict(os.environ, COLUMNS="200"),
+        env=dict(os.environ, COLUMNS=str(columns)),
     )
-    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.returncode == code, out.stdout + out.stderr
     return out.stdout
 
 
@@ -36,7 +40,16 @@ def test_cli_sees_and_tears_down_a_pool() -> None:
     assert pool in _kt("list")
     status = _kt("status", pool)
     assert "Talker" in status and "alive" in status
+    (pod,) = get_driver().pools[pool].slots
+    assert pod.pod.name in _kt("status", pool, columns=60)  # never cut short
     assert "written to the pod log" in _kt("logs", pool)
+    pod_file = kt_home() / "local" / pool / f"{pod.pod.name}.json"
+    supervisor = psutil.Process(json.loads(pod_file.read_text())["pid"])
+    group = [supervisor, *supervisor.children(recursive=True)]  # zygote, workers
+    assert len(group) >= 3
     assert "deleted 1 pod(s)" in _kt("teardown", pool)
+    _, alive = psutil.wait_procs(group, timeout=10)
+    assert not alive, f"still running after teardown: {alive}"
     assert pool not in _kt("list")
+    assert "no pool named" in _kt("teardown", pool, code=1)
     assert _kt("version").startswith("kt ")

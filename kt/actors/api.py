@@ -22,7 +22,7 @@ from kt.actors.scheduler import Request, Strategy
 from kt.core import protocol
 from kt.core.compute import Compute, parse_cpus, parse_memory
 from kt.core.config import config
-from kt.core.errors import ConfigError, GetTimeoutError
+from kt.core.errors import ConfigError, GetTimeoutError, check_option_names, seconds
 from kt.core.methods import MethodKind, method_kind, public_methods
 from kt.core.protocol import FrameKind
 from kt.core.ref import Ref, StreamRef
@@ -73,12 +73,16 @@ class ActorOptions:
         )
 
 
+_OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(ActorOptions))
+
+
 class RemoteClass(Generic[T]):
     """A class whose instances live in actor processes."""
 
     def __init__(self, cls: type[T], options: ActorOptions | None = None) -> None:
         if not isinstance(cls, type):
-            raise ConfigError(f"kt.cls takes a class, not {type(cls).__name__}")
+            fix = f": for a function use kt.fn({cls.__name__})" if callable(cls) else ""
+            raise ConfigError(f"kt.cls takes a class, not {type(cls).__name__}{fix}")
         self._cls = cls
         self._options = options or ActorOptions()
         self._methods = public_methods(cls)
@@ -86,11 +90,8 @@ class RemoteClass(Generic[T]):
         self.__doc__ = cls.__doc__
 
     def options(self, **kwargs: Any) -> RemoteClass[T]:
-        try:
-            opts = dataclasses.replace(self._options, **kwargs)
-        except TypeError as exc:
-            raise ConfigError(f"{self.__name__}.options: {exc}") from None
-        return RemoteClass(self._cls, opts)
+        check_option_names(f"{self.__name__}.options", kwargs, _OPTION_NAMES)
+        return RemoteClass(self._cls, dataclasses.replace(self._options, **kwargs))
 
     def remote(self, *args: Any, **kwargs: Any) -> ActorHandle:
         """Create one actor; returns at once, calls queue until it is placed."""
@@ -150,10 +151,21 @@ class RemoteClass(Generic[T]):
         """
         if compute.distribution is not None:
             return _spmd(self, compute, init_args, init_kwargs or {})
-        lo = compute.replica_range[0]
-        opts = dataclasses.replace(self._options, compute=compute, placement="spread")
+        count = max(compute.replica_range[0], 1)
+        return self._service(compute, count, init_args, init_kwargs or {}, placement="spread")
+
+    def _service(
+        self,
+        compute: Compute,
+        count: int,
+        init_args: tuple[Any, ...],
+        init_kwargs: dict[str, Any],
+        *,
+        placement: str,
+    ) -> Service:
+        opts = dataclasses.replace(self._options, compute=compute, placement=placement)
         opts = dataclasses.replace(opts, cpus=min(parse_cpus(opts.cpus), compute.cpu_count))
-        handles = [self._create(opts, init_args, init_kwargs or {}) for _ in range(max(lo, 1))]
+        handles = [self._create(opts, init_args, init_kwargs) for _ in range(count)]
         return Service(self.__name__, handles, self._methods)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -248,26 +260,68 @@ _WRAPPERS: dict[MethodKind, type[_Function]] = {
 
 
 class RemoteFunction(Generic[P, R]):
-    """`kt.fn(f)`: deploy with `.to(compute)`, then call like `f`."""
+    """`kt.fn(f)`: `.remote(...)` on the default pool, or deploy with `.to(compute)`.
 
-    def __init__(self, fn: Callable[P, R]) -> None:
+    Calling it directly is refused, as Ray refuses calling a remote function: a call
+    that silently ran here instead of remotely would hide a missing `.remote`.
+    """
+
+    def __init__(self, fn: Callable[P, R], options: dict[str, Any] | None = None) -> None:
+        if isinstance(fn, type):
+            raise ConfigError(
+                f"kt.fn takes a function; {fn.__name__} is a class: use kt.cls({fn.__name__})"
+            )
         if not callable(fn):
             raise ConfigError(f"kt.fn takes a function, not {type(fn).__name__}")
         self._fn = fn
+        self._options = options or {}
+        self._lock = threading.Lock()
+        self._default: Any = None
         self.__name__ = getattr(fn, "__name__", "function")
+
+    def options(self, **options: Any) -> RemoteFunction[P, R]:
+        """The same function with other options (`compute=`, `cpus=`, `max_concurrency=`...)."""
+        check_option_names(f"{self.__name__}.options", options, _OPTION_NAMES)
+        return RemoteFunction(self._fn, {**self._options, **options})
 
     def to(self, compute: Compute | None = None, **options: Any) -> Any:
         """Deploy: one instance per replica, or an SPMD group on a distributed Compute."""
+        options = {**self._options, **options}
+        target = compute or options.pop("compute", None) or config.default_compute
+        options.pop("compute", None)
+        if target.distribution is not None:
+            return _spmd(self._class(options), target, (self._fn,), {}, function=True)
+        return DeployedFunction(self._class(options).to(target, init_args=(self._fn,)))
+
+    def remote(self, *args: P.args, **kwargs: P.kwargs) -> Ref[R]:
+        """Call on the default pool (or `.options(compute=)`), deployed on first use with
+        one instance per cpu of a pod, so calls fanned out run in parallel."""
+        with self._lock:
+            if self._default is None:
+                options = dict(self._options)
+                target = options.pop("compute", None) or config.default_compute
+                if target.distribution is not None:
+                    self._default = self.to(target, **options)
+                else:
+                    count = max(int(target.cpu_count), 1)
+                    service = self._class(options)._service(
+                        target, count, (self._fn,), {}, placement="pack"
+                    )
+                    self._default = DeployedFunction(service)
+        deployed: Any = self._default
+        return deployed.remote(*args, **kwargs)
+
+    def _class(self, options: dict[str, Any]) -> RemoteClass[Any]:
         wrapper = _WRAPPERS[method_kind(self._fn)]
         named = type(self.__name__, (wrapper,), {"__module__": wrapper.__module__})
-        cls: RemoteClass[Any] = RemoteClass(named, ActorOptions(cpus=0, **options))
-        target = compute or config.default_compute
-        if target.distribution is not None:
-            return _spmd(cls, target, (self._fn,), {}, function=True)
-        return DeployedFunction(cls.to(target, init_args=(self._fn,)))
+        return RemoteClass(named, ActorOptions(**{"cpus": 0, **options}))
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        return self._fn(*args, **kwargs)
+        raise TypeError(
+            f"{self.__name__} is a kt remote function: call {self.__name__}.remote(...) "
+            f"(the default pool) or deploy it with {self.__name__}.to(compute) and call what "
+            "that returns"
+        )
 
 
 class DeployedFunction(Generic[P, R]):
@@ -328,27 +382,70 @@ def get(refs: Ref[Any] | Iterable[Ref[Any]], timeout: float | None = None) -> An
     require_driver_thread("kt.get")
     if isinstance(refs, Ref):
         return refs.result(timeout)
+    if isinstance(refs, StreamRef):
+        raise ConfigError(
+            "kt.get does not take a stream (the Ref of a generator method): iterate it, "
+            "`for x in stream` or `async for x in stream`, or `list(stream)` for all items"
+        )
+    items = _ref_list("kt.get", refs)
     deadline = None if timeout is None else time.monotonic() + timeout
     out = []
-    for ref in refs:
+    for i, ref in enumerate(items):
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        out.append(ref.result(left))
+        try:
+            out.append(ref.result(left))
+        except GetTimeoutError:
+            pending = sum(not r.done() for r in items[i:])
+            raise GetTimeoutError(
+                f"{pending} of {len(items)} Refs not ready after {seconds(timeout or 0)}"
+            ) from None
     return out
 
 
+def _ref_list(verb: str, refs: Any) -> list[Ref[Any]]:
+    """`refs` as a list of Refs, or a ConfigError that says what the verb takes.
+
+    Raises:
+        ConfigError: not an iterable of Refs.
+    """
+    if isinstance(refs, str | bytes) or not isinstance(refs, Iterable):
+        raise ConfigError(
+            f"{verb} takes a Ref or a list of Refs, not {type(refs).__name__} "
+            "(a value that is already here needs no get)"
+        )
+    items = list(refs)
+    for i, ref in enumerate(items):
+        if not isinstance(ref, Ref):
+            what = "a stream: iterate it" if isinstance(ref, StreamRef) else type(ref).__name__
+            raise ConfigError(f"{verb}: item {i} is {what}, not a Ref")
+    return items
+
+
 async def get_async(refs: Ref[Any] | Iterable[Ref[Any]], timeout: float | None = None) -> Any:
+    if isinstance(refs, StreamRef):
+        raise ConfigError("kt.get_async does not take a stream: `async for x in stream`")
     try:
         if isinstance(refs, Ref):
             return await asyncio.wait_for(refs, timeout)
-        return await asyncio.wait_for(asyncio.gather(*refs), timeout)
+        items = _ref_list("kt.get_async", refs)
+        return await asyncio.wait_for(asyncio.gather(*items), timeout)
     except TimeoutError:
-        raise GetTimeoutError(f"not ready after {timeout} s") from None
+        raise GetTimeoutError(f"not ready after {seconds(timeout or 0)}") from None
 
 
 def wait(
     refs: list[Ref[Any]], *, num_returns: int = 1, timeout: float | None = None
 ) -> tuple[list[Ref[Any]], list[Ref[Any]]]:
-    """Block until `num_returns` Refs are done or `timeout` passes: (ready, pending)."""
+    """Block until `num_returns` Refs are done or `timeout` passes: (ready, pending).
+
+    Raises:
+        ConfigError: `refs` is not a list of Refs, or `num_returns` is more than it has.
+    """
+    if isinstance(refs, Ref):
+        raise ConfigError(
+            "kt.wait takes a list of Refs, not one Ref: kt.wait([ref]), or ref.result(timeout)"
+        )
+    refs = _ref_list("kt.wait", refs)
     if num_returns > len(refs):
         raise ConfigError(f"num_returns={num_returns} > {len(refs)} refs")
     event = threading.Event()

@@ -19,6 +19,7 @@ import threading
 import uuid
 from typing import Any
 
+from kt.actors import handle as handle_module
 from kt.actors.handle import ActorHandle
 from kt.actors.lifecycle import Actor, ActorSpec, ActorState, Decision, decide
 from kt.actors.scheduler import Pool
@@ -300,6 +301,7 @@ def shutdown() -> None:
     global _driver
     with _driver_lock:
         driver, _driver = _driver, None
+        handle_module._epoch[0] += 1
     if driver is not None:
         driver.shutdown()
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 import orjson
 
 from kt.core import protocol
-from kt.core.errors import ActorDiedError, KtError, PodLostError
+from kt.core.errors import ActorDiedError, KtError, PodLostError, ShutdownError, seconds
 from kt.core.methods import RUN_METHOD, MethodKind
 from kt.core.protocol import FrameKind
 from kt.core.ref import Ref, StreamRef
@@ -99,6 +99,7 @@ class ActorHandle:
         self._failure: BaseException | None = None
         self._placed = threading.Event()
         self._generation = 0
+        self._epoch = _epoch[0]
         self._retries = 0  # max_task_retries; only the owning driver restarts actors
         self._on_rebind: list[Callable[[], None]] = []
         if address is not None:
@@ -120,8 +121,14 @@ class ActorHandle:
             proxy = self._proxies[name] = ActorMethod(self, name, kind)
         return proxy
 
-    @staticmethod
-    def _runtime() -> Runtime:
+    def _runtime(self) -> Runtime:
+        """The process's runtime, for a handle made since the last kt.shutdown().
+
+        Raises:
+            ShutdownError: the handle was made before kt.shutdown() (its pods are gone).
+        """
+        if self._epoch != _epoch[0]:
+            raise ShutdownError()
         return _get_runtime()
 
     # -- placement ----------------------------------------------------------------------
@@ -209,7 +216,7 @@ class ActorHandle:
 
     def _wait_placed(self, timeout: float | None = None) -> Address:
         if not self._placed.wait(timeout):
-            raise KtError(f"{self!r} was not placed within {timeout} s")
+            raise KtError(f"{self!r} was not placed within {seconds(timeout or 0)}")
         if self._failure is not None:
             raise self._failure
         assert self._address is not None
@@ -268,6 +275,9 @@ class ActorHandle:
             _rebuild,
             (self._actor_id, self._cls_name, dict(self._methods), address, self._token, self._name),
         )
+
+
+_epoch = [0]  # bumped by kt.shutdown(): handles made before it refuse to call
 
 
 def _get_runtime() -> Runtime:

@@ -17,13 +17,12 @@ import asyncio
 import enum
 import logging
 import secrets
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from kt.core.compute import Compute
-from kt.core.errors import PlacementError
+from kt.core.errors import PlacementError, seconds
 from kt.core.provider import Pod, PodSpec, Provider
 
 logger = logging.getLogger(__name__)
@@ -41,7 +40,7 @@ def _make_console() -> Any:
         from rich.console import Console
     except ImportError:  # pragma: no cover - rich is a dependency
         return None
-    return Console(stderr=True, file=sys.stderr)
+    return Console(stderr=True)  # sys.stderr as it is at each print, redirections included
 
 
 _console = _make_console()
@@ -64,6 +63,16 @@ class Request:
     """Pin to the pool's pod of this index (in creation order); SPMD ranks use it."""
     resources: tuple[tuple[str, float], ...] = ()
     """Custom resources (name, amount) that pods advertise through Compute(resources=)."""
+
+    def __str__(self) -> str:
+        """In words, for messages: `1 cpu`, `2 cpus, 1 gpu, 512 MiB`."""
+        parts = [f"{self.cpus:g} cpu{'' if self.cpus == 1 else 's'}"]
+        if self.gpus:
+            parts.append(f"{self.gpus} gpu{'' if self.gpus == 1 else 's'}")
+        if self.memory:
+            parts.append(f"{self.memory / 2**20:.0f} MiB")
+        parts += [f"{amount:g} {name}" for name, amount in self.resources]
+        return ", ".join(parts)
 
 
 @dataclass
@@ -230,22 +239,34 @@ class Pool:
             left = deadline - loop.time()
             if left <= 0:
                 raise PlacementError(
-                    f"no pod of pool {self.name} had room for {req} within {timeout:g} s "
-                    f"({len(self.slots)}/{self.max_replicas} pods, all full)"
+                    f"actor {actor} found no room within {seconds(timeout)}: {self.full(req)}"
                 )
             if not warned:
-                used = sum(s.used_cpus for s in self.slots)
-                total = sum(s.cpus for s in self.slots)
-                progress(
-                    f"actor {actor} waits: pool {self.name} is full ({len(self.slots)}/"
-                    f"{self.max_replicas} pods, {used:g}/{total:g} cpus used); "
-                    f"waiting up to {left:.0f} s for room"
-                )
+                progress(f"actor {actor} waits up to {seconds(left)}: {self.full(req)}")
                 warned = True
             try:
                 await asyncio.wait_for(self._freed.wait(), left)
             except TimeoutError:
                 pass
+
+    def full(self, req: Request) -> str:
+        """Why `req` does not fit now, who holds the pool, and the ways out, in words."""
+        used = sum(s.used_cpus for s in self.slots)
+        total = sum(s.cpus for s in self.slots)
+        holders = sorted(a for s in self.slots for a in s.actors)
+        shown = ", ".join(holders[:4]) + (
+            f" and {len(holders) - 4} more" if len(holders) > 4 else ""
+        )
+        ways = ["kt.kill one of them"]
+        if req.cpus:
+            ways.append("ask for cpus=0 (a light actor that fits anywhere)")
+        if self.max_replicas == len(self.slots):
+            ways.append("use an elastic pool that grows, Compute(min_replicas=0, max_replicas=N)")
+        return (
+            f"it asks for {req}, and pool {self.name} is full: {len(self.slots)} of at most "
+            f"{self.max_replicas} pods, {used:g} of {total:g} cpus held by "
+            f"{len(holders)} actors ({shown or 'none'}). Make room: {'; or '.join(ways)}."
+        )
 
     async def _place_pinned(self, actor: str, req: Request) -> PodSlot:
         index = req.pod_index

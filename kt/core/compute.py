@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from kt.core.errors import ConfigError
+from kt.core.errors import ConfigError, check_option_names
 
 _MEM_UNITS = {
     "": 1,
@@ -123,6 +123,11 @@ class Compute:
     resources: dict[str, float] = field(default_factory=dict)
     distribution: Distribution | None = None
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> Compute:
+        """Refuses a misspelt field with the fix (`cpu=` -> did you mean 'cpus'?)."""
+        check_option_names("kt.Compute", kwargs, _COMPUTE_FIELDS)
+        return super().__new__(cls)
+
     def __post_init__(self) -> None:
         cpus = parse_cpus(self.cpus)
         object.__setattr__(self, "cpus", cpus)
@@ -205,3 +210,6 @@ class Compute:
             max_replicas=None,
             distribution=Distribution(kind, workers, procs_per_worker),
         )
+
+
+_COMPUTE_FIELDS = frozenset(f.name for f in dataclasses.fields(Compute))

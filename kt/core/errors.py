@@ -2,6 +2,7 @@
 
     KtError
     ├── ConfigError            a spec or option is invalid (raised before anything runs)
+    ├── ShutdownError          kt.shutdown() ran: handles and Refs made before it are void
     ├── SerializationError     an argument or result could not be pickled (the call never ran)
     ├── RemoteError            user code raised and its type cannot be rebuilt here
     ├── ActorDiedError         the actor's process is gone; the call may have started
@@ -20,6 +21,8 @@ keeps them picklable so that they cross the wire like any other exception.
 from __future__ import annotations
 
 import asyncio
+import difflib
+from collections.abc import Collection, Iterable
 from typing import Any
 
 
@@ -29,6 +32,55 @@ class KtError(Exception):
 
 class ConfigError(KtError, ValueError):
     """A spec, option or argument is invalid; nothing was started."""
+
+
+# What Ray (and kubetorch) users type, and kt's name for it.
+_OTHER_NAMES = {
+    "num_cpus": "cpus",
+    "num_gpus": "gpus",
+    "cpu": "cpus",
+    "gpu": "gpus",
+    "max_retries": "max_task_retries",
+    "scheduling_strategy": "placement",
+    "runtime_env": "env",
+}
+
+
+def check_option_names(what: str, given: Iterable[str], known: Collection[str]) -> None:
+    """Refuse names that are not options, suggesting the one meant.
+
+    Raises:
+        ConfigError: ``unknown option 'num_cpus' of X.options: did you mean 'cpus'?``
+    """
+    for name in given:
+        if name in known:
+            continue
+        guess = _OTHER_NAMES.get(name)
+        if guess not in known:
+            close = difflib.get_close_matches(name, list(known), n=1)
+            guess = close[0] if close else None
+        hint = (
+            f": did you mean {guess!r}?"
+            if guess
+            else f"; the options are {', '.join(sorted(known))}"
+        )
+        raise ConfigError(f"unknown option {name!r} of {what}{hint}")
+
+
+def seconds(value: float) -> str:
+    """A duration for a message: `10 s`, `0.25 s` (never `9.999995223000042 s`)."""
+    return f"{value:.0f} s" if value >= 100 else f"{value:.3g} s"
+
+
+class ShutdownError(KtError):
+    """This process's kt runtime was shut down; handles and Refs made before it are void."""
+
+    def __str__(self) -> str:
+        return (
+            "kt was shut down in this process (kt.shutdown(), or the interpreter is exiting): "
+            "handles and Refs made before it no longer work. Create the actor again "
+            "(kt.get_actor finds a detached named actor)."
+        )
 
 
 class SerializationError(KtError, TypeError):

@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable, Generator
 from typing import Any, Generic, TypeVar
 
-from kt.core.errors import CancelledError, GetTimeoutError
+from kt.core.errors import CancelledError, GetTimeoutError, seconds
 
 T = TypeVar("T")
 _LOCK = threading.Lock()
@@ -188,7 +188,7 @@ class Ref(Generic[T]):
             event = threading.Event()
             self.on_done(lambda _ref: event.set())
             if not event.wait(timeout):
-                raise GetTimeoutError(f"{self.label} not ready after {timeout} s")
+                raise GetTimeoutError(f"{self.label} not ready after {seconds(timeout or 0)}")
         if self._state is RefState.CANCELLED:
             raise self._value
         return self._outcome()

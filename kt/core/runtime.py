@@ -371,7 +371,11 @@ class Runtime:
             for link in list(self._links.values()):
                 if link.channel is not None:
                     link.channel.close()
-            self.loop.stop()
+            # What still waits (a detached pod's Process.wait, a pool's reaper) is
+            # cancelled and given a turn to finish, not left for "Task was destroyed".
+            for task in asyncio.all_tasks(self.loop):
+                task.cancel()
+            self.loop.call_soon(self.loop.call_soon, self.loop.stop)
 
         self.loop.call_soon_threadsafe(close_all)
         self._thread.join(timeout=2)

@@ -33,6 +33,7 @@ later) would rename the file `<dynamic-code>`.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import linecache
 import pickle
@@ -323,35 +324,104 @@ class RemoteTraceback(Exception):
 def dumps_exception(exc: BaseException, where: str, tb: str) -> bytes:
     """Pack a remote exception so the caller can re-raise it as its own type.
 
-    The exception object travels pickled inside the payload when it pickles; the type
-    name, message and traceback always travel as text, for `RemoteError`.
+    The exception object travels pickled when it round-trips. When it does not (an
+    `__init__` that does not take its `args` back), its class, `args` and attributes
+    travel instead, for `loads_exception` to rebuild without calling `__init__`. The
+    type name, message and traceback always travel as text, for `RemoteError`.
     """
-    obj: bytes | None
+    kind = type(exc)
+    type_name = f"{kind.__module__}.{kind.__qualname__}"
+    if not isinstance(exc, Exception | asyncio.CancelledError):
+        # SystemExit, KeyboardInterrupt, GeneratorExit: re-raised as themselves they would
+        # end the caller (and pass `except Exception`); they arrive as RemoteError.
+        shown = f"{kind.__name__}({', '.join(map(repr, exc.args))})"
+        message = f"the remote code raised {shown}; kt reports it here instead of exiting"
+        return dumps_bytes((None, None, type_name, message, tb, where))
+    obj = parts = None
     try:
-        out = io.BytesIO()
-        _Pickler(out, protocol=5).dump(exc)
-        data = out.getvalue()
-        pickle.loads(data)  # an exception whose __init__ args do not round-trip
-        obj = data
+        obj = _pickle(exc)
+        pickle.loads(obj)  # an exception whose __init__ args do not round-trip
     except Exception:
         obj = None
-    kind = type(exc)
-    record = (obj, f"{kind.__module__}.{kind.__qualname__}", str(exc)[:4096], tb, where)
-    return dumps_bytes(record)
+        for args, state in ((exc.args, dict(vars(exc))), (tuple(map(str, exc.args)), {})):
+            try:
+                parts = _pickle((kind, args, state))
+                pickle.loads(parts)
+                break
+            except Exception:
+                parts = None
+    return dumps_bytes((obj, parts, type_name, str(exc)[:4096], tb, where))
+
+
+def _pickle(value: Any) -> bytes:
+    out = io.BytesIO()
+    _Pickler(out, protocol=5).dump(value)
+    return out.getvalue()
 
 
 def loads_exception(payload: bytes | bytearray | memoryview) -> BaseException:
     """Rebuild a remote exception, with the remote traceback and location attached."""
-    obj, type_name, message, tb, where = loads(payload)
-    exc: BaseException | None = None
-    if isinstance(obj, bytes):
+    obj, parts, type_name, message, tb, where = loads(payload)
+    if obj is not None:
         try:
-            exc = pickle.loads(obj)
+            exc: BaseException = pickle.loads(obj)
         except Exception:
-            exc = None
-    if exc is None:
-        return RemoteError(type_name, message, tb, where)
-    if not isinstance(exc, KtError) and tb:
-        exc.__cause__ = RemoteTraceback(tb)
-        exc.add_note(f"(raised remotely in {where})")
+            return RemoteError(type_name, message, tb, where)
+        if not isinstance(exc, KtError) and tb:
+            exc.__cause__ = RemoteTraceback(tb)
+            exc.add_note(f"(raised remotely in {where})")
+        return exc
+    if parts is not None:
+        try:
+            kind, args, state = pickle.loads(parts)
+            return rebuild_as_remote_error(kind, args, state, (type_name, message, tb, where))
+        except Exception:
+            pass
+    return RemoteError(type_name, message, tb, where)
+
+
+_DUALS: dict[type, type] = {}
+
+
+def rebuild_as_remote_error(
+    kind: type[BaseException],
+    args: tuple[Any, ...],
+    state: dict[str, Any],
+    fields: tuple[str, str, str, str],
+) -> BaseException:
+    """An instance of both `kind` and RemoteError, built without calling `__init__`.
+
+    Like Ray's `RayTaskError(MyErr)`: `except MyErr` catches it, `except kt.RemoteError`
+    too, and it carries the remote traceback. Its `args` and attributes are the remote
+    exception's own.
+
+    Raises:
+        TypeError: `kind` cannot be combined with RemoteError (a layout conflict).
+    """
+    dual = _DUALS.get(kind)
+    if dual is None:
+        dual = type(
+            kind.__name__,
+            (kind, RemoteError),
+            {
+                "__module__": kind.__module__,
+                "__qualname__": kind.__qualname__,
+                "__reduce__": _reduce_dual,
+            },
+        )
+        _DUALS[kind] = dual
+    exc = dual.__new__(dual, *args)
+    exc.args = args
+    exc.__dict__.update(state)
+    exc.type_name, exc.message, exc.traceback, exc.where = fields
+    exc.__dual_of__ = kind
     return exc
+
+
+def _reduce_dual(self: Any) -> tuple[Any, ...]:
+    state = {k: v for k, v in vars(self).items() if k not in _DUAL_FIELDS}
+    fields = (self.type_name, self.message, self.traceback, self.where)
+    return (rebuild_as_remote_error, (self.__dual_of__, self.args, state, fields))
+
+
+_DUAL_FIELDS = frozenset({"type_name", "message", "traceback", "where", "__dual_of__"})

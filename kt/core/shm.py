@@ -15,8 +15,10 @@ A segment is reused only when its receiver is done with it: the receiver takes a
 shared `flock` on the file before it marks the segment claimed, and releases it when the
 last view on its mapping is garbage; the sender reuses a segment only when it is
 claimed and an exclusive `flock` succeeds. A segment never claimed (its call was lost)
-stays out of the pool. Segment files are unlinked when the sender exits, and files of
-processes that no longer exist are swept when an arena is made.
+stays out of the pool. Segment files are unlinked when the sender exits (a worker,
+which leaves by `os._exit`, calls `release_all` first); files of processes that no
+longer exist are swept when an arena is made and by the supervisor whenever one of its
+workers exits (a SIGKILLed worker cleans nothing up itself).
 """
 
 from __future__ import annotations
@@ -87,8 +89,9 @@ class ShmArena:
         self._lock = threading.Lock()
         self._count = 0
         self._tag = os.urandom(4).hex()
-        _sweep_dead()
+        sweep_dead()
         weakref.finalize(self, _unlink_all, self._segments)
+        _ALL_SEGMENTS.append(self._segments)
 
     def write(self, buffers: list[memoryview]) -> tuple[str, list[int]]:
         """Copy `buffers` into one segment; returns its name and each buffer's offset."""
@@ -150,13 +153,22 @@ def attach(name: str, offsets: list[int], lengths: list[int]) -> list[memoryview
     return [view[o : o + n] for o, n in zip(offsets, lengths, strict=True)]
 
 
+_ALL_SEGMENTS: list[list[Segment]] = []  # every arena's segments, for release_all
+
+
+def release_all() -> None:
+    """Unlink every segment this process made: for exits that skip finalizers."""
+    for segments in _ALL_SEGMENTS:
+        _unlink_all(segments)
+
+
 def _unlink_all(segments: list[Segment]) -> None:
     for seg in segments:
         with contextlib.suppress(OSError):
             os.unlink(os.path.join(SHM_DIR, seg.name))
 
 
-def _sweep_dead() -> None:
+def sweep_dead() -> None:
     """Remove segments left by kt processes that died without cleaning up."""
     try:
         names = os.listdir(SHM_DIR)

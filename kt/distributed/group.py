@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from kt.actors.api import RemoteClass, cls, kill
 from kt.core.compute import Compute
 from kt.core.config import config
-from kt.core.errors import ActorDiedError, ConfigError, KtError
+from kt.core.errors import ActorDiedError, ConfigError, KtError, seconds
 from kt.core.ref import Ref
 from kt.distributed import env as envs
 from kt.distributed.agent import RankAgent
@@ -179,7 +179,9 @@ class SpmdGroup:
     def _handle_of(self, rank: int, timeout: float | None) -> ActorHandle:
         with self._changed:
             if not self._changed.wait_for(lambda: self._open or self._fatal is not None, timeout):
-                raise KtError(f"SPMD group {self._name} was not running within {timeout} s")
+                raise KtError(
+                    f"SPMD group {self._name} was not running within {seconds(timeout or 0)}"
+                )
             if self._fatal is not None:
                 raise self._fatal
             assert self._attempt is not None

@@ -187,7 +187,12 @@ class Supervisor:
             task.cancel()
         self._tcp.close()
         self._unix.close()
+        pids = [w.pid for w in self.procs.workers.values()]
         self.procs.close()
+        deadline = time.monotonic() + 1.0
+        while any(map(pid_alive, pids)) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        shm.sweep_dead()  # what the killed workers left in /dev/shm
         shutil.rmtree(self._tmp, ignore_errors=True)
 
     def stop(self) -> None:
@@ -438,6 +443,7 @@ class Supervisor:
         )
         rec.state = ActorState.DEAD
         rec.death = death
+        shm.sweep_dead()  # a killed worker leaves its /dev/shm segments behind
         logger.info("actor %s (%s) died: %s", rec.id, rec.cls_name, death)
         owner = self.peers.get(rec.owner)
         if owner is not None:  # first, so the owner can restart before calls fail

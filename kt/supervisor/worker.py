@@ -24,7 +24,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from kt.core import protocol, serialization
+from kt.core import protocol, serialization, shm
 from kt.core.channel import FrameChannel
 from kt.core.errors import ActorDiedError, SerializationError
 from kt.core.methods import RUN_METHOD, MethodKind, method_kind
@@ -116,6 +116,7 @@ class ActorHost:
         what = f"{self.cls_name}.__init__"
         # Before unpickling: torch and friends read their environment at import.
         os.environ.update({str(k): str(v) for k, v in (spec.get("env") or {}).items()})
+        sys.argv = [self.cls_name]  # argparse in user code names the actor, not zygote.py
         try:
             cls, args, kwargs = serialization.loads(bytes(payload))
             concurrency = int(spec.get("max_concurrency", 1))
@@ -174,7 +175,7 @@ class ActorHost:
                 future = self.loop.run_in_executor(self.pool, lambda: fn(*args, **kwargs))
                 future.add_done_callback(lambda f: self._done(route, req_id, what, shm, f))
         elif kind == MethodKind.ASYNC:
-            task = self.loop.create_task(fn(*args, **kwargs))
+            task = self.loop.create_task(_contained(fn(*args, **kwargs)))
             self._tasks[req_id] = task
             task.add_done_callback(lambda t: self._done(route, req_id, what, shm, t))
         elif kind == MethodKind.ASYNC_GEN:
@@ -195,10 +196,12 @@ class ActorHost:
             self.reply_error(route, req_id, asyncio.CancelledError(f"{what} was cancelled"), what)
             return
         exc = fut.exception()
+        if exc is None and type(value := fut.result()) is _Raised:
+            exc = value.exc
         if exc is not None:
             self.reply_error(route, req_id, exc, what)
         else:
-            self.reply(route, req_id, fut.result(), what, shm=shm)
+            self.reply(route, req_id, value, what, shm=shm)
 
     async def _stream_async(self, route: int, req_id: int, what: str, shm: bool, gen: Any) -> None:
         try:
@@ -221,6 +224,23 @@ class ActorHost:
             send(self.reply_error, route, req_id, exc, what)
         else:
             send(self.reply, route, req_id, None, what)
+
+
+class _Raised:
+    """An async method's SystemExit or KeyboardInterrupt, held as a value: raised out of
+    its task it would end the event loop, and so the actor."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+async def _contained(coro: Any) -> Any:
+    try:
+        return await coro
+    except (SystemExit, KeyboardInterrupt) as exc:
+        return _Raised(exc)
 
 
 async def serve(socket_path: str, worker_id: int) -> None:
@@ -277,6 +297,7 @@ def run(socket_path: str, worker_id: int) -> None:
         traceback.print_exc()
         code = 1
     finally:
+        shm.release_all()  # os._exit skips the arenas' finalizers
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
                 stream.flush()
