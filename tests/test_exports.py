@@ -15,9 +15,16 @@ def test_all_matches_public_names() -> None:
     assert set(kt.__all__) - {"__version__"} == public
 
 
-def test_every_export_resolves() -> None:
+def test_every_export_resolves_to_what_its_module_defines() -> None:
     for name in kt.__all__:
-        assert getattr(kt, name) is not None
+        obj = getattr(kt, name)
+        if name == "__version__":
+            assert isinstance(obj, str) and obj[0].isdigit()
+            continue
+        home = getattr(obj, "__module__", None)
+        if home is None:  # a module object or a plain value, such as kt.config
+            continue
+        assert home.startswith("kt."), f"kt.{name} comes from {home}, not from kt"
 
 
 def test_errors_derive_from_kt_error() -> None:

@@ -63,6 +63,16 @@ class Counter:
     def count(self, n: int) -> Any:
         yield from range(n)
 
+    def count_slowly(self, n: int, gap: float) -> Any:
+        for i in range(n):
+            yield i, time.time()
+            time.sleep(gap)
+
+    async def acount_slowly(self, n: int, gap: float) -> Any:
+        for i in range(n):
+            yield i, time.time()
+            await asyncio.sleep(gap)
+
     async def aslow(self, seconds: float, tag: str) -> str:
         await asyncio.sleep(seconds)
         return tag
@@ -167,11 +177,51 @@ def test_async_methods_interleave(pool: kt.Compute) -> None:
 
 
 def test_max_concurrency_runs_sync_methods_on_threads(pool: kt.Compute) -> None:
-    c = kt.cls(Counter).options(compute=pool, max_concurrency=4).remote()
-    c.get()  # placed and created
-    start = time.monotonic()
-    assert kt.get([c.sleep.remote(0.5) for _ in range(4)], timeout=30) == ["slept"] * 4
-    assert time.monotonic() - start < 1.9
+    c = kt.cls(Overlap).options(compute=pool, cpus=0, max_concurrency=4).remote()
+    assert max(kt.get([c.hold.remote(0.5) for _ in range(4)], timeout=30)) >= 2
+    one = kt.cls(Overlap).options(compute=pool, cpus=0).remote()
+    assert max(kt.get([one.hold.remote(0.1) for _ in range(4)], timeout=30)) == 1
+
+
+class Overlap:
+    """Counts the calls running at once, as the actor itself sees them."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.running = 0
+
+    def hold(self, seconds: float) -> int:
+        with self.lock:
+            self.running += 1
+            peak = self.running
+        time.sleep(seconds)
+        with self.lock:
+            peak = max(peak, self.running)
+            self.running -= 1
+        return peak
+
+
+class Sequencer:
+    """Calls that take longer the earlier they come: run on threads, they would finish
+    (and record) out of order."""
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    def step(self, i: int, seconds: float) -> int:
+        time.sleep(seconds)
+        self.seen.append(i)
+        return i
+
+    def history(self) -> list[int]:
+        return self.seen
+
+
+def test_calls_from_one_caller_run_in_order_even_when_slow(pool: kt.Compute) -> None:
+    s = kt.cls(Sequencer).options(compute=pool, cpus=0).remote()
+    refs = [s.step.remote(i, 0.02 * (10 - i)) for i in range(10)]
+    assert kt.get(refs, timeout=60) == list(range(10))
+    assert s.history() == list(range(10))
 
 
 def test_print_reaches_the_caller_with_a_prefix(
@@ -186,7 +236,7 @@ def test_print_reaches_the_caller_with_a_prefix(
             break
         time.sleep(0.05)
     line = next(ln for ln in out.splitlines() if "hello from the actor" in ln)
-    assert line.startswith("(Counter pid=") and " pod=" in line
+    assert line.startswith(f"(Counter pid={counters[0].pid()} pod=pool-"), line
 
 
 def test_unpicklable_argument_is_named(counters: list[kt.ActorHandle]) -> None:
@@ -210,8 +260,9 @@ def test_blocking_result_times_out(counters: list[kt.ActorHandle]) -> None:
 
 def test_wait_returns_ready_and_pending(counters: list[kt.ActorHandle]) -> None:
     fast = counters[0].get.remote()
-    slow = counters[1].sleep.remote(2.0)
+    slow = counters[1].sleep.remote(3.0)
     ready, pending = kt.wait([fast, slow], num_returns=1, timeout=10)
+    assert not slow.done(), "kt.wait waited for more than num_returns"
     assert ready == [fast] and pending == [slow]
     slow.result(timeout=30)
 
@@ -261,3 +312,14 @@ def test_await_refs_in_user_event_loop_with_timeout(counters: list[kt.ActorHandl
 
     value, timed_out = asyncio.run(main())
     assert isinstance(value, int) and timed_out
+
+
+def test_generator_items_arrive_as_they_are_made(counters: list[kt.ActorHandle]) -> None:
+    for method in (counters[0].count_slowly, counters[0].acount_slowly):
+        arrivals = []
+        for i, made in method.remote(3, 1.0):
+            arrivals.append((i, made, time.time()))
+        assert [i for i, _, _ in arrivals] == [0, 1, 2]
+        first_arrived = arrivals[0][2]
+        last_made = arrivals[-1][1]
+        assert first_arrived < last_made - 1.0, "items were held back until the end"

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 
 import pytest
@@ -67,6 +68,7 @@ def test_detached_named_actor_outlives_its_driver() -> None:
     pool = kt.Compute(cpus=1, replicas=1, backend="local").pool_name() + "-detached"
     try:
         assert "made" in _driver(MAKER, name)  # the first driver has exited
+        time.sleep(3)  # many ticks of the pods' 0.5 s driver watchdog
         assert _pods(pool), "the detached pool went away with its driver"
         out = _driver(USER, name)
         assert "2 ['from the first driver', 'from the second driver']" in out

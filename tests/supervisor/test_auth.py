@@ -2,15 +2,21 @@
 
 Covers: a CREATE_ACTOR / CALL sent without HELLO closes the connection and runs nothing;
 a wrong token is REFUSED and runs nothing; the same frames with the right token do run
-(so the side-effect check can fail).
+(so the side-effect check can fail); control HTTP's /status refuses a missing or wrong
+Bearer token and answers the right one, while /healthz needs none.
 """
 
 from __future__ import annotations
 
+import json
 import pathlib
 import socket
 import struct
 import time
+import urllib.error
+import urllib.request
+
+import pytest
 
 import kt
 from kt.core import protocol, serialization
@@ -115,3 +121,23 @@ def test_right_token_runs_the_same_frames(pool: kt.Compute, tmp_path: pathlib.Pa
     assert init_path.read_text() == "init ran"
     assert call_path.read_text() == "call ran"
     assert pathlib.Path(f"{call_path}.pickle").read_text() == "unpickled"
+
+
+def test_status_needs_the_token_and_healthz_does_not(pool: kt.Compute) -> None:
+    probe = kt.cls(Toucher).options(compute=pool, cpus=0).remote("/dev/null")
+    host, port = probe._wait_placed(timeout=60)
+    base = f"http://{host}:{port + 1}"
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        request = urllib.request.Request(f"{base}/status", headers=headers)
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(request, timeout=10)
+        assert info.value.code == 401
+    request = urllib.request.Request(
+        f"{base}/status", headers={"Authorization": f"Bearer {probe._token}"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as reply:
+        status = json.loads(reply.read())
+    assert any(a["class"] == "Toucher" for a in status["actors"])
+    with urllib.request.urlopen(f"{base}/healthz", timeout=10) as reply:
+        assert reply.status == 200
+    kt.kill(probe)
