@@ -8,6 +8,7 @@ function as one instance per replica and balances calls over them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import threading
 import time
@@ -25,7 +26,7 @@ from kt.core.config import config
 from kt.core.errors import ConfigError, GetTimeoutError, check_option_names, seconds
 from kt.core.methods import MethodKind, method_kind, public_methods
 from kt.core.protocol import FrameKind
-from kt.core.ref import Ref, StreamRef
+from kt.core.ref import PendingRefError, Ref, StreamRef
 from kt.core.serialization import dumps_value
 
 P = ParamSpec("P")
@@ -112,7 +113,13 @@ class RemoteClass(Generic[T]):
                     "pass get_if_exists=True to use it, or choose another name"
                 )
         actor_id = driver.new_actor_id()
-        parts = dumps_value((self._cls, args, kwargs), f"{self.__name__}.__init__")
+        while True:
+            try:
+                parts = dumps_value((self._cls, args, kwargs), f"{self.__name__}.__init__")
+                break
+            except PendingRefError as exc:  # a Ref in the init arguments: wait for it
+                with contextlib.suppress(Exception):
+                    exc.ref.result()
         handle = ActorHandle(actor_id, self.__name__, self._methods, name=opts.name)
         handle._retries = opts.max_task_retries
         header = {

@@ -9,6 +9,7 @@ straight to the target's pod.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from kt.core import protocol
 from kt.core.errors import ActorDiedError, KtError, PodLostError, ShutdownError, seconds
 from kt.core.methods import RUN_METHOD, MethodKind
 from kt.core.protocol import FrameKind
-from kt.core.ref import Ref, StreamRef
+from kt.core.ref import PendingRefError, Ref, StreamRef
 from kt.core.serialization import Parts, dumps_call, parts_size
 
 if TYPE_CHECKING:
@@ -53,7 +54,10 @@ class ActorMethod(Generic[P, R]):
         for v in kwargs.values():
             if isinstance(v, Ref):
                 return h._call_with_refs(self, args, kwargs)
-        parts = dumps_call(args, kwargs, self._label, runtime.shm_for(h._address))
+        try:
+            parts = dumps_call(args, kwargs, self._label, runtime.shm_for(h._address))
+        except PendingRefError as exc:  # a Ref inside an argument: send once it is done
+            return h._call_after(exc.ref, self, args, kwargs)
         header = self._header
         if h._retries and not self._streams:
             return h._submit_retrying(header, parts, self._label)
@@ -260,6 +264,31 @@ class ActorHandle:
             ref.on_done(go)
         return out
 
+    def _call_after(
+        self,
+        pending: Ref[Any],
+        method: ActorMethod[Any, Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        """Make the call once `pending` (nested in an argument) is done; it then travels
+        with its outcome. Another pending Ref found then defers the call again."""
+        if method._streams:  # a stream's items cannot wait in a Ref: wait here instead
+            _wait_quietly(pending)
+            return method.remote(*args, **kwargs)
+        out: Ref[Any] = Ref(method._label)
+
+        def go(_: Any) -> None:
+            try:
+                inner = method.remote(*args, **kwargs)
+            except BaseException as exc:
+                out.set_exception(exc)
+                return
+            inner.on_done(lambda r: _copy_outcome(r, out))
+
+        pending.on_done(go)
+        return out
+
     def _run(self, fn: Callable[..., R], *args: Any, **kwargs: Any) -> Ref[R]:
         """Run `fn(instance, *args, **kwargs)` in the actor's process, in call order.
 
@@ -309,3 +338,9 @@ def _rebuild(
     name: str | None,
 ) -> ActorHandle:
     return ActorHandle(actor_id, cls_name, methods, address=address, token=token, name=name)
+
+
+def _wait_quietly(ref: Ref[Any]) -> None:
+    """Block until `ref` is done, whatever its outcome (it travels with it)."""
+    with contextlib.suppress(Exception):  # the outcome is the receiver's to see
+        ref.result()

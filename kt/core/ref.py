@@ -94,6 +94,13 @@ class Ref(Generic[T]):
     def __repr__(self) -> str:
         return f"<kt.Ref {self.label} {self._state.value}>"
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """A Ref travels with its outcome. A pending one cannot be pickled yet: the
+        sender (a call, a reply) catches `PendingRefError` and sends once it is done."""
+        if self._state is RefState.PENDING:
+            raise PendingRefError(self)
+        return (_rebuild_ref, (self.label, self._state, self._value))
+
     # -- completion (runtime thread) ------------------------------------------------
     def _finish(self, state: RefState, value: Any) -> list[tuple[Callback, Ref[Any]]]:
         """Set the outcome; returns the callbacks to dispatch (empty if already final)."""
@@ -200,6 +207,24 @@ class Ref(Generic[T]):
                 self._callbacks.append((None, fn, None))
                 return
         fn(self)
+
+
+class PendingRefError(Exception):
+    """Raised while pickling a Ref that is still pending; `ref` is the one to wait for.
+
+    Internal to kt: the call and reply paths catch it and send after `ref` is done.
+    """
+
+    def __init__(self, ref: Ref[Any]) -> None:
+        super().__init__(f"{ref!r} is still pending")
+        self.ref = ref
+
+
+def _rebuild_ref(label: str, state: RefState, value: Any) -> Ref[Any]:
+    ref: Ref[Any] = Ref(label)
+    ref._state = state
+    ref._value = value
+    return ref
 
 
 _END = object()

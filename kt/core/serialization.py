@@ -46,6 +46,7 @@ import cloudpickle
 import orjson
 
 from kt.core.errors import KtError, RemoteError, SerializationError
+from kt.core.ref import PendingRefError
 from kt.core.shm import SHM_THRESHOLD, ShmArena, attach
 
 OOB_THRESHOLD = 64 * 1024
@@ -254,9 +255,12 @@ def dumps_call(
 
     Raises:
         SerializationError: an argument could not be pickled; `path` names it.
+        PendingRefError: a Ref inside the arguments is still pending; send after it.
     """
     try:
         return dumps((args, kwargs), shm)
+    except PendingRefError:
+        raise
     except Exception as exc:
         for i, arg in enumerate(args):
             path = _find_unpicklable(arg, f"argument {i}")
@@ -274,9 +278,12 @@ def dumps_value(value: Any, what: str, shm: ShmArena | None = None) -> Parts:
 
     Raises:
         SerializationError: the value could not be pickled.
+        PendingRefError: a Ref inside the value is still pending; send after it.
     """
     try:
         return dumps(value, shm)
+    except PendingRefError:
+        raise
     except Exception as exc:
         path = _find_unpicklable(value, "the value")
         if path:

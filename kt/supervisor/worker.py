@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import os
 import socket
 import sys
@@ -29,6 +30,7 @@ from kt.core.channel import FrameChannel
 from kt.core.errors import ActorDiedError, SerializationError
 from kt.core.methods import RUN_METHOD, MethodKind, method_kind
 from kt.core.protocol import FrameFlag, FrameKind
+from kt.core.ref import PendingRefError
 from kt.core.runtime import new_event_loop
 from kt.core.shm import ShmArena
 
@@ -86,6 +88,10 @@ class ActorHost:
             parts = serialization.dumps_value(value, what, self.arena() if shm else None)
         except SerializationError as exc:
             self.reply_error(route, req_id, exc, what)
+            return
+        except PendingRefError as exc:  # the result holds a Ref still running: reply after it
+            again = functools.partial(self.reply, route, req_id, value, what, kind, shm)
+            exc.ref.on_done(lambda _: self.loop.call_soon_threadsafe(again))
             return
         size = serialization.parts_size(parts)
         self.channel.send(protocol.encode_prefix(kind, req_id, b"", size, route=route))

@@ -231,3 +231,41 @@ def test_a_driver_leaves_nothing_behind() -> None:
             break
         time.sleep(0.2)
     assert not left, f"left in /dev/shm: {left}"
+
+
+class Slow:
+    def val(self, x: int, seconds: float) -> int:
+        time.sleep(seconds)
+        return x
+
+    def die(self, seconds: float) -> None:
+        time.sleep(seconds)
+        os._exit(3)
+
+
+class Middle:
+    def __init__(self, slow: kt.ActorHandle) -> None:
+        self.slow = slow
+
+    def get_all(self, refs: list[kt.Ref[int]]) -> list[int]:
+        return list(kt.get(refs, timeout=60))
+
+    def forward(self, x: int) -> kt.Ref[int]:
+        return self.slow.val.remote(x, 1.0)  # returned while still running
+
+    def forward_dying(self) -> kt.Ref[None]:
+        return self.slow.die.remote(0.5)
+
+
+@pytest.mark.timeout(90)
+def test_refs_passed_or_returned_before_they_resolve_resolve(pool: kt.Compute) -> None:
+    slow = kt.cls(Slow).options(compute=pool, cpus=0).remote()
+    middle = kt.cls(Middle).options(compute=pool, cpus=0).remote(slow)
+    pending = [slow.val.remote(i, 1.0) for i in range(2)]
+    assert not any(r.done() for r in pending)
+    assert middle.get_all.remote(pending).result(timeout=60) == [0, 1]  # nested in a list
+    returned = middle.forward(7)
+    assert isinstance(returned, kt.Ref)
+    assert kt.get(returned, timeout=60) == 7
+    with pytest.raises(kt.ActorDiedError, match="exited with code 3"):
+        kt.get(middle.forward_dying(), timeout=60)  # its maker died: an error, not a hang
