@@ -11,7 +11,7 @@ LOCK := requirements.lock
 EXTRAS := dev,torch,examples
 PIP_TOOLS := pip-tools==7.6.2
 
-.PHONY: install test lint demo bench lock test-latest clean
+.PHONY: install test lint demo bench lock test-latest mutate clean
 
 # A changed lock rebuilds the venv from scratch: nothing the old lock installed stays.
 $(STAMP): $(LOCK) pyproject.toml
@@ -59,5 +59,31 @@ test-latest:
 	.venv-latest/bin/python -m pip list --format=freeze > .venv-latest/versions.txt
 	.venv-latest/bin/python -m pytest -n 2 -p no:cacheprovider --ignore tests/test_lock.py tests
 
+# Mutation testing with cosmic-ray, on demand (never in `make test`). cosmic-ray changes
+# the files on disk, so a mutant is seen by every process a test starts -- supervisors,
+# zygote-forked workers, ranks -- where most of kt runs; it works on a copy of HEAD in
+# .mutate/, and `exec` resumes an interrupted session. Each surviving mutant pays for
+# the whole test command: a slice (MUTATE_MODULES=kt/core/ref.py
+# MUTATE_TESTS=tests/core/test_ref.py) takes minutes, the default scope many hours.
+# Mutants come from HEAD (commit first); rm -rf .mutate to start a new session.
+MUTATE_TOOL := cosmic-ray==8.7.0
+MUTATE_MODULES ?= kt/core kt/actors kt/supervisor
+MUTATE_TESTS ?= tests/core tests/supervisor tests/e2e/test_actors.py tests/e2e/test_first_day.py
+MUTATE_TIMEOUT ?= 300
+MUTATE_TEST_TIMEOUT ?= 30  # per test: a mutant that hangs a test is caught, not waited out
+
+mutate: $(STAMP)
+	test -x .venv-mutate/bin/cosmic-ray || ($(PY) -m venv .venv-mutate && \
+		.venv-mutate/bin/python -m pip install -q $(MUTATE_TOOL))
+	test -f .mutate/session.sqlite || ( \
+		rm -rf .mutate && mkdir .mutate && git archive HEAD | tar -x -C .mutate && \
+		$(BIN)/python -c 'import json, sys; print("[cosmic-ray]\nmodule-path = %s\ntimeout = %s\nexcluded-modules = []\ntest-command = %s\n\n[cosmic-ray.distributor]\nname = \"local\"" % (json.dumps(sys.argv[3].split()), sys.argv[2], json.dumps(sys.argv[1] + " -m pytest -x -q -p no:cacheprovider --timeout " + sys.argv[5] + " " + sys.argv[4])))' \
+			"$(CURDIR)/$(BIN)/python" "$(MUTATE_TIMEOUT)" "$(MUTATE_MODULES)" "$(MUTATE_TESTS)" \
+			"$(MUTATE_TEST_TIMEOUT)" \
+			> .mutate/cosmic-ray.toml && \
+		cd .mutate && ../.venv-mutate/bin/cosmic-ray init cosmic-ray.toml session.sqlite)
+	cd .mutate && ../.venv-mutate/bin/cosmic-ray exec cosmic-ray.toml session.sqlite
+	cd .mutate && ../.venv-mutate/bin/cr-report session.sqlite | tail -n 3
+
 clean:
-	rm -rf $(VENV) .venv-lock .venv-latest .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .venv-lock .venv-latest .venv-mutate .mutate .mypy_cache .ruff_cache .pytest_cache
