@@ -69,7 +69,7 @@ test-latest:
 MUTATE_TOOL := cosmic-ray==8.7.0
 MUTATE_MODULES ?= kt/core kt/actors kt/supervisor
 MUTATE_TESTS ?= tests/core tests/supervisor tests/e2e/test_actors.py tests/e2e/test_first_day.py
-MUTATE_TIMEOUT ?= 300
+MUTATE_TIMEOUT ?= 600
 MUTATE_TEST_TIMEOUT ?= 30  # per test: a mutant that hangs a test is caught, not waited out
 
 mutate: $(STAMP)
@@ -77,7 +77,7 @@ mutate: $(STAMP)
 		.venv-mutate/bin/python -m pip install -q $(MUTATE_TOOL))
 	test -f .mutate/session.sqlite || ( \
 		rm -rf .mutate && mkdir .mutate && git archive HEAD | tar -x -C .mutate && \
-		$(BIN)/python -c 'import json, sys; print("[cosmic-ray]\nmodule-path = %s\ntimeout = %s\nexcluded-modules = []\ntest-command = %s\n\n[cosmic-ray.distributor]\nname = \"local\"" % (json.dumps(sys.argv[3].split()), sys.argv[2], json.dumps(sys.argv[1] + " -m pytest -x -q -p no:cacheprovider --timeout " + sys.argv[5] + " " + sys.argv[4])))' \
+		$(BIN)/python -c 'import json, sys; print("[cosmic-ray]\nmodule-path = %s\ntimeout = %s\nexcluded-modules = []\ntest-command = %s\n\n[cosmic-ray.distributor]\nname = \"local\"" % (json.dumps(sys.argv[3].split()), sys.argv[2], json.dumps(sys.argv[1] + " -m pytest -x -q -p no:cacheprovider -o timeout_method=thread --timeout " + sys.argv[5] + " " + sys.argv[4])))' \
 			"$(CURDIR)/$(BIN)/python" "$(MUTATE_TIMEOUT)" "$(MUTATE_MODULES)" "$(MUTATE_TESTS)" \
 			"$(MUTATE_TEST_TIMEOUT)" \
 			> .mutate/cosmic-ray.toml && \
