@@ -1,16 +1,23 @@
 """Refs complete on one thread and are awaited on another loop or blocked on; gather
-uses them directly; cancel and timeouts behave like futures."""
+uses them directly; cancel and timeouts behave like futures.
+
+Also: `exception()` in each state; done-callbacks (removed ones do not run, one that
+raises does not stop the others, each runs on the loop that added it); a Ref pickles
+with its outcome and refuses to pickle while pending; a StreamRef yields its items in
+order (sync and async), ends with the error that ended the stream, and can be cancelled.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import pickle
 import threading
 import time
 
 import pytest
 
 import kt
-from kt.core.ref import Ref
+from kt.core.ref import PendingRefError, Ref, RefState, StreamRef, dispatch
 
 
 def _later(ref: Ref[int], value: int, delay: float) -> None:
@@ -45,7 +52,10 @@ def test_timeout_and_cancel() -> None:
     assert ref.cancel() and ref.cancelled()
     with pytest.raises(kt.CancelledError):
         ref.result()
-    assert not ref.cancel() or ref.cancelled()
+    assert ref.cancel() and ref.cancelled()  # cancelling again is harmless
+    done: Ref[int] = Ref("done")
+    done.set_result(1)
+    assert not done.cancel() and not done.cancelled() and done.result() == 1
 
 
 def test_exception_propagates_to_await() -> None:
@@ -72,3 +82,95 @@ def test_wait_for_timeout_cancels_the_ref() -> None:
 
 async def _wrap(ref: Ref[int]) -> int:
     return await ref
+
+
+def test_exception_in_each_state() -> None:
+    ref: Ref[int] = Ref("e")
+    with pytest.raises(asyncio.InvalidStateError):
+        ref.exception()
+    ref.set_exception(KeyError("k"))
+    assert isinstance(ref.exception(), KeyError)
+    ok: Ref[int] = Ref("ok")
+    ok.set_result(3)
+    assert ok.exception() is None
+    gone: Ref[int] = Ref("gone")
+    gone.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        gone.exception()
+
+
+def test_done_callbacks_removed_failing_and_per_loop() -> None:
+    ref: Ref[int] = Ref("cb")
+    seen: list[str] = []
+
+    def removed(_: object) -> None:
+        seen.append("removed")
+
+    def boom(_: object) -> None:
+        raise RuntimeError("a user's callback failed")
+
+    ref.add_done_callback(removed)
+    ref.add_done_callback(boom)
+    ref.add_done_callback(lambda r: seen.append(f"plain {r.result()}"))
+    assert ref.remove_done_callback(removed) == 1
+    assert ref.remove_done_callback(removed) == 0
+
+    async def main() -> None:
+        loop_thread: list[object] = []
+        ref.add_done_callback(lambda _: loop_thread.append(threading.current_thread()))
+        _later(ref, 4, 0.02)
+        assert await ref == 4
+        await asyncio.sleep(0)
+        assert loop_thread == [threading.current_thread()]  # ran on this loop
+
+    asyncio.run(main())
+    assert seen == ["plain 4"]
+    late: list[int] = []
+    ref.on_done(lambda r: late.append(r.result()))  # already done: runs at once
+    assert late == [4]
+
+
+def test_a_ref_pickles_with_its_outcome_never_pending() -> None:
+    ref: Ref[int] = Ref("p")
+    with pytest.raises(PendingRefError) as info:
+        pickle.dumps(ref)
+    assert info.value.ref is ref
+    ref.set_result(9)
+    copy = pickle.loads(pickle.dumps(ref))
+    assert copy.done() and copy.result() == 9 and copy.label == "p"
+    bad: Ref[int] = Ref("bad")
+    bad.set_exception(ValueError("v"))
+    again = pickle.loads(pickle.dumps(bad))
+    assert again._state is RefState.FAILED
+    with pytest.raises(ValueError, match="v"):
+        again.result()
+
+
+def test_stream_ref_yields_in_order_and_ends_with_its_error() -> None:
+    stream: StreamRef[int] = StreamRef("s")
+
+    def produce() -> None:
+        for i in range(3):
+            time.sleep(0.01)
+            dispatch(stream._push(i))  # as the runtime thread does with ITEM frames
+        dispatch(stream._close(None))
+
+    threading.Thread(target=produce).start()
+    assert list(stream) == [0, 1, 2]
+
+    failing: StreamRef[int] = StreamRef("f")
+    failing._push(1)
+    failing.set_exception(KeyError("stop"))
+
+    async def consume() -> list[int]:
+        return [x async for x in failing]
+
+    with pytest.raises(KeyError, match="stop"):
+        asyncio.run(consume())
+
+    cancelled: StreamRef[int] = StreamRef("c")
+    hooked: list[bool] = []
+    cancelled._on_cancel = lambda: hooked.append(True)
+    assert cancelled.cancel() and hooked == [True]
+    with pytest.raises(kt.CancelledError):
+        next(iter(cancelled))
