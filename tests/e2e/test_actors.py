@@ -317,7 +317,7 @@ def test_await_refs_in_user_event_loop_with_timeout(counters: list[kt.ActorHandl
 def test_generator_items_arrive_as_they_are_made(counters: list[kt.ActorHandle]) -> None:
     for method in (counters[0].count_slowly, counters[0].acount_slowly):
         arrivals = []
-        for i, made in method.remote(3, 1.0):
+        for i, made in method.remote(3, 1.5):
             arrivals.append((i, made, time.time()))
         assert [i for i, _, _ in arrivals] == [0, 1, 2]
         first_arrived = arrivals[0][2]
