@@ -293,30 +293,28 @@ class RemoteFunction(Generic[P, R]):
 
     def to(self, compute: Compute | None = None, **options: Any) -> Any:
         """Deploy: one instance per replica, or an SPMD group on a distributed Compute."""
-        options = {**self._options, **options}
-        target = compute or options.pop("compute", None) or config.default_compute
-        options.pop("compute", None)
-        if target.distribution is not None:
-            return _spmd(self._class(options), target, (self._fn,), {}, function=True)
-        return DeployedFunction(self._class(options).to(target, init_args=(self._fn,)))
+        return self._deploy(compute, {**self._options, **options}, per_cpu=False)
 
     def remote(self, *args: P.args, **kwargs: P.kwargs) -> Ref[R]:
-        """Call on the default pool (or `.options(compute=)`), deployed on first use with
-        one instance per cpu of a pod, so calls fanned out run in parallel."""
+        """Call on the default pool (or `.options(compute=)`), deployed on first use."""
         with self._lock:
             if self._default is None:
-                options = dict(self._options)
-                target = options.pop("compute", None) or config.default_compute
-                if target.distribution is not None:
-                    self._default = self.to(target, **options)
-                else:
-                    count = max(int(target.cpu_count), 1)
-                    service = self._class(options)._service(
-                        target, count, (self._fn,), {}, placement="pack"
-                    )
-                    self._default = DeployedFunction(service)
+                self._default = self._deploy(None, dict(self._options), per_cpu=True)
         deployed: Any = self._default
         return deployed.remote(*args, **kwargs)
+
+    def _deploy(self, compute: Compute | None, options: dict[str, Any], *, per_cpu: bool) -> Any:
+        """`per_cpu`: one instance per cpu of a pod (for `.remote`, so calls fanned out
+        run in parallel) instead of one per replica."""
+        target = compute or options.pop("compute", None) or config.default_compute
+        options.pop("compute", None)
+        cls = self._class(options)
+        if target.distribution is not None:
+            return _spmd(cls, target, (self._fn,), {}, function=True)
+        if per_cpu:
+            count = max(int(target.cpu_count), 1)
+            return DeployedFunction(cls._service(target, count, (self._fn,), {}, placement="pack"))
+        return DeployedFunction(cls.to(target, init_args=(self._fn,)))
 
     def _class(self, options: dict[str, Any]) -> RemoteClass[Any]:
         wrapper = _WRAPPERS[method_kind(self._fn)]

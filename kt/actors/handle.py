@@ -251,14 +251,13 @@ class ActorHandle:
                 remaining[0] -= 1
                 if remaining[0]:
                     return
-            try:
+
+            def call() -> Ref[Any]:
                 a = tuple(v.result() if isinstance(v, Ref) else v for v in args)
                 kw = {k: (v.result() if isinstance(v, Ref) else v) for k, v in kwargs.items()}
-                inner = method.remote(*a, **kw)
-            except BaseException as exc:
-                out.set_exception(exc)
-                return
-            inner.on_done(lambda r: _copy_outcome(r, out))
+                return method.remote(*a, **kw)
+
+            _forward(out, call)
 
         for ref in refs:
             ref.on_done(go)
@@ -277,16 +276,7 @@ class ActorHandle:
             _wait_quietly(pending)
             return method.remote(*args, **kwargs)
         out: Ref[Any] = Ref(method._label)
-
-        def go(_: Any) -> None:
-            try:
-                inner = method.remote(*args, **kwargs)
-            except BaseException as exc:
-                out.set_exception(exc)
-                return
-            inner.on_done(lambda r: _copy_outcome(r, out))
-
-        pending.on_done(go)
+        pending.on_done(lambda _: _forward(out, lambda: method.remote(*args, **kwargs)))
         return out
 
     def _run(self, fn: Callable[..., R], *args: Any, **kwargs: Any) -> Ref[R]:
@@ -316,6 +306,16 @@ def _get_runtime() -> Runtime:
 
     _get_runtime = get_runtime  # every later call goes straight there
     return get_runtime()
+
+
+def _forward(out: Ref[Any], call: Callable[[], Ref[Any]]) -> None:
+    """Make the call now; `out` gets its outcome, or the error that making it raised."""
+    try:
+        inner = call()
+    except BaseException as exc:
+        out.set_exception(exc)
+        return
+    inner.on_done(lambda r: _copy_outcome(r, out))
 
 
 def _copy_outcome(src: Ref[Any], dst: Ref[Any]) -> None:

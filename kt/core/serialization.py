@@ -151,9 +151,9 @@ def remember_source(filename: str, first: int, lines: list[str]) -> None:
     this host: it is the code that runs.
     """
     entry = linecache.cache.get(filename)
-    known = list(entry[2]) if entry is not None and len(entry) == 4 else []
-    if not known and entry is None:
-        known = list(linecache.getlines(filename))
+    known = list(
+        entry[2] if entry is not None and len(entry) == 4 else linecache.getlines(filename)
+    )
     end = first - 1 + len(lines)
     if len(known) < end:
         known.extend(["\n"] * (end - len(known)))
@@ -421,14 +421,14 @@ def rebuild_as_remote_error(
     exc.args = args
     exc.__dict__.update(state)
     exc.type_name, exc.message, exc.traceback, exc.where = fields
-    exc.__dual_of__ = kind
     return exc
 
 
 def _reduce_dual(self: Any) -> tuple[Any, ...]:
     state = {k: v for k, v in vars(self).items() if k not in _DUAL_FIELDS}
     fields = (self.type_name, self.message, self.traceback, self.where)
-    return (rebuild_as_remote_error, (self.__dual_of__, self.args, state, fields))
+    kind = type(self).__bases__[0]  # the dual is (kind, RemoteError)
+    return (rebuild_as_remote_error, (kind, self.args, state, fields))
 
 
-_DUAL_FIELDS = frozenset({"type_name", "message", "traceback", "where", "__dual_of__"})
+_DUAL_FIELDS = frozenset({"type_name", "message", "traceback", "where"})
