@@ -31,7 +31,7 @@ from kt.core.methods import MethodKind
 from kt.core.protocol import FrameKind
 from kt.core.provider import PodState, Provider, get_provider, resolve_backend
 from kt.core.ref import Ref
-from kt.core.runtime import Address, Runtime
+from kt.core.runtime import Address, Runtime, shared_runtime
 from kt.core.serialization import parts_size
 
 logger = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class Driver:
 
     def __init__(self) -> None:
         in_worker = os.environ.get("KT_IN_WORKER") == "1"
-        self.runtime = Runtime(
+        self.runtime = shared_runtime(
             caller=f"{'actor' if in_worker else 'driver'}-{os.getpid()}",
             stream_logs=config.stream_logs and not in_worker,
         )

@@ -9,6 +9,7 @@ straight to the target's pod.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import threading
@@ -20,13 +21,14 @@ import orjson
 from kt.core import protocol
 from kt.core.errors import ActorDiedError, KtError, PodLostError, ShutdownError, seconds
 from kt.core.methods import RUN_METHOD, MethodKind
-from kt.core.protocol import FrameKind
-from kt.core.ref import PendingRefError, Ref, StreamRef
+from kt.core.protocol import FrameFlag, FrameKind
+from kt.core.ref import PendingRefError, Ref, StreamRef, lending, release
 from kt.core.serialization import Parts, dumps_call, parts_size
 
 if TYPE_CHECKING:
     from kt.core.runtime import Runtime
 
+_LENDS = int(FrameFlag.LENDS)
 P = ParamSpec("P")
 R = TypeVar("R")
 Address = tuple[str, int]
@@ -46,22 +48,40 @@ class ActorMethod(Generic[P, R]):
 
     def remote(self, *args: P.args, **kwargs: P.kwargs) -> Ref[R]:
         h = self._handle
-        runtime = h._runtime()
-        req_id = runtime.new_id()
         for v in args:
             if isinstance(v, Ref):
                 return h._call_with_refs(self, args, kwargs)
         for v in kwargs.values():
             if isinstance(v, Ref):
                 return h._call_with_refs(self, args, kwargs)
+        if h._held:  # an earlier call waits for its Ref arguments: this one goes after it
+            return h._hold(self, args, kwargs)
+        return self._call(args, kwargs)
+
+    def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Serialize and send now (no Ref among the arguments themselves)."""
+        runtime = self._handle._runtime()
         try:
-            parts = dumps_call(args, kwargs, self._label, runtime.shm_for(h._address))
-        except PendingRefError as exc:  # a Ref inside an argument: send once it is done
-            return h._call_after(exc.ref, self, args, kwargs)
+            parts = dumps_call(args, kwargs, self._label, runtime.shm_for(self._handle._address))
+        except PendingRefError:  # a Ref inside an argument still runs: lend it (kt.core.ref)
+            with lending(once=False) as lends:
+                parts = dumps_call(
+                    args, kwargs, self._label, runtime.shm_for(self._handle._address)
+                )
+            ref = self._send(runtime, parts, _LENDS)
+            ref.on_done(lambda _: release(lends))  # the call is over: nobody asks again
+            return ref
+        return self._send(runtime, parts, 0)
+
+    def _send(self, runtime: Runtime, parts: Parts, flags: int) -> Any:
+        h = self._handle
         header = self._header
         if h._retries and not self._streams:
-            return h._submit_retrying(header, parts, self._label)
-        prefix = protocol.encode_prefix(FrameKind.CALL, req_id, header, parts_size(parts))
+            return h._submit_retrying(header, parts, self._label, flags)
+        req_id = runtime.new_id()
+        prefix = protocol.encode_prefix(
+            FrameKind.CALL, req_id, header, parts_size(parts), flags=flags
+        )
         ref: Any = StreamRef(self._label) if self._streams else Ref(self._label)
         ref._on_cancel = functools.partial(h._cancel_call, req_id)
         h._submit(req_id, [prefix, header, *parts], ref)
@@ -106,6 +126,8 @@ class ActorHandle:
         self._epoch = _epoch[0]
         self._retries = 0  # max_task_retries; only the owning driver restarts actors
         self._on_rebind: list[Callable[[], None]] = []
+        self._held: collections.deque[_Held] = collections.deque()
+        self._pumping = False
         if address is not None:
             self._placed.set()
 
@@ -170,7 +192,7 @@ class ActorHandle:
         for fn in waiting:
             fn()
 
-    def _submit_retrying(self, header: bytes, parts: Parts, label: str) -> Ref[Any]:
+    def _submit_retrying(self, header: bytes, parts: Parts, label: str, flags: int) -> Ref[Any]:
         """A call that is sent again (up to max_task_retries) when its actor dies under it."""
         outer: Ref[Any] = Ref(label)
         size = parts_size(parts)
@@ -180,7 +202,7 @@ class ActorHandle:
             if outer.done():
                 return
             req_id = runtime.new_id()
-            prefix = protocol.encode_prefix(FrameKind.CALL, req_id, header, size)
+            prefix = protocol.encode_prefix(FrameKind.CALL, req_id, header, size, flags=flags)
             inner: Ref[Any] = Ref(label)
             generation = self._generation
 
@@ -240,44 +262,68 @@ class ActorHandle:
     def _call_with_refs(
         self, method: ActorMethod[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Ref[Any]:
-        """Resolve Ref arguments first, then call: the method never sees a Ref."""
-        out: Ref[Any] = Ref(method._label)
+        """Resolve Ref arguments first, then call: the method never sees a Ref. The call
+        waits in `_held`, and calls made on this handle meanwhile wait behind it, so the
+        actor runs them in the order they were made (as Ray does)."""
         refs = [v for v in (*args, *kwargs.values()) if isinstance(v, Ref)]
         remaining = [len(refs)]
-        lock = threading.Lock()
 
-        def go(_: Any) -> None:
-            with lock:
+        def call() -> Ref[Any]:
+            a = tuple(v.result() if isinstance(v, Ref) else v for v in args)
+            kw = {k: (v.result() if isinstance(v, Ref) else v) for k, v in kwargs.items()}
+            return method._call(a, kw)
+
+        if method._streams:  # a stream cannot wait inside a Ref: wait here (its errors too)
+            a = tuple(v.result() if isinstance(v, Ref) else v for v in args)
+            kw = {k: (v.result() if isinstance(v, Ref) else v) for k, v in kwargs.items()}
+            return self._hold(method, a, kw) if self._held else method._call(a, kw)
+        entry = _Held(Ref(method._label))
+
+        def arrived(_: Any) -> None:
+            with self._lock:
                 remaining[0] -= 1
                 if remaining[0]:
                     return
+                entry.call = call
+            self._pump()
 
-            def call() -> Ref[Any]:
-                a = tuple(v.result() if isinstance(v, Ref) else v for v in args)
-                kw = {k: (v.result() if isinstance(v, Ref) else v) for k, v in kwargs.items()}
-                return method.remote(*a, **kw)
-
-            _forward(out, call)
-
+        with self._lock:
+            self._held.append(entry)
         for ref in refs:
-            ref.on_done(go)
-        return out
+            ref.on_done(arrived)
+        return entry.out
 
-    def _call_after(
-        self,
-        pending: Ref[Any],
-        method: ActorMethod[Any, Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
+    def _hold(
+        self, method: ActorMethod[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
-        """Make the call once `pending` (nested in an argument) is done; it then travels
-        with its outcome. Another pending Ref found then defers the call again."""
-        if method._streams:  # a stream's items cannot wait in a Ref: wait here instead
-            _wait_quietly(pending)
-            return method.remote(*args, **kwargs)
-        out: Ref[Any] = Ref(method._label)
-        pending.on_done(lambda _: _forward(out, lambda: method.remote(*args, **kwargs)))
-        return out
+        """A call made while an earlier one waits for its Ref arguments: send it after."""
+        if method._streams:  # a stream cannot wait inside a Ref: wait for the queue here
+            for earlier in list(self._held):
+                with contextlib.suppress(Exception):  # its outcome is its caller's to see
+                    earlier.out.result()
+            return method._call(args, kwargs)
+        entry = _Held(Ref(method._label), lambda: method._call(args, kwargs))
+        with self._lock:
+            self._held.append(entry)
+        self._pump()
+        return entry.out
+
+    def _pump(self) -> None:
+        """Send the held calls that are ready, in order, from one thread at a time. An
+        entry leaves the queue only once sent, so a call made meanwhile queues behind."""
+        while True:
+            with self._lock:
+                if self._pumping or not self._held or self._held[0].call is None:
+                    return
+                entry = self._held[0]
+                self._pumping = True
+            try:
+                assert entry.call is not None
+                _forward(entry.out, entry.call)
+            finally:
+                with self._lock:
+                    self._held.popleft()
+                    self._pumping = False
 
     def _run(self, fn: Callable[..., R], *args: Any, **kwargs: Any) -> Ref[R]:
         """Run `fn(instance, *args, **kwargs)` in the actor's process, in call order.
@@ -294,6 +340,16 @@ class ActorHandle:
             _rebuild,
             (self._actor_id, self._cls_name, dict(self._methods), address, self._token, self._name),
         )
+
+
+class _Held:
+    """A call waiting in a handle's queue: `call` is set once its arguments are ready."""
+
+    __slots__ = ("call", "out")
+
+    def __init__(self, out: Ref[Any], call: Callable[[], Ref[Any]] | None = None) -> None:
+        self.out = out
+        self.call = call
 
 
 _epoch = [0]  # bumped by kt.shutdown(): handles made before it refuse to call
@@ -338,9 +394,3 @@ def _rebuild(
     name: str | None,
 ) -> ActorHandle:
     return ActorHandle(actor_id, cls_name, methods, address=address, token=token, name=name)
-
-
-def _wait_quietly(ref: Ref[Any]) -> None:
-    """Block until `ref` is done, whatever its outcome (it travels with it)."""
-    with contextlib.suppress(Exception):  # the outcome is the receiver's to see
-        ref.result()

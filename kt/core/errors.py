@@ -7,6 +7,7 @@
     ├── RemoteError            user code raised and its type cannot be rebuilt here
     ├── ActorDiedError         the actor's process is gone; the call may have started
     ├── PodLostError           the pod or its connection vanished; the call may or may not have run
+    ├── OwnerDiedError         a borrowed Ref's owner is gone before handing over its outcome
     ├── GetTimeoutError        waiting for a Ref ran out of time; the call keeps running
     ├── CancelledError         the Ref was cancelled before its result arrived
     ├── PlacementError         the request can never fit (or did not fit in time)
@@ -185,6 +186,27 @@ class PodLostError(KtError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.pod, self.reason))
+
+
+class OwnerDiedError(KtError):
+    """A borrowed Ref can never resolve: the process that owns it (the one that made the
+    call) went away before it handed over the outcome. The call itself may have run."""
+
+    def __init__(self, ref: str, owner: str, reason: str = "") -> None:
+        super().__init__(ref, owner, reason)
+        self.ref = ref
+        self.owner = owner
+        self.reason = reason
+
+    def __str__(self) -> str:
+        why = f" ({self.reason})" if self.reason else ""
+        return (
+            f"{self.ref}: its owner, {self.owner}, is gone{why}; the Ref was passed on "
+            "before it resolved, and only the owner could hand over its outcome"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.ref, self.owner, self.reason))
 
 
 class GetTimeoutError(KtError, TimeoutError):

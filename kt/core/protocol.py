@@ -20,7 +20,9 @@ Kinds:
     CREATE_ACTOR  {"actor", "cls", "name", "max_concurrency", "env"}; payload (cls, args,
                   kwargs); the worker sets "env" in os.environ before unpickling
     CALL          {"a": actor, "m": method}; payload (args, kwargs)
-    RESULT        ends a request; payload is the value, or an error when flags has ERROR
+    RESULT        ends a request; payload is the value, or an error when flags has ERROR.
+                  With LENDS, a worker's RESULT or ITEM has {"a": actor}: the Refs lent in
+                  it are asked for from that actor. A RESULT from a caller answers a WAIT
     ITEM          one item of a streaming (generator) call; a RESULT ends the stream
     KILL_ACTOR    {"actor"}; answered by a RESULT
     CANCEL        {"a": actor}: best-effort cancel of request req_id
@@ -30,6 +32,12 @@ Kinds:
                   "reason"}, sent before the calls in flight are failed
     LOOKUP        {"name", "namespace"}: answered by a RESULT whose payload is
                   {"actor", "cls", "methods"} or None
+    WAIT          a borrower asks for the outcome of a lent Ref; payload: the lend id
+                  (u64). {"a": actor, "l": label} asks an actor of the pod (the supervisor
+                  relays it to that actor's own caller link); {"r": route, "l": label}
+                  asks the caller on that route (the one that sent the Ref in a call).
+                  Answered by a RESULT (LENDS when the outcome lends more Refs), or by
+                  the supervisor's OwnerDiedError when the owner is gone
 """
 
 from __future__ import annotations
@@ -63,6 +71,7 @@ class FrameKind(enum.IntEnum):
     PONG = 12
     DIED = 13
     LOOKUP = 14
+    WAIT = 15
 
 
 class FrameFlag(enum.IntFlag):
@@ -70,6 +79,8 @@ class FrameFlag(enum.IntFlag):
     ERROR = 1
     SHM_OK = 2
     """Set by a supervisor on a relayed CALL: the caller shares this host's /dev/shm."""
+    LENDS = 4
+    """The payload holds Refs lent by its sender (`kt.core.ref`): ask the sender for them."""
 
 
 FLAGS_OFFSET = 5  # byte offset of `flags` inside a frame
@@ -101,6 +112,9 @@ def encode(
     """One whole frame as bytes; for small frames off the hot path."""
     hdr = header if isinstance(header, bytes) else (orjson.dumps(header) if header else b"")
     return encode_prefix(kind, req_id, hdr, len(payload), flags=flags, route=route) + hdr + payload
+
+
+LEND_ID = struct.Struct("<Q")  # a WAIT's payload
 
 
 def decode_header(header: bytes | memoryview) -> dict[str, Any]:

@@ -9,6 +9,14 @@ loop its callbacks in one `call_soon_threadsafe` per batch of results, not one p
 
 State changes happen under one module lock, which keeps the check-then-register race
 between a waiter and the completing thread closed.
+
+Ownership: the process that made a call owns its Ref. A Ref pickled while still pending
+(nested in an argument, returned from a method, sent as a stream item) is *lent*: the
+owner keeps it in this module's lend table under a number, and the payload carries only
+that number (`_borrow`). The process that unpickles it is a *borrower*: it gets a fresh
+pending Ref at once and asks the owner for the outcome (a WAIT frame, sent by whoever
+unpickled it -- `kt.core.runtime` or the actor host); when the owner goes away first,
+the borrowed Ref fails with `OwnerDiedError`. A done Ref travels with its outcome.
 """
 
 from __future__ import annotations
@@ -16,11 +24,12 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import enum
+import itertools
 import threading
 from collections.abc import Callable, Generator
 from typing import Any, Generic, TypeVar
 
-from kt.core.errors import CancelledError, GetTimeoutError, seconds
+from kt.core.errors import CancelledError, GetTimeoutError, OwnerDiedError, seconds
 
 T = TypeVar("T")
 _LOCK = threading.Lock()
@@ -95,10 +104,15 @@ class Ref(Generic[T]):
         return f"<kt.Ref {self.label} {self._state.value}>"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        """A Ref travels with its outcome. A pending one cannot be pickled yet: the
-        sender (a call, a reply) catches `PendingRefError` and sends once it is done."""
+        """A done Ref travels with its outcome; a pending one is lent (see the module
+        docstring) when the pickling was started by `lending`, else `PendingRefError`."""
         if self._state is RefState.PENDING:
-            raise PendingRefError(self)
+            lends: list[int] | None = getattr(_context, "lends", None)
+            if lends is None:
+                raise PendingRefError(self)
+            lend_id = lend(self, once=getattr(_context, "once", True))
+            lends.append(lend_id)
+            return (_borrow, (lend_id, self.label))
         return (_rebuild_ref, (self.label, self._state, self._value))
 
     # -- completion (runtime thread) ------------------------------------------------
@@ -210,14 +224,96 @@ class Ref(Generic[T]):
 
 
 class PendingRefError(Exception):
-    """Raised while pickling a Ref that is still pending; `ref` is the one to wait for.
+    """Raised while pickling a Ref that is still pending outside `lending`; `ref` is it.
 
-    Internal to kt: the call and reply paths catch it and send after `ref` is done.
+    Internal to kt: the senders catch it and pickle again inside `lending` (actor
+    creation, whose arguments are sent again on every restart, waits for `ref` instead).
     """
 
     def __init__(self, ref: Ref[Any]) -> None:
         super().__init__(f"{ref!r} is still pending")
         self.ref = ref
+
+
+# -- lending and borrowing ----------------------------------------------------------------
+Borrower = Callable[[int, "Ref[Any]"], None]
+"""borrower(lend_id, ref): ask the payload's sender for lend `lend_id`'s outcome into `ref`."""
+
+_context = threading.local()  # .lends/.once while pickling, .borrower while unpickling
+_lent: dict[int, tuple[Ref[Any], bool]] = {}
+_lend_ids = itertools.count(1)
+
+
+def lend(ref: Ref[Any], *, once: bool) -> int:
+    """Keep `ref` for a borrower; `once`: forget it after its first answer (else `release`)."""
+    lend_id = next(_lend_ids)
+    _lent[lend_id] = (ref, once)
+    return lend_id
+
+
+def lent(lend_id: int) -> Ref[Any] | None:
+    """The Ref lent under `lend_id`, forgotten now if it was lent for one answer."""
+    entry = _lent.get(lend_id)
+    if entry is None:
+        return None
+    if entry[1]:
+        _lent.pop(lend_id, None)
+    return entry[0]
+
+
+def release(lend_ids: list[int]) -> None:
+    """Forget lends that no borrower will ask for any more (their call has finished)."""
+    for lend_id in lend_ids:
+        _lent.pop(lend_id, None)
+
+
+def lent_count() -> int:
+    return len(_lent)
+
+
+class lending:
+    """`with lending(once) as lends:` pending Refs pickled inside are lent; `lends` lists them.
+
+    `once=False` for a call's arguments: a retried call is unpickled again, so its lends
+    stay until `release` (when the call is done); a reply is unpickled once.
+    """
+
+    def __init__(self, *, once: bool) -> None:
+        self.once = once
+        self.lends: list[int] = []
+
+    def __enter__(self) -> list[int]:
+        _context.lends = self.lends
+        _context.once = self.once
+        return self.lends
+
+    def __exit__(self, *exc: object) -> None:
+        _context.lends = None
+
+
+class borrowing:
+    """`with borrowing(borrower):` lent Refs unpickled inside are asked for through it."""
+
+    def __init__(self, borrower: Borrower) -> None:
+        self.borrower = borrower
+
+    def __enter__(self) -> None:
+        _context.borrower = self.borrower
+
+    def __exit__(self, *exc: object) -> None:
+        _context.borrower = None
+
+
+def _borrow(lend_id: int, label: str) -> Ref[Any]:
+    ref: Ref[Any] = Ref(label)
+    borrower: Borrower | None = getattr(_context, "borrower", None)
+    if borrower is None:
+        ref.set_exception(
+            OwnerDiedError(label, "unknown", "it arrived where no owner can be asked")
+        )
+    else:
+        borrower(lend_id, ref)
+    return ref
 
 
 def _rebuild_ref(label: str, state: RefState, value: Any) -> Ref[Any]:
@@ -254,6 +350,17 @@ class StreamRef(Generic[T]):
         if exc is None:
             return ref._finish(RefState.DONE, _END)
         return ref._finish(RefState.FAILED, exc)
+
+    def on_done(self, fn: Callable[[StreamRef[T]], Any]) -> None:
+        """Call `fn(stream)` once the stream has ended (or failed), on the completing thread."""
+
+        def ended(last: Ref[Any]) -> None:
+            if last is self._refs[-1]:
+                fn(self)
+            else:  # an item arrived: the end is the next one
+                self._refs[-1].on_done(ended)
+
+        self._refs[-1].on_done(ended)
 
     # Ref-compatible completion, so the runtime can end a stream like any call.
     def _finish(self, state: RefState, value: Any) -> list[tuple[Callback, Ref[Any]]]:

@@ -10,6 +10,9 @@ inside actor processes (for handles passed to them). Theory of operation:
   call, then multiplexes every call by request id.
 - Results complete Refs on the loop thread; their waiters are handed back to the user's
   loop in batches (see `kt.core.ref`).
+- Ownership (see `kt.core.ref`): a result that lends Refs (flag LENDS) is unpickled with
+  a borrower that sends one WAIT per lent Ref back on the same link; a WAIT arriving
+  from a pod asks for a Ref this process lent, answered from this thread when it is done.
 """
 
 from __future__ import annotations
@@ -29,10 +32,38 @@ from typing import Any, TypeVar
 
 from kt.core import protocol, shm
 from kt.core.channel import FrameChannel
-from kt.core.errors import AuthError, KtError, PodLostError, ProtocolError
-from kt.core.protocol import FrameFlag, FrameKind
-from kt.core.ref import Callback, Ref, RefState, StreamRef, dispatch, run_callbacks
-from kt.core.serialization import Parts, loads, loads_exception
+from kt.core.errors import (
+    AuthError,
+    CancelledError,
+    KtError,
+    OwnerDiedError,
+    PodLostError,
+    ProtocolError,
+    SerializationError,
+)
+from kt.core.protocol import LEND_ID, FrameFlag, FrameKind
+from kt.core.ref import (
+    Borrower,
+    Callback,
+    PendingRefError,
+    Ref,
+    RefState,
+    StreamRef,
+    borrowing,
+    dispatch,
+    lending,
+    lent,
+    run_callbacks,
+)
+from kt.core.serialization import (
+    Parts,
+    RemoteTraceback,
+    dumps_exception,
+    dumps_value,
+    loads,
+    loads_exception,
+    parts_size,
+)
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -42,6 +73,7 @@ DIRECT_SEND = os.environ.get("KT_DIRECT_SEND", "1") != "0"
 """A caller's thread writes a lone call to the socket itself (see Link.submit_direct)."""
 # Plain ints on the hot path: enum member lookups and IntFlag's & are Python code.
 _ERROR = int(FrameFlag.ERROR)
+_LENDS = int(FrameFlag.LENDS)
 _RESULT = int(FrameKind.RESULT)
 _done = RefState.DONE
 _failed = RefState.FAILED
@@ -64,6 +96,17 @@ class LinkState(str, enum.Enum):
     CLOSED = "closed"
 
 
+class Borrow:
+    """A borrowed Ref waiting for its owner's answer to a WAIT."""
+
+    __slots__ = ("owner", "ref", "target")
+
+    def __init__(self, ref: Ref[Any], target: dict[str, Any], owner: str) -> None:
+        self.ref = ref
+        self.target = target  # the WAIT header that reaches the owner from this link
+        self.owner = owner
+
+
 class Link:
     """A caller's authenticated connection to one pod's supervisor.
 
@@ -78,6 +121,8 @@ class Link:
         self.pod = f"{address[0]}:{address[1]}"
         self.state = LinkState.CONNECTING
         self.inflight: dict[int, Pending] = {}
+        self.borrowed: dict[int, Borrow] = {}
+        self.ready = asyncio.Event()  # set once READY or CLOSED
         self.channel: FrameChannel | None = None
         self._queued: list[Parts] = []
         self._failure: KtError | None = None
@@ -101,6 +146,7 @@ class Link:
                 "token": self.token,
                 "caller": self.runtime.caller,
                 "host": shm.host_key(),
+                "actor": os.environ.get("KT_ACTOR_ID", ""),
             }
             channel.send(protocol.encode(FrameKind.HELLO, 0, hello))
             await asyncio.wait_for(welcome, timeout)
@@ -114,6 +160,7 @@ class Link:
             channel.send_parts(parts)
         self._queued.clear()
         self.state = LinkState.READY
+        self.ready.set()
 
     def submit_direct(self, req_id: int, parts: Parts, ref: Pending) -> bool:
         """From a caller's thread: write the call to the socket now, if that keeps order.
@@ -150,10 +197,56 @@ class Link:
             self._queued.append(parts)
 
     def send(self, frame: bytes) -> None:
+        self.send_parts([frame])
+
+    def send_parts(self, parts: Parts) -> None:
+        """A frame that is not a call (CANCEL, PING, WAIT, an answer); dropped once CLOSED."""
         if self.state is LinkState.READY and self.channel is not None:
-            self.channel.send(frame)
+            self.channel.send_parts(parts)
         elif self.state is LinkState.CONNECTING:
-            self._queued.append([frame])
+            self._queued.append(parts)
+
+    # -- borrowing (loop thread) ------------------------------------------------------------
+    def borrower(self, target: dict[str, Any], owner: str) -> Borrower:
+        """Ask for each Ref lent in a payload from this link with a WAIT to `target`."""
+
+        def borrow(lend_id: int, ref: Ref[Any]) -> None:
+            req_id = self.runtime.new_id()
+            self.adopt(req_id, Borrow(ref, target, owner))
+            header = protocol.orjson_dumps({**target, "l": ref.label})
+            self.send(protocol.encode(FrameKind.WAIT, req_id, header, LEND_ID.pack(lend_id)))
+
+        return borrow
+
+    def adopt(self, req_id: int, borrow: Borrow) -> None:
+        """Expect the answer to WAIT `req_id` on this link (the actor host sends its WAITs
+        on its own channel, and hands the borrow over here first)."""
+        if self.state is LinkState.CLOSED:
+            self.runtime.complete(borrow.ref._finish(_failed, self._owner_gone(borrow)))
+        else:
+            self.borrowed[req_id] = borrow
+
+    def _owner_gone(self, borrow: Borrow) -> OwnerDiedError:
+        return OwnerDiedError(borrow.ref.label, borrow.owner, f"lost the link to pod {self.pod}")
+
+    def _answered(self, borrow: Borrow, flags: int, payload: memoryview) -> None:
+        if flags & _ERROR:
+            exc = loads_exception(payload)
+            if isinstance(exc, OwnerDiedError) and exc.owner == "":
+                exc.owner = borrow.owner
+            self.runtime.complete(borrow.ref._finish(_failed, exc))
+        elif flags & _LENDS:
+            with borrowing(self.borrower(borrow.target, borrow.owner)):
+                value = loads(payload)
+            self.runtime.complete(borrow.ref._finish(_done, value))
+        else:
+            self.runtime.complete(borrow.ref._finish(_done, loads(payload)))
+
+    def _loads_lent(self, header: memoryview, payload: memoryview) -> Any:
+        """A worker's RESULT or ITEM that lends Refs: its actor owns them."""
+        actor = protocol.decode_header(header).get("a", "")
+        with borrowing(self.borrower({"a": actor}, f"actor {actor} on pod {self.pod}")):
+            return loads(payload)
 
     def _on_frame(
         self,
@@ -168,15 +261,24 @@ class Link:
         if kind == _RESULT:
             ref = self.inflight.pop(req_id, None)
             if ref is None:
-                return  # cancelled or already failed
+                borrow = self.borrowed.pop(req_id, None)
+                if borrow is not None:
+                    self._answered(borrow, flags, payload)
+                return  # else cancelled or already failed
             if flags & _ERROR:
                 self.runtime.complete(ref._finish(_failed, loads_exception(payload)))
+            elif flags & _LENDS:
+                self.runtime.complete(ref._finish(_done, self._loads_lent(header, payload)))
             else:
                 self.runtime.complete(ref._finish(_done, loads(payload)))
         elif kind == FrameKind.ITEM:
             stream = self.inflight.get(req_id)
             if isinstance(stream, StreamRef):
-                self.runtime.complete(stream._push(loads(payload)))
+                lends = flags & _LENDS
+                item = self._loads_lent(header, payload) if lends else loads(payload)
+                self.runtime.complete(stream._push(item))
+        elif kind == FrameKind.WAIT:
+            self.runtime.answer(self, route, req_id, payload)
         elif kind == FrameKind.LOG:
             self.runtime.print_log(protocol.decode_header(header).get("src", ""), payload)
         elif kind == FrameKind.WELCOME:
@@ -210,13 +312,17 @@ class Link:
             return
         self.state = LinkState.CLOSED
         self._failure = error
+        self.ready.set()
         self.runtime.forget(self)
         if self.runtime.on_link_lost is not None:
             self.runtime.on_link_lost(self.address)  # before the calls fail: retries see it
         inflight, self.inflight = self.inflight, {}
+        borrowed, self.borrowed = self.borrowed, {}
         self._queued.clear()
         for ref in inflight.values():
             self.runtime.complete(ref._finish(_failed, error))
+        for borrow in borrowed.values():
+            self.runtime.complete(borrow.ref._finish(_failed, self._owner_gone(borrow)))
         if self.channel is not None:
             self.channel.abort()
 
@@ -302,6 +408,64 @@ class Runtime:
         self.loop.create_task(link.open())
         return link
 
+    async def connect(self, address: Address, token: str) -> Link:
+        """The link to `address`, once it is READY (loop thread).
+
+        Raises:
+            PodLostError, AuthError: it could not be opened.
+        """
+        link = self._links.get(address) or self._open_link(address, token)
+        await link.ready.wait()
+        if link.state is not LinkState.READY:
+            assert link._failure is not None
+            raise link._failure
+        return link
+
+    # -- lending (loop thread) --------------------------------------------------------------
+    def answer(self, link: Link, route: int, req_id: int, payload: memoryview) -> None:
+        """A borrower's WAIT for a Ref this process lent: answer once the Ref is done."""
+        (lend_id,) = LEND_ID.unpack_from(payload)
+        ref = lent(lend_id)
+        if ref is None:
+            gone = KtError(f"no Ref is lent under number {lend_id} by {self.caller} any more")
+            self._send_answer(link, route, req_id, None, gone)
+            return
+        ref.on_done(
+            lambda r: self.loop.call_soon_threadsafe(self._answer_ref, link, route, req_id, r)
+        )
+
+    def _answer_ref(self, link: Link, route: int, req_id: int, ref: Ref[Any]) -> None:
+        if ref.cancelled():
+            self._send_answer(
+                link, route, req_id, None, CancelledError(f"{ref.label} was cancelled")
+            )
+        else:
+            self._send_answer(link, route, req_id, ref._value, ref.exception())
+
+    def _send_answer(
+        self, link: Link, route: int, req_id: int, value: Any, exc: BaseException | None
+    ) -> None:
+        flags = 0
+        if exc is None:
+            try:
+                try:
+                    parts = dumps_value(value, "a lent Ref's value")
+                except PendingRefError:  # the value holds pending Refs: lend them too
+                    with lending(once=True):
+                        parts = dumps_value(value, "a lent Ref's value")
+                    flags = _LENDS
+            except SerializationError as error:
+                exc = error
+        if exc is not None:
+            cause = exc.__cause__
+            tb = str(cause) if isinstance(cause, RemoteTraceback) else ""
+            parts = [dumps_exception(exc, f"a Ref lent by {self.caller}", tb)]
+            flags = _ERROR
+        prefix = protocol.encode_prefix(
+            FrameKind.RESULT, req_id, b"", parts_size(parts), flags=flags, route=route
+        )
+        link.send_parts([prefix, *parts])
+
     def forget(self, link: Link) -> None:
         if self._links.get(link.address) is link:
             del self._links[link.address]
@@ -364,6 +528,10 @@ class Runtime:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def stop(self) -> None:
+        global _shared
+        with _shared_lock:
+            if _shared is self:
+                _shared = None
         if not self.loop.is_running():
             return
 
@@ -379,3 +547,17 @@ class Runtime:
 
         self.loop.call_soon_threadsafe(close_all)
         self._thread.join(timeout=2)
+
+
+_shared: Runtime | None = None
+_shared_lock = threading.Lock()
+
+
+def shared_runtime(*, caller: str | None = None, stream_logs: bool = True) -> Runtime:
+    """This process's one runtime: made on first use (with these settings), and again
+    after it was stopped. The driver and, inside an actor, the actor host share it."""
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = Runtime(caller=caller, stream_logs=stream_logs)
+        return _shared

@@ -255,7 +255,7 @@ def dumps_call(
 
     Raises:
         SerializationError: an argument could not be pickled; `path` names it.
-        PendingRefError: a Ref inside the arguments is still pending; send after it.
+        PendingRefError: a Ref inside the arguments is still pending (outside `lending`).
     """
     try:
         return dumps((args, kwargs), shm)
@@ -278,7 +278,7 @@ def dumps_value(value: Any, what: str, shm: ShmArena | None = None) -> Parts:
 
     Raises:
         SerializationError: the value could not be pickled.
-        PendingRefError: a Ref inside the value is still pending; send after it.
+        PendingRefError: a Ref inside the value is still pending (outside `lending`).
     """
     try:
         return dumps(value, shm)

@@ -151,9 +151,12 @@ class WorkerProcess:
 class ProcessManager:
     """Makes workers (forked from the zygote) and keeps `warm` idle ones ready."""
 
-    def __init__(self, socket_path: str, *, pod: str, warm: int = 2) -> None:
+    def __init__(
+        self, socket_path: str, *, pod: str, warm: int = 2, env: dict[str, str] | None = None
+    ) -> None:
         self.socket_path = socket_path
         self.pod = pod
+        self.env = env or {}
         self.warm = warm
         self.workers: dict[int, WorkerProcess] = {}
         self._idle: list[WorkerProcess] = []
@@ -176,6 +179,7 @@ class ProcessManager:
             KT_IN_WORKER="1",
             KT_POD=self.pod,
             KT_SUPERVISOR_PID=str(os.getpid()),
+            **self.env,
         )
 
     def _task(self, coro: Any) -> None:

@@ -11,6 +11,11 @@ Who runs it: `python -m kt.supervisor` (the pod's command). Theory of operation:
   that peer. No per-call dictionary of request ids is needed to route replies.
 - The supervisor does remember which calls are in flight per actor, so that when the
   process dies each caller gets an ActorDiedError naming the exit code or signal.
+- Borrowed Refs (`kt.core.ref`): a WAIT is relayed to the link of the Ref's owner -- an
+  actor's own caller link (its *home*, the connection whose HELLO names the actor) or
+  the caller on the route the WAIT names -- and the answer (a RESULT from that link) back
+  to the asker. The supervisor remembers the WAITs each owner link has not answered, so
+  that when it closes every asker gets an OwnerDiedError.
 - Frames are dispatched through one handlers dict built in `__init__`.
 """
 
@@ -32,7 +37,7 @@ from typing import Any
 
 from kt.core import protocol, serialization, shm
 from kt.core.channel import BIG_FRAME, FrameChannel
-from kt.core.errors import ActorDiedError, ConfigError
+from kt.core.errors import ActorDiedError, ConfigError, OwnerDiedError
 from kt.core.liveness import pid_alive
 from kt.core.protocol import FLAGS_OFFSET, ROUTE_OFFSET, FrameFlag, FrameKind
 from kt.supervisor.processes import ExitInfo, ProcessManager, WorkerProcess
@@ -42,6 +47,8 @@ _ROUTE = struct.Struct("<I")
 # Plain ints on the hot path: enum member lookups and IntFlag's & are Python code.
 _SHM_OK = int(FrameFlag.SHM_OK)
 _RESULT = int(FrameKind.RESULT)
+_WAIT = int(FrameKind.WAIT)
+_REQ_MASK = (1 << 64) - 1
 
 Handler = Callable[["Peer", int, memoryview, memoryview], None]
 """handler(peer, req_id, header, frame): one per frame kind, in Supervisor.handlers."""
@@ -75,6 +82,8 @@ class ActorRecord:
     inflight: dict[int, None] = field(default_factory=dict)
     death: ActorDiedError | None = None
     calls: int = 0
+    home: int | None = None
+    """Route of the actor process's own caller link: WAITs for its lent Refs go there."""
 
     def send(self, frame: bytes | bytearray | memoryview) -> None:
         if self.worker is not None:
@@ -96,6 +105,7 @@ class Peer:
         self.supervisor = supervisor
         self.route = route
         self.caller = ""
+        self.actor = ""  # set when this is an actor's home link
         self.authenticated = False
         self.same_host = False
         self.channel = FrameChannel(self._on_frame, self._on_lost)
@@ -154,9 +164,13 @@ class Supervisor:
         self._by_worker: dict[int, ActorRecord] = {}
         self.host_key = shm.host_key()
         self._next_route = 1
+        self.waits: dict[int, dict[int, tuple[str, str]]] = {}
+        """owner route -> (asker route << 64 | req_id) -> (owner, label): WAITs unanswered."""
         self._tmp = tempfile.mkdtemp(prefix="kt-pod-")
         self.socket_path = os.path.join(self._tmp, "workers.sock")
-        self.procs = ProcessManager(self.socket_path, pod=pod, warm=warm)
+        home = host if host not in ("", "0.0.0.0", "::") else "127.0.0.1"
+        worker_env = {"KT_SUPERVISOR_ADDR": f"{home}:{port}", "KT_TOKEN": token}
+        self.procs = ProcessManager(self.socket_path, pod=pod, warm=warm, env=worker_env)
         self.stopped = asyncio.Event()
         self.handlers: dict[int, Handler] = {
             FrameKind.CALL: self.on_call,
@@ -165,6 +179,8 @@ class Supervisor:
             FrameKind.CANCEL: self.on_cancel,
             FrameKind.PING: self.on_ping,
             FrameKind.LOOKUP: self.on_lookup,
+            FrameKind.WAIT: self.on_wait,
+            FrameKind.RESULT: self.on_answer,
         }
 
     # -- lifecycle -------------------------------------------------------------------
@@ -206,7 +222,8 @@ class Supervisor:
                 logger.info("driver %d exited; pod %s stops", self.driver_pid, self.pod)
                 self.stop()
             idle = time.monotonic() - self.last_activity
-            if self.inactivity_ttl is not None and not self.peers and idle > self.inactivity_ttl:
+            callers = any(not p.actor for p in self.peers.values())  # not actors' home links
+            if self.inactivity_ttl is not None and not callers and idle > self.inactivity_ttl:
                 logger.info("no caller for %.0f s; pod %s stops", idle, self.pod)
                 self.stop()
 
@@ -237,6 +254,10 @@ class Supervisor:
         peer.authenticated = True
         peer.caller = str(hello.get("caller", ""))
         peer.same_host = self.host_key is not None and hello.get("host") == self.host_key
+        rec = self.actors.get(str(hello.get("actor") or ""))
+        if rec is not None and rec.state is not ActorState.DEAD:
+            peer.actor = rec.id
+            rec.home = peer.route
         welcome = {"v": protocol.VERSION, "pod": self.pod, "shm": peer.same_host}
         peer.channel.send(protocol.encode(FrameKind.WELCOME, 0, welcome))
 
@@ -250,6 +271,13 @@ class Supervisor:
     def peer_lost(self, peer: Peer) -> None:
         self.peers.pop(peer.route, None)
         self.last_activity = time.monotonic()
+        rec = self.actors.get(peer.actor)
+        if rec is not None and rec.home == peer.route:
+            rec.home = None
+        reason = "its process ended" if peer.actor else "its connection to the pod closed"
+        for key, (owner, label) in self.waits.pop(peer.route, {}).items():
+            error = OwnerDiedError(label, owner, reason)
+            self.reply_error(key >> 64, key & _REQ_MASK, error, self.pod)
 
     def reply_error(self, route: int, req_id: int, exc: BaseException, where: str) -> None:
         peer = self.peers.get(route)
@@ -367,6 +395,40 @@ class Supervisor:
             protocol.encode(FrameKind.RESULT, req_id, b"", serialization.dumps_bytes(found))
         )
 
+    def on_wait(self, peer: Peer, req_id: int, header: memoryview, frame: memoryview) -> None:
+        self._relay_wait(peer.route, req_id, header, frame)
+
+    def _relay_wait(self, asker: int, req_id: int, header: memoryview, frame: memoryview) -> None:
+        """To the owner's link; `asker` is the route that gets the answer."""
+        want = protocol.decode_header(header)
+        label = str(want.get("l", "a Ref"))
+        if "a" in want:
+            rec = self.actors.get(str(want["a"]))
+            name = rec.cls_name if rec is not None else "gone"
+            owner = f"actor {want['a']} ({name}) on pod {self.pod}"
+            alive = rec is not None and rec.state is not ActorState.DEAD
+            route = rec.home if rec is not None and alive else None
+        else:
+            route = int(want.get("r", 0))
+            owner = f"{self.peers[route].caller if route in self.peers else 'the caller'}"
+        target = self.peers.get(route) if route is not None else None
+        if target is None:
+            self.reply_error(asker, req_id, OwnerDiedError(label, owner, "it is gone"), self.pod)
+            return
+        self.waits.setdefault(target.route, {})[(asker << 64) | req_id] = (owner, label)
+        _ROUTE.pack_into(frame, ROUTE_OFFSET, asker)
+        target.channel.send(bytes(frame))
+
+    def on_answer(self, peer: Peer, req_id: int, header: memoryview, frame: memoryview) -> None:
+        """A RESULT from a caller's link answers a WAIT relayed to it: back to the asker."""
+        (asker,) = _ROUTE.unpack_from(frame, ROUTE_OFFSET)
+        waits = self.waits.get(peer.route)
+        if waits is None or waits.pop((asker << 64) | req_id, None) is None:
+            return  # not a WAIT we relayed (or its asker was told the owner is gone)
+        target = self.peers.get(asker)
+        if target is not None:
+            target.channel.send(frame if len(frame) > BIG_FRAME else bytes(frame))
+
     def on_ping(self, peer: Peer, req_id: int, header: memoryview, frame: memoryview) -> None:
         self.last_activity = time.monotonic()
         peer.channel.send(protocol.encode(FrameKind.PONG, req_id))
@@ -417,6 +479,9 @@ class Supervisor:
             rec.inflight.pop((route << 64) | req_id, None)
             if rec.state is _STARTING:
                 self._started(rec, failed=bool(flags & FrameFlag.ERROR), header=header)
+        elif kind == _WAIT and rec is not None and rec.home is not None:
+            self._relay_wait(rec.home, req_id, header, frame)  # answered on its home link
+            return
         peer = self.peers.get(route)
         if peer is not None:
             peer.channel.send(frame if len(frame) > BIG_FRAME else bytes(frame))

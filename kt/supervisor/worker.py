@@ -10,6 +10,13 @@ each CALL runs one method:
 - generator methods (sync or async) stream ITEM frames, then a RESULT ends the stream.
 
 Every reply echoes the request's `route` so the supervisor can relay it without a lookup.
+
+Refs lent and borrowed (`kt.core.ref`) go through this process's caller runtime, never
+through the loop that runs sync methods (a sync method blocked in `kt.get` on a borrowed
+Ref would wait for itself): the runtime keeps a *home link* to this pod's supervisor,
+which relays WAITs for this actor's lent Refs to it and delivers the answers to WAITs
+this host sent. A WAIT for a Ref that arrived in a call is sent on the host's own
+channel, so that the caller sees it before the call's RESULT.
 """
 
 from __future__ import annotations
@@ -17,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import functools
 import os
 import socket
 import sys
@@ -27,15 +33,16 @@ from typing import Any
 
 from kt.core import protocol, serialization, shm
 from kt.core.channel import FrameChannel
-from kt.core.errors import ActorDiedError, SerializationError
+from kt.core.errors import ActorDiedError, KtError, OwnerDiedError, SerializationError
 from kt.core.methods import RUN_METHOD, MethodKind, method_kind
-from kt.core.protocol import FrameFlag, FrameKind
-from kt.core.ref import PendingRefError
-from kt.core.runtime import new_event_loop
+from kt.core.protocol import LEND_ID, FrameFlag, FrameKind
+from kt.core.ref import Borrower, PendingRefError, Ref, borrowing, lending
+from kt.core.runtime import Borrow, Link, LinkState, new_event_loop, shared_runtime
 from kt.core.shm import ShmArena
 
 # Plain ints on the hot path: enum member lookups and IntFlag's & are Python code.
 _SHM_OK = int(FrameFlag.SHM_OK)
+_LENDS = int(FrameFlag.LENDS)
 _CALL, _CREATE, _CANCEL = int(FrameKind.CALL), int(FrameKind.CREATE_ACTOR), int(FrameKind.CANCEL)
 
 
@@ -54,6 +61,7 @@ class ActorHost:
         self.loop = asyncio.get_running_loop()
         self._methods: dict[bytes, tuple[str, Callable[..., Any], int]] = {}
         self._tasks: dict[int, asyncio.Task[Any]] = {}
+        self._home: Link | None = None
 
     def on_frame(
         self,
@@ -66,7 +74,7 @@ class ActorHost:
         frame: memoryview,
     ) -> None:
         if kind == _CALL:
-            self.call(route, req_id, bool(flags & _SHM_OK), header, payload)
+            self.call(route, req_id, flags, header, payload)
         elif kind == _CREATE:
             self.create(route, req_id, header, payload)
         elif kind == _CANCEL:
@@ -84,18 +92,57 @@ class ActorHost:
         kind: int = FrameKind.RESULT,
         shm: bool = False,
     ) -> None:
+        header, flags = b"", 0
         try:
-            parts = serialization.dumps_value(value, what, self.arena() if shm else None)
-        except SerializationError as exc:
+            try:
+                parts = serialization.dumps_value(value, what, self.arena() if shm else None)
+            except PendingRefError:  # the result holds a Ref still running: lend it
+                self.home()  # borrowers will ask for it there
+                with lending(once=True):
+                    parts = serialization.dumps_value(value, what, self.arena() if shm else None)
+                header, flags = protocol.orjson_dumps({"a": self.actor_id}), _LENDS
+        except (SerializationError, OSError, KtError) as exc:
             self.reply_error(route, req_id, exc, what)
             return
-        except PendingRefError as exc:  # the result holds a Ref still running: reply after it
-            again = functools.partial(self.reply, route, req_id, value, what, kind, shm)
-            exc.ref.on_done(lambda _: self.loop.call_soon_threadsafe(again))
-            return
         size = serialization.parts_size(parts)
-        self.channel.send(protocol.encode_prefix(kind, req_id, b"", size, route=route))
-        self.channel.send_parts(parts)
+        prefix = protocol.encode_prefix(kind, req_id, header, size, flags=flags, route=route)
+        self.channel.send_parts([prefix, header, *parts])
+
+    # -- ownership ------------------------------------------------------------------------
+    def home(self) -> Link:
+        """This process's caller link to its own supervisor, opened on first use (blocks).
+
+        Raises:
+            PodLostError, AuthError: the supervisor cannot be reached.
+        """
+        if self._home is None or self._home.state is LinkState.CLOSED:
+            host, _, port = os.environ.get("KT_SUPERVISOR_ADDR", "").rpartition(":")
+            runtime = shared_runtime(caller=f"actor-{os.getpid()}", stream_logs=False)
+            coro = runtime.connect((host, int(port)), os.environ.get("KT_TOKEN", ""))
+            self._home = runtime.run(coro, timeout=60)
+        return self._home
+
+    def borrower(self, route: int) -> Borrower:
+        """Ask the caller on `route` for each Ref it lent in a call's arguments."""
+        owner = "the caller that passed it"
+
+        def borrow(lend_id: int, ref: Ref[Any]) -> None:
+            try:
+                home = self.home()
+            except (OSError, KtError) as exc:
+                ref.set_exception(OwnerDiedError(ref.label, owner, f"no link to the pod: {exc}"))
+                return
+            req_id = home.runtime.new_id()
+            home.runtime.loop.call_soon_threadsafe(
+                home.adopt, req_id, Borrow(ref, {"r": route}, owner)
+            )
+            header = protocol.orjson_dumps({"r": route, "l": ref.label})
+            self.channel.send(
+                protocol.encode(FrameKind.WAIT, req_id, header, LEND_ID.pack(lend_id), route=route)
+            )
+            self.channel.flush()  # now: the method about to run may block this loop
+
+        return borrow
 
     def arena(self) -> ShmArena:
         if self._arena is None:
@@ -119,6 +166,7 @@ class ActorHost:
         spec = protocol.decode_header(header)
         self.cls_name = spec.get("cls", "Actor")
         self.actor_id = spec.get("actor", "")
+        os.environ["KT_ACTOR_ID"] = self.actor_id  # names this actor in its runtime's HELLOs
         what = f"{self.cls_name}.__init__"
         # Before unpickling: torch and friends read their environment at import.
         os.environ.update({str(k): str(v) for k, v in (spec.get("env") or {}).items()})
@@ -156,16 +204,22 @@ class ActorHost:
         return fn(self.instance, *args, **kwargs)
 
     def call(
-        self, route: int, req_id: int, shm: bool, header: memoryview, payload: memoryview
+        self, route: int, req_id: int, flags: int, header: memoryview, payload: memoryview
     ) -> None:
         what = self.cls_name
+        shm = bool(flags & _SHM_OK)
         if self.init_error:
             died = ActorDiedError(self.actor_id, self.pod, reason=self.init_error)
             self.reply_error(route, req_id, died, what)
             return
         try:
             what, fn, kind = self._resolve(header)
-            args, kwargs = serialization.loads(payload if len(payload) > 65536 else bytes(payload))
+            data = payload if len(payload) > 65536 else bytes(payload)
+            if flags & _LENDS:  # Refs still pending in the caller: borrow them
+                with borrowing(self.borrower(route)):
+                    args, kwargs = serialization.loads(data)
+            else:
+                args, kwargs = serialization.loads(data)
         except BaseException as exc:
             self.reply_error(route, req_id, exc, what)
             return

@@ -3,8 +3,10 @@ uses them directly; cancel and timeouts behave like futures.
 
 Also: `exception()` in each state; done-callbacks (removed ones do not run, one that
 raises does not stop the others, each runs on the loop that added it); a Ref pickles
-with its outcome and refuses to pickle while pending; a StreamRef yields its items in
-order (sync and async), ends with the error that ended the stream, and can be cancelled.
+with its outcome and refuses to pickle while pending, unless lent: then it unpickles as a
+pending Ref its borrower is asked to resolve, and a lend for one answer is forgotten
+after it while a call's lends stay until released; a StreamRef yields its items in order
+(sync and async), ends with the error that ended the stream, and can be cancelled.
 """
 
 from __future__ import annotations
@@ -17,7 +19,19 @@ import time
 import pytest
 
 import kt
-from kt.core.ref import PendingRefError, Ref, RefState, StreamRef, dispatch
+from kt.core import ref as ref_module
+from kt.core.ref import (
+    PendingRefError,
+    Ref,
+    RefState,
+    StreamRef,
+    borrowing,
+    dispatch,
+    lending,
+    lent,
+    lent_count,
+    release,
+)
 
 
 def _later(ref: Ref[int], value: int, delay: float) -> None:
@@ -144,6 +158,39 @@ def test_a_ref_pickles_with_its_outcome_never_pending() -> None:
     assert again._state is RefState.FAILED
     with pytest.raises(ValueError, match="v"):
         again.result()
+
+
+def test_a_lent_ref_unpickles_pending_and_its_borrower_is_asked() -> None:
+    pending: Ref[int] = Ref("lent")
+    done: Ref[int] = Ref("done")
+    done.set_result(1)
+    before = lent_count()
+    with lending(once=True) as lends:
+        data = pickle.dumps([pending, done, pending])
+    assert len(lends) == 1 and lent_count() == before + 1  # pickle's memo: one lend
+    asked: list[tuple[int, Ref[int]]] = []
+    with borrowing(lambda lend_id, r: asked.append((lend_id, r))):
+        first, copy, second = pickle.loads(data)
+    assert asked == [(lends[0], first)] and second is first
+    assert not first.done() and first.label == "lent" and copy.result() == 1
+    assert lent(lends[0]) is pending and lent(lends[0]) is None  # once: forgotten after
+    release(lends)
+    assert lent_count() == before
+    with pytest.raises(PendingRefError):  # outside lending, as before
+        pickle.dumps(pending)
+
+
+def test_a_calls_lends_stay_until_released_and_no_borrower_fails_loudly() -> None:
+    pending: Ref[int] = Ref("arg")
+    with lending(once=False) as lends:
+        data = pickle.dumps(pending)
+    assert lent(lends[0]) is pending and lent(lends[0]) is pending  # a retry may ask again
+    release(lends)
+    assert lent(lends[0]) is None
+    orphan = pickle.loads(data)  # unpickled where nobody can be asked
+    with pytest.raises(kt.OwnerDiedError, match="no owner"):
+        orphan.result(timeout=1)
+    assert getattr(ref_module._context, "lends", None) is None  # lending ended with its block
 
 
 def test_stream_ref_yields_in_order_and_ends_with_its_error() -> None:
