@@ -22,6 +22,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from kt.core import cgroup
 from kt.core.errors import PlacementError
 from kt.core.liveness import pid_alive
 from kt.core.provider import SUPERVISOR_PORT, Pod, PodEvent, PodSpec, PodState, Provider
@@ -85,10 +86,11 @@ class LocalProvider(Provider):
             with os.fdopen(fd, "w") as f:
                 f.write(spec.token)
         last_error = ""
+        limit = cgroup.create(f"kt-{spec.name}", spec.memory)
         for _attempt in range(3):
             host, port = pick_address()
             pod = Pod(spec.name, spec.pool, host, port)
-            proc = await self._spawn(spec, pod, pool_dir)
+            proc = await self._spawn(spec, pod, pool_dir, limit)
             error = await self._wait_ready(spec, pod, proc)
             if error is None:
                 pod.state = PodState.READY
@@ -102,6 +104,7 @@ class LocalProvider(Provider):
                             "port": port,
                             "pid": proc.pid,
                             "detached": spec.detached,
+                            "cgroup": str(limit) if limit else None,
                             "created": time.time(),
                         }
                     )
@@ -109,9 +112,13 @@ class LocalProvider(Provider):
                 return pod
             last_error = error
             _killpg(proc.pid)
+        if limit is not None:
+            await asyncio.to_thread(cgroup.remove, limit)
         raise PlacementError(f"pod {spec.name} of pool {spec.pool} did not start: {last_error}")
 
-    async def _spawn(self, spec: PodSpec, pod: Pod, pool_dir: Path) -> asyncio.subprocess.Process:
+    async def _spawn(
+        self, spec: PodSpec, pod: Pod, pool_dir: Path, limit: Path | None
+    ) -> asyncio.subprocess.Process:
         env = dict(os.environ)
         env.update(spec.env)
         env.update(
@@ -126,6 +133,9 @@ class LocalProvider(Provider):
             env["KT_DRIVER_PID"] = str(os.getpid())
         else:
             env.pop("KT_DRIVER_PID", None)
+        env.pop("KT_CGROUP", None)
+        if limit is not None:  # the pod's memory limit, as a container runtime sets it
+            env["KT_CGROUP"] = str(limit)
         log = open(pool_dir / f"{spec.name}.log", "ab")
         try:
             return await asyncio.create_subprocess_exec(
@@ -168,9 +178,8 @@ class LocalProvider(Provider):
     async def delete_pod(self, pool: str, name: str) -> None:
         path = self.pool_dir(pool) / f"{name}.json"
         proc = self._procs.pop((pool, name), None)
-        pid = proc.pid if proc else None
-        if pid is None and path.exists():
-            pid = int(json.loads(path.read_text())["pid"])
+        info = json.loads(path.read_text()) if path.exists() else {}
+        pid = proc.pid if proc else info.get("pid")
         if pid is not None:
             _killpg(pid, signal.SIGTERM)
             deadline = time.monotonic() + 2
@@ -181,6 +190,8 @@ class LocalProvider(Provider):
                 else:
                     await asyncio.sleep(0.05)
             _killpg(pid, signal.SIGKILL)
+        if info.get("cgroup"):  # once its processes are gone
+            await asyncio.to_thread(cgroup.remove, Path(info["cgroup"]))
         path.unlink(missing_ok=True)
         pool_dir = self.pool_dir(pool)
         if pool_dir.exists() and not any(pool_dir.glob("*.json")):

@@ -7,7 +7,9 @@ import asyncio
 import logging
 import os
 import signal
+from pathlib import Path
 
+from kt.core import cgroup
 from kt.core.provider import SUPERVISOR_PORT
 from kt.core.runtime import new_event_loop
 from kt.supervisor.server import Supervisor
@@ -28,6 +30,12 @@ def main() -> None:
         level=os.environ.get("KT_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    limit = os.environ.get("KT_CGROUP")
+    if limit:  # the pod's memory cgroup (local backend): join it before any worker starts
+        try:
+            cgroup.join(limit)
+        except OSError as exc:
+            logging.getLogger("kt.supervisor").warning("memory limit not enforced: %s", exc)
     ttl = os.environ.get("KT_INACTIVITY_TTL")
     driver = os.environ.get("KT_DRIVER_PID")
     supervisor = Supervisor(
@@ -45,6 +53,12 @@ def main() -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, supervisor.stop)
     loop.run_until_complete(supervisor.serve())
+    if limit:  # leave the pod's cgroup for its parent and remove it (its workers are gone)
+        try:
+            cgroup.join(Path(limit).parent)
+            cgroup.remove(Path(limit))
+        except OSError as exc:
+            logging.getLogger("kt.supervisor").warning("pod cgroup %s not removed: %s", limit, exc)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from typing import Any
 
 import orjson
 
+from kt.core import cgroup
 from kt.core.channel import FrameChannel
 from kt.core.liveness import pid_alive
 
@@ -45,18 +46,8 @@ class ExitInfo:
 
 
 def _oom_kills() -> int:
-    """This cgroup's OOM-kill count (0 when cgroup v2 memory.events is unreadable)."""
-    try:
-        with open("/proc/self/cgroup") as f:
-            path = f.read().strip().split("::", 1)[-1]
-        with open(f"/sys/fs/cgroup{path}/memory.events") as f:
-            for line in f:
-                key, _, value = line.partition(" ")
-                if key == "oom_kill":
-                    return int(value)
-    except (OSError, ValueError):
-        pass
-    return 0
+    """The pod's OOM-kill count so far (its memory cgroup's; 0 when unreadable)."""
+    return cgroup.oom_kills()
 
 
 class WorkerProcess:
@@ -168,6 +159,7 @@ class ProcessManager:
         self._early: dict[int, FrameChannel] = {}
         self._zygote: socket.socket | None = None
         self._zygote_writer: asyncio.StreamWriter | None = None
+        self.zygote_pid: int | None = None
         self._forks: dict[int, asyncio.Future[int]] = {}
         self._by_pid: dict[int, WorkerProcess] = {}
         self._exits: dict[int, int] = {}
@@ -192,7 +184,7 @@ class ProcessManager:
         """Start the zygote; without it (it failed), workers are spawned instead."""
         ours, theirs = socket.socketpair()
         try:
-            await asyncio.create_subprocess_exec(
+            zygote = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
                 "kt.supervisor.zygote",
@@ -207,6 +199,7 @@ class ProcessManager:
             return
         finally:
             theirs.close()
+        self.zygote_pid = zygote.pid
         self._zygote = ours  # requests are written here, blocking (they are tiny)
         # The event loop takes ownership of the socket it reads from: give it a dup.
         # Keep the writer: when it is garbage-collected it closes the transport.
@@ -227,7 +220,8 @@ class ProcessManager:
                     self._exits[pid] = code  # exited before we knew its pid
                 elif not worker.exited.done():
                     worker.exited.set_result(code)
-        logger.info("the zygote exited: workers will be spawned from now on")
+        if not self._closing:
+            logger.info("the zygote exited: workers will be spawned from now on")
         self._zygote = None
         for fut in self._forks.values():
             if not fut.done():
@@ -360,3 +354,5 @@ class ProcessManager:
             worker.kill()
         if self._zygote is not None:
             self._zygote.close()
+        if self._zygote_writer is not None:  # its dup: the zygote sees EOF only when both close
+            self._zygote_writer.close()

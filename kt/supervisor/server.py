@@ -204,6 +204,8 @@ class Supervisor:
         self._tcp.close()
         self._unix.close()
         pids = [w.pid for w in self.procs.workers.values()]
+        if self.procs.zygote_pid is not None:
+            pids.append(self.procs.zygote_pid)
         self.procs.close()
         deadline = time.monotonic() + 1.0
         while any(map(pid_alive, pids)) and time.monotonic() < deadline:

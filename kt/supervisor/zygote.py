@@ -58,7 +58,10 @@ def serve(control: socket.socket) -> None:
         _reap(control)
         if not ready:
             continue
-        data, fds, _, _ = socket.recv_fds(control, 65536, 16)
+        try:
+            data, fds, _, _ = socket.recv_fds(control, 65536, 16)
+        except OSError:  # the supervisor is gone (reset)
+            return
         if not data:
             return  # the supervisor is gone
         buffer += data

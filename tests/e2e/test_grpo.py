@@ -1,7 +1,8 @@
 """The GRPO example on kt (examples/rl_grpo), smoke task, fixed seed.
 
 Covers: with two rollout actors, the reward fan-out and a 2-rank DDP trainer, mean
-reward rises by at least 0.5 within 150 steps, in under 3 minutes; after the last
+reward rises by at least 0.5 within 150 steps, in under 3 minutes, and the run stops at
+the first step where it has (`stop_at_gain`); after the last
 weight sync every rollout actor holds exactly the trainer's weights, and the two
 trainer ranks hold the same weights.
 """
@@ -29,7 +30,9 @@ def test_grpo_reverse_learns_and_rollouts_hold_the_trainers_weights() -> None:
     elapsed = time.monotonic() - start
     try:
         assert run.reward_gain() >= 0.5, run.history.reward
-        assert len(run.history.step) <= 150
+        rewards = run.history.reward  # it stopped at the first step that reached the gain
+        assert len(rewards) < cfg.steps, "it ran every step: stop_at_gain never fired"
+        assert sum(rewards[-6:-1]) / 5 - sum(rewards[:5]) / 5 < 0.5, "it ran on past the gain"
         assert elapsed < 180, run.split_line()
         trainer, workers = run.parts["trainer"], run.parts["workers"]
         ranks = trainer.flat_weights()
