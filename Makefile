@@ -24,8 +24,8 @@ $(STAMP): $(LOCK) pyproject.toml
 install: $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check kt tests bench examples
-	$(BIN)/ruff format --check kt tests bench examples
+	$(BIN)/ruff check kt tests bench examples tools
+	$(BIN)/ruff format --check kt tests bench examples tools
 	$(BIN)/mypy kt
 
 test: lint
@@ -66,11 +66,15 @@ test-latest:
 # the whole test command: a slice (MUTATE_MODULES=kt/core/ref.py
 # MUTATE_TESTS=tests/core/test_ref.py) takes minutes, the default scope many hours.
 # Mutants come from HEAD (commit first); rm -rf .mutate to start a new session.
+# MUTATE_SAMPLE=N runs a random N of them (tools/mutate_sample.py; MUTATE_SEED picks which).
 MUTATE_TOOL := cosmic-ray==8.7.0
 MUTATE_MODULES ?= kt/core kt/actors kt/supervisor
-MUTATE_TESTS ?= tests/core tests/supervisor tests/e2e/test_actors.py tests/e2e/test_first_day.py
+MUTATE_TESTS ?= tests/core tests/supervisor tests/e2e/test_actors.py tests/e2e/test_first_day.py \
+	tests/e2e/test_ownership.py
 MUTATE_TIMEOUT ?= 600
 MUTATE_TEST_TIMEOUT ?= 30  # per test: a mutant that hangs a test is caught, not waited out
+MUTATE_SAMPLE ?=
+MUTATE_SEED ?= 0
 
 mutate: $(STAMP)
 	test -x .venv-mutate/bin/cosmic-ray || ($(PY) -m venv .venv-mutate && \
@@ -81,9 +85,11 @@ mutate: $(STAMP)
 			"$(CURDIR)/$(BIN)/python" "$(MUTATE_TIMEOUT)" "$(MUTATE_MODULES)" "$(MUTATE_TESTS)" \
 			"$(MUTATE_TEST_TIMEOUT)" \
 			> .mutate/cosmic-ray.toml && \
-		cd .mutate && ../.venv-mutate/bin/cosmic-ray init cosmic-ray.toml session.sqlite)
+		cd .mutate && ../.venv-mutate/bin/cosmic-ray init cosmic-ray.toml session.sqlite && \
+		if [ -n "$(MUTATE_SAMPLE)" ]; then ../.venv-mutate/bin/python \
+			$(CURDIR)/tools/mutate_sample.py sample session.sqlite $(MUTATE_SAMPLE) $(MUTATE_SEED); fi)
 	cd .mutate && ../.venv-mutate/bin/cosmic-ray exec cosmic-ray.toml session.sqlite
-	cd .mutate && ../.venv-mutate/bin/cr-report session.sqlite | tail -n 3
+	.venv-mutate/bin/python tools/mutate_sample.py score .mutate/session.sqlite
 
 clean:
 	rm -rf $(VENV) .venv-lock .venv-latest .venv-mutate .mutate .mypy_cache .ruff_cache .pytest_cache
