@@ -27,7 +27,7 @@ def sample(session: str, n: int, seed: int) -> None:
         pending = sorted(db.pending_work_items, key=lambda item: item.job_id)
         keep = {item.job_id for item in random.Random(seed).sample(pending, min(n, len(pending)))}
         db.set_multiple_results(
-            (item.job_id, SKIPPED) for item in pending if item.job_id not in keep
+            [item.job_id for item in pending if item.job_id not in keep], SKIPPED
         )
         print(f"sample: {len(keep)} of {len(pending)} pending mutants (seed {seed})")
 
