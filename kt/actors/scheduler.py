@@ -9,6 +9,14 @@ or `spread` (the emptiest). A request larger than an empty pod fails at once wit
 `spread` prefers an empty pod, starting one while the pool is below `max_replicas`;
 `pack` starts a pod only when no pod has room. A pod with no actors for `idle_timeout`
 is deleted while the pool is above `min_replicas` (the emptiest-longest goes first).
+
+Nothing here holds a lock across provider I/O. Every decision is made between awaits on
+the driver's one loop thread: a pod being launched is a slot at once (LAUNCHING), so a
+request can reserve room on it and later requests count it, and the pool never grows
+past `max_replicas`; the request then waits for that slot alone, while requests that fit
+pods already up are placed at once. Each pod is launched by its own task: one failed
+launch removes its slot and fails the requests that waited for it (`LaunchError`), and
+nothing else.
 """
 
 from __future__ import annotations
@@ -22,8 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kt.core.compute import Compute
-from kt.core.errors import PlacementError, seconds
-from kt.core.provider import Pod, PodSpec, Provider
+from kt.core.errors import KtError, LaunchError, PlacementError, seconds
+from kt.core.provider import Pod, PodSpec, PodState, Provider
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +98,13 @@ class PodSlot:
     idle_since: float = field(default_factory=time.monotonic)
     resources: dict[str, float] = field(default_factory=dict)
     used_resources: dict[str, float] = field(default_factory=dict)
+    launched: asyncio.Event | None = None
+    """Set when a LAUNCHING slot's pod is up or its launch failed; None once READY."""
+    failure: KtError | None = None
+
+    @property
+    def launching(self) -> bool:
+        return self.launched is not None
 
     def fits(self, req: Request) -> bool:
         return (
@@ -142,8 +157,8 @@ class Pool:
         self.token = token
         self.detached = detached
         self.slots: list[PodSlot] = []
-        self._grow_lock = asyncio.Lock()
         self._freed = asyncio.Event()
+        self._launches: set[asyncio.Task[None]] = set()
 
     @property
     def max_replicas(self) -> int:
@@ -169,56 +184,99 @@ class Pool:
             )
 
     async def ensure_min(self) -> None:
-        async with self._grow_lock:
-            missing = self.compute.replica_range[0] - len(self.slots)
-            if missing > 0:
-                await self._grow(missing)
+        missing = self.compute.replica_range[0] - len(self.slots)
+        await asyncio.gather(*(self._until_up(self._launch()) for _ in range(max(0, missing))))
 
-    async def _grow(self, count: int) -> None:
+    def _spec(self) -> PodSpec:
         c = self.compute
-        specs = [
-            PodSpec(
-                pool=self.name,
-                name=f"{self.name}-{secrets.token_hex(3)}",
-                cpus=c.cpu_count,
-                memory=c.memory_bytes,
-                gpus=c.gpus,
-                token=self.token,
-                env=dict(c.env),
-                labels=dict(c.labels),
-                inactivity_ttl=c.ttl_seconds,
-                launch_timeout=c.launch_timeout,
-                detached=self.detached,
-                image=c.image.base,
-                namespace=c.namespace,
+        return PodSpec(
+            pool=self.name,
+            name=f"{self.name}-{secrets.token_hex(3)}",
+            cpus=c.cpu_count,
+            memory=c.memory_bytes,
+            gpus=c.gpus,
+            token=self.token,
+            env=dict(c.env),
+            labels=dict(c.labels),
+            inactivity_ttl=c.ttl_seconds,
+            launch_timeout=c.launch_timeout,
+            detached=self.detached,
+            image=c.image.base,
+            namespace=c.namespace,
+        )
+
+    def _launch(self) -> PodSlot:
+        """A new LAUNCHING slot, at once; its pod is created by a task of its own."""
+        c = self.compute
+        spec = self._spec()
+        placeholder = Pod(spec.name, self.name, "", 0, PodState.PENDING)
+        slot = PodSlot(
+            placeholder,
+            c.cpu_count,
+            c.gpus,
+            c.memory_bytes,
+            resources=dict(c.resources),
+            launched=asyncio.Event(),
+        )
+        self.slots.append(slot)
+        task = asyncio.get_running_loop().create_task(self._create(slot, spec))
+        self._launches.add(task)
+        task.add_done_callback(self._launches.discard)
+        ready = sum(not s.launching for s in self.slots)
+        progress(f"pool {self.name}: starting a pod, {ready}/{len(self.slots)} ready")
+        return slot
+
+    async def _create(self, slot: PodSlot, spec: PodSpec) -> None:
+        assert slot.launched is not None
+        launched = slot.launched
+        try:
+            (pod,) = await self.provider.create_pods([spec])
+        except Exception as exc:
+            failure = exc if isinstance(exc, LaunchError) else None
+            slot.failure = failure or LaunchError(
+                self.name, spec.name, f"{type(exc).__name__}: {exc}"
             )
-            for _ in range(count)
-        ]
-        target = len(self.slots) + count
-        progress(f"pool {self.name}: starting {count} pod(s), {len(self.slots)}/{target} ready")
-        # One create per pod, so each is counted as it comes up ("3/4 pods ready").
-        for ready in asyncio.as_completed([self.provider.create_pods([s]) for s in specs]):
-            (pod,) = await ready
-            slot = PodSlot(pod, c.cpu_count, c.gpus, c.memory_bytes, resources=dict(c.resources))
-            self.slots.append(slot)
-            progress(f"pool {self.name}: {len(self.slots)}/{target} pods ready")
+            if slot in self.slots:
+                self.slots.remove(slot)
+            launched.set()
+            self._freed.set()  # waiters decide again
+            return
+        if slot not in self.slots:  # the pool was torn down meanwhile
+            await self.provider.delete_pod(self.name, pod.name)
+            slot.failure = LaunchError(self.name, spec.name, "the pool was torn down")
+            launched.set()
+            return
+        slot.pod = pod
+        slot.launched = None
+        launched.set()
+        ready = sum(not s.launching for s in self.slots)
+        progress(f"pool {self.name}: {ready}/{len(self.slots)} pods ready")
+
+    async def _until_up(self, slot: PodSlot) -> PodSlot:
+        """Wait for a slot's launch; raises LaunchError if it failed."""
+        if slot.launched is not None:
+            await slot.launched.wait()
+        if slot.failure is not None:
+            raise slot.failure
+        return slot
 
     def _choose(self, req: Request) -> PodSlot | None:
         fits = [s for s in self.slots if s.fits(req)]
         if not fits:
             return None
         if req.strategy is Strategy.SPREAD:
-            best = min(fits, key=lambda s: (len(s.actors), s.used_cpus))
+            best = min(fits, key=lambda s: (len(s.actors), s.launching, s.used_cpus))
             if best.actors and len(self.slots) < self.max_replicas:
                 return None  # an empty pod is better, and the pool may grow one
             return best
-        return max(fits, key=lambda s: (s.used_cpus, len(s.actors)))
+        return max(fits, key=lambda s: (not s.launching, s.used_cpus, len(s.actors)))
 
     async def place(self, actor: str, req: Request, *, timeout: float) -> PodSlot:
         """Reserve a slice for `actor`, growing the pool if needed.
 
         Raises:
             PlacementError: it can never fit, or no room came up within `timeout`.
+            LaunchError: the pod it waited for did not start.
         """
         self.check_fits_empty(req)
         if req.pod_index is not None:
@@ -227,15 +285,13 @@ class Pool:
         deadline = loop.time() + timeout
         warned = False
         while True:
-            async with self._grow_lock:
-                slot = self._choose(req)
-                if slot is None and len(self.slots) < self.max_replicas:
-                    await self._grow(1)
-                    slot = self._choose(req)
-                if slot is not None:
-                    slot.take(actor, req)
-                    return slot
-                self._freed.clear()
+            slot = self._choose(req)  # decided and reserved with no await in between
+            if slot is None and len(self.slots) < self.max_replicas:
+                slot = self._launch()
+            if slot is not None:
+                slot.take(actor, req)
+                return await self._reserved(slot, actor, req)
+            self._freed.clear()
             left = deadline - loop.time()
             if left <= 0:
                 raise PlacementError(
@@ -248,6 +304,14 @@ class Pool:
                 await asyncio.wait_for(self._freed.wait(), left)
             except TimeoutError:
                 pass
+
+    async def _reserved(self, slot: PodSlot, actor: str, req: Request) -> PodSlot:
+        """`actor` holds room on `slot`: once its pod is up, it is placed there."""
+        try:
+            return await self._until_up(slot)
+        except BaseException:
+            slot.give_back(actor, req)
+            raise
 
     def full(self, req: Request) -> str:
         """Why `req` does not fit now, who holds the pool, and the ways out, in words."""
@@ -276,17 +340,16 @@ class Pool:
                 f"pod={index} is outside pool {self.name}, which has at most "
                 f"{self.max_replicas} pods"
             )
-        async with self._grow_lock:
-            if len(self.slots) <= index:
-                await self._grow(index + 1 - len(self.slots))
-            slot = self.slots[index]
-            if not slot.fits(req):
-                raise PlacementError(
-                    f"pod {index} of pool {self.name} has no room for {req} "
-                    f"({slot.used_cpus:g}/{slot.cpus:g} cpus used)"
-                )
-            slot.take(actor, req)
-            return slot
+        while len(self.slots) <= index:
+            self._launch()
+        slot = self.slots[index]
+        if not slot.fits(req):
+            raise PlacementError(
+                f"pod {index} of pool {self.name} has no room for {req} "
+                f"({slot.used_cpus:g}/{slot.cpus:g} cpus used)"
+            )
+        slot.take(actor, req)
+        return await self._reserved(slot, actor, req)
 
     def release(self, actor: str, req: Request) -> None:
         for slot in self.slots:
@@ -295,9 +358,8 @@ class Pool:
 
     async def drop(self, slot: PodSlot) -> None:
         """Forget a pod that is gone (and make sure it is)."""
-        async with self._grow_lock:
-            if slot in self.slots:
-                self.slots.remove(slot)
+        if slot in self.slots:
+            self.slots.remove(slot)
         await self.provider.delete_pod(self.name, slot.pod.name)
         self._freed.set()
 
@@ -307,18 +369,17 @@ class Pool:
             await asyncio.sleep(min(1.0, self.idle_timeout / 4))
             lo = self.compute.replica_range[0]
             now = time.monotonic()
-            async with self._grow_lock:
-                idle = sorted(
-                    (
-                        s
-                        for s in self.slots
-                        if not s.actors and now - s.idle_since >= self.idle_timeout
-                    ),
-                    key=lambda s: s.idle_since,
-                )
-                doomed = idle[: max(0, len(self.slots) - lo)]
-                for slot in doomed:
-                    self.slots.remove(slot)
+            idle = sorted(
+                (
+                    s
+                    for s in self.slots
+                    if not s.actors and not s.launching and now - s.idle_since >= self.idle_timeout
+                ),
+                key=lambda s: s.idle_since,
+            )
+            doomed = idle[: max(0, len(self.slots) - lo)]
+            for slot in doomed:
+                self.slots.remove(slot)
             for slot in doomed:
                 logger.info("pool %s: deleting idle pod %s", self.name, slot.pod.name)
                 await self.provider.delete_pod(self.name, slot.pod.name)
@@ -326,11 +387,13 @@ class Pool:
                 progress(f"pool {self.name}: scaled down to {len(self.slots)} pod(s)")
 
     def slot_at(self, address: tuple[str, int]) -> PodSlot | None:
-        return next((s for s in self.slots if s.pod.address == address), None)
+        return next((s for s in self.slots if not s.launching and s.pod.address == address), None)
 
     async def teardown(self) -> None:
+        """Delete every pod; pods still launching are deleted when their launch ends."""
         slots, self.slots = self.slots, []
         await asyncio.gather(
-            *(self.provider.delete_pod(self.name, s.pod.name) for s in slots),
+            *(self.provider.delete_pod(self.name, s.pod.name) for s in slots if not s.launching),
+            *(asyncio.shield(t) for t in list(self._launches)),
             return_exceptions=True,
         )

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kt.core.errors import ConfigError, check_option_names
+from kt.core.provider import backend_names
 
 _MEM_UNITS = {
     "": 1,
@@ -143,8 +144,9 @@ class Compute:
         lo, hi = self.replica_range
         if lo < 0 or hi < 1 or lo > hi:
             raise ConfigError(f"replica range {lo}..{hi} is empty (need 0 <= min <= max, max >= 1)")
-        if self.backend not in (None, "local", "k8s"):
-            raise ConfigError(f"backend={self.backend!r}: choose 'local', 'k8s' or None")
+        if self.backend is not None and self.backend not in backend_names():
+            names = ", ".join(repr(n) for n in backend_names())
+            raise ConfigError(f"backend={self.backend!r}: choose {names} or None")
         if self.name is not None and not re.fullmatch(
             r"[a-z0-9]([-a-z0-9]{0,40}[a-z0-9])?", self.name
         ):

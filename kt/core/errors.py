@@ -3,7 +3,8 @@
     KtError
     ├── ConfigError            a spec or option is invalid (raised before anything runs)
     ├── ShutdownError          kt.shutdown() ran: handles and Refs made before it are void
-    ├── SerializationError     an argument or result could not be pickled (the call never ran)
+    ├── SerializationError     an argument or result could not be pickled (the call never
+    │                          ran), or a result not unpickled where it arrived (it ran)
     ├── RemoteError            user code raised and its type cannot be rebuilt here
     ├── ActorDiedError         the actor's process is gone; the call may have started
     ├── PodLostError           the pod or its connection vanished; the call may or may not have run
@@ -11,6 +12,7 @@
     ├── GetTimeoutError        waiting for a Ref ran out of time; the call keeps running
     ├── CancelledError         the Ref was cancelled before its result arrived
     ├── PlacementError         the request can never fit (or did not fit in time)
+    ├── LaunchError            the pod a request waited for did not start (nothing ran)
     ├── AuthError              the supervisor refused the token
     ├── ProtocolError          a peer sent bytes that are not kt frames, or another version
     └── InvalidTransition      a state machine was asked for a move its table does not allow
@@ -85,25 +87,33 @@ class ShutdownError(KtError):
 
 
 class SerializationError(KtError, TypeError):
-    """An argument or a result could not be pickled, so the call never ran.
+    """An argument or a result could not be pickled, so the call never ran; or (with
+    `loading`) a result arrived that cannot be unpickled here: the call ran.
 
     `path` names the argument or attribute that failed (``argument 'x' .lock``).
     """
 
-    def __init__(self, what: str, path: str, cause: str) -> None:
+    def __init__(self, what: str, path: str, cause: str, *, loading: bool = False) -> None:
         super().__init__(what, path, cause)
         self.what = what
         self.path = path
         self.cause = cause
+        self.loading = loading
 
     def __str__(self) -> str:
+        if self.loading:
+            return f"could not unpickle {self.path} of {self.what} here: {self.cause}"
         return (
             f"could not pickle {self.path} of {self.what}: {self.cause}. "
             "Pass a picklable value (or create the object inside the actor)."
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.what, self.path, self.cause))
+        return (_rebuild_serialization, (self.what, self.path, self.cause, self.loading))
+
+
+def _rebuild_serialization(what: str, path: str, cause: str, loading: bool) -> SerializationError:
+    return SerializationError(what, path, cause, loading=loading)
 
 
 class RemoteError(KtError):
@@ -223,6 +233,25 @@ class CancelledError(KtError, asyncio.CancelledError):
 
 class PlacementError(KtError):
     """A request can never fit its pool, or did not fit within `placement_timeout`."""
+
+
+class LaunchError(KtError):
+    """A pod of the pool did not start, so the actors waiting for it were not created.
+
+    Set against `PlacementError`: the request fits; the pod it was to run on failed.
+    """
+
+    def __init__(self, pool: str, pod: str, reason: str) -> None:
+        super().__init__(pool, pod, reason)
+        self.pool = pool
+        self.pod = pod
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"pod {self.pod} of pool {self.pool} did not start: {self.reason}"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.pool, self.pod, self.reason))
 
 
 class AuthError(KtError):

@@ -88,7 +88,7 @@ class Provider(abc.ABC):
         """Create the pods and return them once their supervisors accept connections.
 
         Raises:
-            PlacementError: a pod could not start within its launch_timeout.
+            LaunchError: a pod could not start within its launch_timeout.
         """
 
     @abc.abstractmethod
@@ -134,6 +134,16 @@ def _importable(module: str) -> bool:
         return importlib.util.find_spec(module) is not None
     except ModuleNotFoundError:
         return False
+
+
+def backend_names() -> list[str]:
+    return sorted(_BACKENDS)
+
+
+def register_backend(name: str, target: str) -> None:
+    """Make backend `name` mean the Provider class at `target` ("module:Class")."""
+    _BACKENDS[name] = target
+    _instances.pop(name, None)
 
 
 def get_provider(name: str) -> Provider:

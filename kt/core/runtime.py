@@ -96,6 +96,21 @@ class LinkState(str, enum.Enum):
     CLOSED = "closed"
 
 
+def undecodable(label: str, exc: BaseException) -> SerializationError:
+    """The error for a result that arrived but cannot be unpickled here, naming what is
+    missing (the call did run)."""
+    if isinstance(exc, ModuleNotFoundError):
+        why = (
+            f"module {exc.name!r} is not importable in this process; return a type both "
+            "sides can import, or plain data"
+        )
+    else:
+        why = f"{type(exc).__name__}: {exc}"
+    error = SerializationError(label, "the result", why, loading=True)
+    error.__cause__ = exc
+    return error
+
+
 class Borrow:
     """A borrowed Ref waiting for its owner's answer to a WAIT."""
 
@@ -230,6 +245,12 @@ class Link:
         return OwnerDiedError(borrow.ref.label, borrow.owner, f"lost the link to pod {self.pod}")
 
     def _answered(self, borrow: Borrow, flags: int, payload: memoryview) -> None:
+        try:
+            self._answer_of(borrow, flags, payload)
+        except Exception as exc:  # this Ref only
+            self.runtime.complete(borrow.ref._finish(_failed, undecodable(borrow.ref.label, exc)))
+
+    def _answer_of(self, borrow: Borrow, flags: int, payload: memoryview) -> None:
         if flags & _ERROR:
             exc = loads_exception(payload)
             if isinstance(exc, OwnerDiedError) and exc.owner == "":
@@ -258,6 +279,24 @@ class Link:
         payload: memoryview,
         frame: memoryview,
     ) -> None:
+        """One frame; whatever goes wrong with it fails its call only, never the link."""
+        try:
+            self._handle_frame(kind, flags, route, req_id, header, payload, frame)
+        except ProtocolError:
+            raise  # not kt's protocol: the link is unusable
+        except Exception:
+            logger.exception("kt: a %s frame from pod %s failed", FrameKind(kind).name, self.pod)
+
+    def _handle_frame(
+        self,
+        kind: int,
+        flags: int,
+        route: int,
+        req_id: int,
+        header: memoryview,
+        payload: memoryview,
+        frame: memoryview,
+    ) -> None:
         if kind == _RESULT:
             ref = self.inflight.pop(req_id, None)
             if ref is None:
@@ -265,17 +304,27 @@ class Link:
                 if borrow is not None:
                     self._answered(borrow, flags, payload)
                 return  # else cancelled or already failed
-            if flags & _ERROR:
-                self.runtime.complete(ref._finish(_failed, loads_exception(payload)))
-            elif flags & _LENDS:
-                self.runtime.complete(ref._finish(_done, self._loads_lent(header, payload)))
-            else:
-                self.runtime.complete(ref._finish(_done, loads(payload)))
+            state = _done
+            try:
+                if flags & _ERROR:
+                    state, value = _failed, loads_exception(payload)
+                elif flags & _LENDS:
+                    value = self._loads_lent(header, payload)
+                else:
+                    value = loads(payload)
+            except Exception as exc:  # this call's result only: the link goes on
+                state, value = _failed, undecodable(ref.label, exc)
+            self.runtime.complete(ref._finish(state, value))
         elif kind == FrameKind.ITEM:
             stream = self.inflight.get(req_id)
             if isinstance(stream, StreamRef):
-                lends = flags & _LENDS
-                item = self._loads_lent(header, payload) if lends else loads(payload)
+                try:
+                    lends = flags & _LENDS
+                    item = self._loads_lent(header, payload) if lends else loads(payload)
+                except Exception as exc:  # ends this stream with the error
+                    del self.inflight[req_id]
+                    self.runtime.complete(stream._finish(_failed, undecodable(stream.label, exc)))
+                    return
                 self.runtime.complete(stream._push(item))
         elif kind == FrameKind.WAIT:
             self.runtime.answer(self, route, req_id, payload)

@@ -32,6 +32,7 @@ from kt.core.config import config
 from kt.core.errors import ActorDiedError, ConfigError, KtError, seconds
 from kt.core.ref import Ref
 from kt.distributed import env as envs
+from kt.distributed import rendezvous
 from kt.distributed.agent import RankAgent
 from kt.distributed.fanout import FanOut, GroupMethod, RankView
 from kt.distributed.state import Decision, GroupState, check_transition, decide, root_cause
@@ -283,6 +284,10 @@ class SpmdGroup:
                 attempt.ranks.append(rank_cls.remote(*self._init[0], **self._init[1]))
             for handle in attempt.ranks:  # gang: a rank that cannot be placed fails them all
                 handle._wait_placed(timeout)
+            if self._kind == "pytorch":  # before any call: each init meets a clean store
+                hooks = [h._run(rendezvous.install) for h in attempt.ranks]
+                if not all(hook.result(timeout) for hook in hooks):
+                    logger.warning("torch has no env:// hook: a second init may hang")
         except BaseException:
             self._kill(attempt)
             for extra in agents[1:]:

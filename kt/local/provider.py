@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from kt.core import cgroup
-from kt.core.errors import PlacementError
+from kt.core.errors import LaunchError
 from kt.core.liveness import pid_alive
 from kt.core.provider import SUPERVISOR_PORT, Pod, PodEvent, PodSpec, PodState, Provider
 
@@ -60,7 +60,7 @@ def pick_address() -> tuple[str, int]:
         port = _free_port()
         if _bindable("127.0.0.1", port):
             return "127.0.0.1", port
-    raise PlacementError("no free loopback address and port for a local pod")
+    raise OSError("no free loopback address and port for a local pod")
 
 
 class LocalProvider(Provider):
@@ -114,7 +114,7 @@ class LocalProvider(Provider):
             _killpg(proc.pid)
         if limit is not None:
             await asyncio.to_thread(cgroup.remove, limit)
-        raise PlacementError(f"pod {spec.name} of pool {spec.pool} did not start: {last_error}")
+        raise LaunchError(spec.pool, spec.name, last_error)
 
     async def _spawn(
         self, spec: PodSpec, pod: Pod, pool_dir: Path, limit: Path | None

@@ -14,11 +14,39 @@ from typing import Any
 
 
 def train(steps: int = 25, seed: int = 0, out: str | None = None) -> dict[str, Any]:
+    """A torchrun script's shape: init, train, teardown, every call."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")  # env:// with torchrun's variables, unmodified
+    state, ddp, opt = _fit(steps, seed, out)
+    # Teardown in an order no rank can race: every rank past its last collective (the
+    # barrier), DDP's reducer (which holds the process group and its gloo work) freed
+    # while the interpreter is fully alive, then the group destroyed. Left to
+    # interpreter exit, gloo threads can meet a finalizing interpreter and abort the
+    # rank: "terminate called without an active exception".
+    dist.barrier()
+    del ddp, opt
+    dist.destroy_process_group()
+    return state
+
+
+def train_kept(steps: int = 25, seed: int = 0) -> dict[str, Any]:
+    """Initialise on the first call only and keep the process group across calls."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    state, ddp, opt = _fit(steps, seed, None)
+    dist.barrier()
+    del ddp, opt
+    return state
+
+
+def _fit(steps: int, seed: int, out: str | None) -> tuple[dict[str, Any], Any, Any]:
     import torch
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    dist.init_process_group("gloo")  # env:// with torchrun's variables, unmodified
     rank = dist.get_rank()
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
@@ -35,15 +63,7 @@ def train(steps: int = 25, seed: int = 0, out: str | None = None) -> dict[str, A
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if out is not None and rank == 0:
         torch.save(state, out)
-    # Teardown in an order no rank can race: every rank past its last collective (the
-    # barrier), DDP's reducer (which holds the process group and its gloo work) freed
-    # while the interpreter is fully alive, then the group destroyed. Left to
-    # interpreter exit, gloo threads can meet a finalizing interpreter and abort the
-    # rank: "terminate called without an active exception".
-    dist.barrier()
-    del ddp, opt
-    dist.destroy_process_group()
-    return state
+    return state, ddp, opt
 
 
 if __name__ == "__main__":
