@@ -6,6 +6,7 @@ Pools are real: supervisor processes on loopback addresses, real actor processes
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 
@@ -21,6 +22,7 @@ def _teardown_driver() -> Iterator[None]:
     import kt
 
     kt.shutdown()
+    shutil.rmtree(os.environ["KT_HOME"], ignore_errors=True)  # pod records and logs
 
 
 @pytest.fixture(scope="module")

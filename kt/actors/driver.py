@@ -22,11 +22,11 @@ from typing import Any
 from kt.actors import handle as handle_module
 from kt.actors.handle import ActorHandle
 from kt.actors.lifecycle import Actor, ActorSpec, ActorState, Decision, decide
-from kt.actors.scheduler import Pool
+from kt.actors.scheduler import PodSlot, Pool
 from kt.core import protocol
 from kt.core.compute import Compute
 from kt.core.config import config
-from kt.core.errors import ActorDiedError, KtError
+from kt.core.errors import ActorDiedError, KtError, PodLostError
 from kt.core.methods import MethodKind
 from kt.core.protocol import FrameKind
 from kt.core.provider import PodState, Provider, get_provider, resolve_backend
@@ -76,6 +76,7 @@ class Driver:
                 )
                 self.pools[name] = pool
                 self._start(pool.reap_idle())
+                self._start(self._watch(pool))
         await pool.ensure_min()
         return pool
 
@@ -177,6 +178,33 @@ class Driver:
             actor.handle._unbind()
         self._start(self._check_pod(address, victims))
 
+    async def _watch(self, pool: Pool) -> None:
+        """Pods the provider reports gone, whether or not a call is in flight to them
+        (on Kubernetes a deleted pod's TCP peer may stay silent for minutes)."""
+        gone = (PodState.LOST, PodState.DELETED, PodState.FAILED)
+        while not self.closing:
+            try:
+                async for event in pool.provider.watch_pods(pool.name):
+                    if event.state in gone and not self.closing:
+                        self._pod_reported_gone(pool, event.pod.name, event.state)
+            except Exception as exc:  # the watch broke: start it again
+                logger.warning("watch of pool %s failed (%s); watching again", pool.name, exc)
+                await asyncio.sleep(1.0)
+
+    def _pod_reported_gone(self, pool: Pool, pod: str, state: PodState) -> None:
+        slot = next((s for s in pool.slots if not s.launching and s.pod.name == pod), None)
+        if slot is None:
+            return
+        logger.warning(
+            "pod %s of pool %s is %s (from the provider's watch)", pod, pool.name, state.value
+        )
+        error = PodLostError(pod, f"the provider reports the pod {state.value}")
+        if not self.runtime.fail_link(slot.pod.address, error):  # no link: nothing to hold
+            victims = [
+                a for a in self.actors.values() if a.slot is slot and a.state is ActorState.ALIVE
+            ]
+            self._start(self._lost(pool, slot, victims))
+
     async def _check_pod(self, address: Address, victims: list[Actor]) -> None:
         pool = victims[0].pool
         assert pool is not None
@@ -190,12 +218,21 @@ class Driver:
             for actor in victims:
                 actor.handle._bind(address, pool.token)
             return
-        pod = slot.pod.name if slot else f"{address[0]}:{address[1]}"
-        logger.warning("pod %s of pool %s is lost", pod, pool.name)
-        if slot is not None:
-            await pool.drop(slot)
+        if slot is None:
+            pod = f"{address[0]}:{address[1]}"
+            for actor in victims:
+                self._handle_death(
+                    actor, ActorDiedError(actor.spec.actor_id, pod, reason="its pod was lost")
+                )
+            return
+        await self._lost(pool, slot, victims)
+
+    async def _lost(self, pool: Pool, slot: PodSlot, victims: list[Actor]) -> None:
+        """The pod is gone: make sure of it, and its actors died with it."""
+        logger.warning("pod %s of pool %s is lost", slot.pod.name, pool.name)
+        await pool.drop(slot)
         for actor in victims:
-            cause = ActorDiedError(actor.spec.actor_id, pod, reason="its pod was lost")
+            cause = ActorDiedError(actor.spec.actor_id, slot.pod.name, reason="its pod was lost")
             self._handle_death(actor, cause)
 
     # -- named actors --------------------------------------------------------------------

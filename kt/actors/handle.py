@@ -160,14 +160,17 @@ class ActorHandle:
     # -- placement ----------------------------------------------------------------------
     def _bind(self, address: Address, token: str) -> None:
         """The actor now has an address: send the backlog, in order."""
-        with self._lock:
-            self._address = address
-            self._token = token
-            backlog, self._backlog = self._backlog, []
-            self._placed.set()
         runtime = self._runtime()
-        for req_id, parts, ref in backlog:
-            runtime.submit(address, token, req_id, parts, ref)
+        with self._lock:
+            # The backlog goes into the runtime before the address is published: a call
+            # made meanwhile waits for the lock, then queues behind it (a call that saw
+            # the address first could go to the socket at once and overtake them all).
+            for req_id, parts, ref in self._backlog:
+                runtime.submit(address, token, req_id, parts, ref)
+            self._backlog = []
+            self._token = token
+            self._address = address
+            self._placed.set()
 
     def _unbind(self) -> None:
         """The actor is being restarted: new calls wait in the backlog."""

@@ -441,11 +441,14 @@ class Runtime:
         links = self._links
         touched: set[Link] = set()
         while inbox:
-            address, token, req_id, parts, ref = inbox.popleft()
+            # Popped only once submitted: while a call is on its way to its link, the
+            # inbox is not empty, so no caller's thread writes past it (submit_direct).
+            address, token, req_id, parts, ref = inbox[0]
             link = links.get(address)
             if link is None:
                 link = self._open_link(address, token)
             link.submit(req_id, parts, ref)
+            inbox.popleft()
             touched.add(link)
         for link in touched:  # the batch is complete: write now, not next iteration
             if link.channel is not None:
@@ -514,6 +517,15 @@ class Runtime:
             FrameKind.RESULT, req_id, b"", parts_size(parts), flags=flags, route=route
         )
         link.send_parts([prefix, *parts])
+
+    def fail_link(self, address: Address, error: KtError) -> bool:
+        """Close the link to `address` as lost (loop thread): its calls fail with `error`.
+        False when there is no such link."""
+        link = self._links.get(address)
+        if link is None:
+            return False
+        link._fail(error)
+        return True
 
     def forget(self, link: Link) -> None:
         if self._links.get(link.address) is link:

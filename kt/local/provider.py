@@ -182,6 +182,7 @@ class LocalProvider(Provider):
         pid = proc.pid if proc else info.get("pid")
         if pid is not None:
             _killpg(pid, signal.SIGTERM)
+            _killpg(pid, signal.SIGCONT)  # a stopped pod must run to act on SIGTERM
             deadline = time.monotonic() + 2
             while pid_alive(pid) and time.monotonic() < deadline:
                 if proc is not None:
@@ -212,12 +213,20 @@ class LocalProvider(Provider):
         return pods
 
     async def watch_pods(self, pool: str) -> AsyncIterator[PodEvent]:
-        known: dict[str, PodState] = {}
+        """Changes of the pool's pod files and processes, every 0.25 s (the local backend
+        has no API server to push them): READY, LOST (its supervisor died) and DELETED
+        (its record is gone)."""
+        known: dict[str, Pod] = {}
         while True:
-            for pod in await self.list_pods(pool):
-                if known.get(pod.name) != pod.state:
-                    known[pod.name] = pod.state
+            seen = {pod.name: pod for pod in await self.list_pods(pool)}
+            for name, pod in seen.items():
+                if name not in known or known[name].state != pod.state:
                     yield PodEvent(pod, pod.state)
+            for name, pod in known.items():
+                if name not in seen:
+                    pod.state = PodState.DELETED
+                    yield PodEvent(pod, PodState.DELETED)
+            known = seen
             await asyncio.sleep(0.25)
 
     async def read_token(self, pool: str) -> str | None:

@@ -78,6 +78,24 @@ class Counter:
         return tag
 
 
+@pytest.mark.timeout(120)
+def test_calls_made_while_and_after_an_actor_is_placed_keep_their_order() -> None:
+    """Calls made during placement wait in the handle's backlog; calls made the moment it
+    is bound must queue behind that backlog, not go to the socket first."""
+    for trial in range(2):
+        compute = kt.Compute(cpus=1, replicas=1, backend="local", name=f"bind-order-{trial}")
+        r = kt.cls(Recorder).options(compute=compute, cpus=0).remote("r")
+        n = 0
+        while not r._placed.is_set():  # into the backlog, while the pod starts
+            r.record.remote(n)
+            n += 1
+        for _ in range(3000):  # right after it is bound
+            r.record.remote(n)
+            n += 1
+        assert r.history() == list(range(n)), f"calls overtook the backlog (trial {trial})"
+        kt.kill(r)
+
+
 @pytest.fixture(scope="module")
 def counters(pool: kt.Compute) -> list[kt.ActorHandle]:
     C = kt.cls(Counter)
