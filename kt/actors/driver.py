@@ -20,13 +20,37 @@ import uuid
 from typing import Any
 
 from kt.actors import handle as handle_module
+from kt.actors.control import (
+    ActorCreated,
+    ActorDied,
+    ActorPhase,
+    ActorPlaced,
+    ActorSubmitted,
+    BindHandle,
+    CheckPod,
+    ControlPlane,
+    DeletePod,
+    Event,
+    FailHandle,
+    FailLink,
+    HoldHandle,
+    Instruction,
+    KillRequested,
+    LinkBroken,
+    Place,
+    PlacementFailed,
+    PodLost,
+    PodReachable,
+    Release,
+    SendCreate,
+)
 from kt.actors.handle import ActorHandle
-from kt.actors.lifecycle import Actor, ActorSpec, ActorState, Decision, decide
+from kt.actors.lifecycle import Actor, ActorSpec
 from kt.actors.scheduler import PodSlot, Pool
 from kt.core import protocol
 from kt.core.compute import Compute
 from kt.core.config import config
-from kt.core.errors import ActorDiedError, KtError, PodLostError
+from kt.core.errors import ActorDiedError, DeathCause, KtError, PodLostError
 from kt.core.methods import MethodKind
 from kt.core.protocol import FrameKind
 from kt.core.provider import PodState, Provider, get_provider, resolve_backend
@@ -51,6 +75,7 @@ class Driver:
         self.session = secrets.token_hex(3)
         self.pools: dict[str, Pool] = {}
         self.actors: dict[str, Actor] = {}
+        self.plane = ControlPlane()
         self._pool_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.closing = False
@@ -72,7 +97,13 @@ class Driver:
                 token = await provider.read_token(name) or secrets.token_urlsafe(32)
                 idle = compute.idle_seconds or config.idle_timeout
                 pool = Pool(
-                    compute, provider, name=name, token=token, detached=detached, idle_timeout=idle
+                    compute,
+                    provider,
+                    name=name,
+                    token=token,
+                    detached=detached,
+                    idle_timeout=idle,
+                    on_event=self.apply,
                 )
                 self.pools[name] = pool
                 self._start(pool.reap_idle())
@@ -85,37 +116,107 @@ class Driver:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    # -- the control plane -------------------------------------------------------------
+    def apply(self, event: Event) -> None:
+        """Feed one event to the control plane and carry out what it says (loop thread)."""
+        for instruction in self.plane.handle(event):
+            logger.debug("%s: %s", instruction.cause, instruction)
+            self._carry_out(instruction)
+
+    def _carry_out(self, ins: Instruction) -> None:
+        if isinstance(ins, Place):
+            self._start(self._place(self.actors[ins.actor]))
+        elif isinstance(ins, SendCreate):
+            self._send_create(self.actors[ins.actor], ins.pod)
+        elif isinstance(ins, BindHandle):
+            actor = self.actors[ins.actor]
+            if actor.pool is not None and actor.slot is not None:
+                actor.handle._bind(actor.slot.pod.address, actor.pool.token)
+        elif isinstance(ins, HoldHandle):
+            self.actors[ins.actor].handle._unbind()
+        elif isinstance(ins, FailHandle):
+            actor = self.actors[ins.actor]
+            record = self.plane.actors[ins.actor]
+            if record.restarts and record.death is not DeathCause.KILLED:
+                logger.error(
+                    "%s; no restarts left (%d used) [%s]", ins.error, record.restarts, ins.cause
+                )
+            actor.handle._fail(ins.error)
+        elif isinstance(ins, Release):
+            actor = self.actors[ins.actor]
+            if actor.pool is not None:
+                actor.pool.release(actor.spec.actor_id, actor.spec.request)
+            actor.slot = None
+        elif isinstance(ins, CheckPod):
+            self._start(self._check_pod(ins.pod))
+        elif isinstance(ins, DeletePod):
+            found = self._slot_of(ins.pod)
+            if found is not None:
+                logger.warning("pod %s of pool %s is lost [%s]", ins.pod, found[0].name, ins.cause)
+                self._start(found[0].drop(found[1]))
+        elif isinstance(ins, FailLink):
+            found = self._slot_of(ins.pod)
+            if found is not None:
+                self.runtime.fail_link(found[1].pod.address, PodLostError(ins.pod, ins.reason))
+
+    def _slot_of(self, pod: str) -> tuple[Pool, PodSlot] | None:
+        for pool in self.pools.values():
+            for slot in pool.slots:
+                if not slot.launching and slot.pod.name == pod:
+                    return pool, slot
+        return None
+
+    def _pod_at(self, address: Address) -> str | None:
+        for pool in self.pools.values():
+            slot = pool.slot_at(address)
+            if slot is not None:
+                return slot.pod.name
+        return None
+
     # -- actors --------------------------------------------------------------------------
     def new_actor_id(self) -> str:
         return uuid.uuid4().hex[:16]
 
     async def create_actor(self, spec: ActorSpec, handle: ActorHandle) -> None:
-        actor = Actor(spec, handle)
-        self.actors[spec.actor_id] = actor
-        await self._place_and_create(actor)
+        self.actors[spec.actor_id] = Actor(spec, handle)
+        self.apply(ActorSubmitted(spec.actor_id, spec.max_restarts))
 
-    async def _place_and_create(self, actor: Actor) -> None:
-        """Place the actor, send CREATE_ACTOR, and bind the handle to the pod."""
+    async def _place(self, actor: Actor) -> None:
+        """Find room for the actor (the pool may launch a pod); the plane decides the rest."""
         spec = actor.spec
+        record = self.plane.actors[spec.actor_id]
+        if record.restarts:
+            left = (
+                "for ever"
+                if spec.max_restarts < 0
+                else f"{spec.max_restarts - record.restarts} left"
+            )
+            logger.warning("actor %s restarts (%d, %s)", spec.actor_id, record.restarts, left)
         try:
             pool = await self.pool_for(spec.compute, detached=spec.detached)
             slot = await pool.place(spec.actor_id, spec.request, timeout=spec.placement_timeout)
         except BaseException as exc:
-            actor.move(ActorState.DEAD, f"placement failed: {exc}")
-            actor.handle._fail(exc)
-            return
-        if actor.state is ActorState.DEAD:  # killed while it was being placed
-            pool.release(spec.actor_id, spec.request)
+            self.apply(PlacementFailed(spec.actor_id, exc))
             return
         actor.pool, actor.slot = pool, slot
+        self.apply(ActorPlaced(spec.actor_id, slot.pod.name))
+
+    def _send_create(self, actor: Actor, pod: str) -> None:
+        spec, pool, slot = actor.spec, actor.pool, actor.slot
+        assert pool is not None and slot is not None
         runtime = self.runtime
         req_id = runtime.new_id()
         hdr = protocol.orjson_dumps(spec.header)
         prefix = protocol.encode_prefix(FrameKind.CREATE_ACTOR, req_id, hdr, parts_size(spec.parts))
         created: Ref[None] = Ref(f"{spec.cls_name}.__init__")
+
+        def acknowledged(ref: Ref[None]) -> None:  # on this loop: the Link completes it
+            if not ref.cancelled() and ref.exception() is None:
+                self.apply(ActorCreated(spec.actor_id, pod))
+            # a failed __init__ also ends the process: its DIED frame says so
+
+        created.on_done(acknowledged)
         runtime.submit(slot.pod.address, pool.token, req_id, [prefix, hdr, *spec.parts], created)
-        actor.move(ActorState.ALIVE, f"created on pod {slot.pod.name}")
-        actor.handle._bind(slot.pod.address, pool.token)
 
     def _on_died(self, address: Address, event: dict[str, Any]) -> None:
         actor = self.actors.get(str(event.get("actor")))
@@ -128,55 +229,26 @@ class Driver:
             signal=event.get("signal"),
             oom=bool(event.get("oom")),
             reason=str(event.get("reason") or ""),
+            cause=DeathCause(event.get("cause") or DeathCause.UNKNOWN.value),
         )
-        self._handle_death(actor, cause)
-
-    def _handle_death(self, actor: Actor, cause: ActorDiedError) -> None:
-        decision = decide(actor, cause)
-        if decision is Decision.IGNORE:
-            return
-        if actor.pool is not None:
-            actor.pool.release(actor.spec.actor_id, actor.spec.request)
-        if decision is Decision.GIVE_UP:
-            actor.move(ActorState.DEAD, str(cause))
-            if actor.spec.max_restarts and "kt.kill" not in cause.reason:
-                logger.error("%s; no restarts left (%d used)", cause, actor.restarts)
-            actor.handle._fail(cause)
-            return
-        actor.restarts += 1
-        left = actor.spec.max_restarts - actor.restarts
-        logger.warning(
-            "%s; restarting it (%d/%d restarts left)", cause, left, actor.spec.max_restarts
-        )
-        actor.move(ActorState.RESTARTING, str(cause))
-        actor.handle._unbind()
-        actor.move(ActorState.PLACING, "restart")
-        self._start(self._place_and_create(actor))
+        self.apply(ActorDied(actor.spec.actor_id, actor.slot.pod.name, cause))
 
     def mark_killed(self, actor_id: str) -> None:
         """kt.kill: no restart, and its slice of the pod is free again."""
-        actor = self.actors.get(actor_id)
-        if actor is None or actor.state is ActorState.DEAD:
-            return
-        actor.move(ActorState.DEAD, "kt.kill")
-        if actor.pool is not None:
-            actor.pool.release(actor_id, actor.spec.request)
+        self.apply(KillRequested(actor_id))
+
+    def is_dead(self, actor_id: str) -> bool:
+        record = self.plane.actors.get(actor_id)
+        return record is None or record.phase is ActorPhase.DEAD
 
     # -- pods ----------------------------------------------------------------------------
     def _on_link_lost(self, address: Address) -> None:
-        """A link broke. Hold the pod's actors' calls until we know whether it is gone."""
+        """A link broke: the plane holds the pod's handles until we know more."""
         if self.closing:
             return
-        victims = [
-            a
-            for a in self.actors.values()
-            if a.state is ActorState.ALIVE and a.slot is not None and a.slot.pod.address == address
-        ]
-        if not victims:
-            return
-        for actor in victims:
-            actor.handle._unbind()
-        self._start(self._check_pod(address, victims))
+        pod = self._pod_at(address)
+        if pod is not None:
+            self.apply(LinkBroken(pod))
 
     async def _watch(self, pool: Pool) -> None:
         """Pods the provider reports gone, whether or not a call is in flight to them
@@ -186,54 +258,24 @@ class Driver:
             try:
                 async for event in pool.provider.watch_pods(pool.name):
                     if event.state in gone and not self.closing:
-                        self._pod_reported_gone(pool, event.pod.name, event.state)
+                        reason = f"the provider reports it {event.state.value}"
+                        self.apply(PodLost(event.pod.name, reason))
             except Exception as exc:  # the watch broke: start it again
                 logger.warning("watch of pool %s failed (%s); watching again", pool.name, exc)
                 await asyncio.sleep(1.0)
 
-    def _pod_reported_gone(self, pool: Pool, pod: str, state: PodState) -> None:
-        slot = next((s for s in pool.slots if not s.launching and s.pod.name == pod), None)
-        if slot is None:
+    async def _check_pod(self, pod: str) -> None:
+        found = self._slot_of(pod)
+        if found is None:
+            self.apply(PodLost(pod, "its pool no longer has it"))
             return
-        logger.warning(
-            "pod %s of pool %s is %s (from the provider's watch)", pod, pool.name, state.value
-        )
-        error = PodLostError(pod, f"the provider reports the pod {state.value}")
-        if not self.runtime.fail_link(slot.pod.address, error):  # no link: nothing to hold
-            victims = [
-                a for a in self.actors.values() if a.slot is slot and a.state is ActorState.ALIVE
-            ]
-            self._start(self._lost(pool, slot, victims))
-
-    async def _check_pod(self, address: Address, victims: list[Actor]) -> None:
-        pool = victims[0].pool
-        assert pool is not None
-        slot = pool.slot_at(address)
-        alive = (
-            slot is not None
-            and await _pod_alive(pool.provider, pool.name, slot.pod.name)
-            and await _reachable(address)
-        )
-        if alive:
-            for actor in victims:
-                actor.handle._bind(address, pool.token)
-            return
-        if slot is None:
-            pod = f"{address[0]}:{address[1]}"
-            for actor in victims:
-                self._handle_death(
-                    actor, ActorDiedError(actor.spec.actor_id, pod, reason="its pod was lost")
-                )
-            return
-        await self._lost(pool, slot, victims)
-
-    async def _lost(self, pool: Pool, slot: PodSlot, victims: list[Actor]) -> None:
-        """The pod is gone: make sure of it, and its actors died with it."""
-        logger.warning("pod %s of pool %s is lost", slot.pod.name, pool.name)
-        await pool.drop(slot)
-        for actor in victims:
-            cause = ActorDiedError(actor.spec.actor_id, slot.pod.name, reason="its pod was lost")
-            self._handle_death(actor, cause)
+        pool, slot = found
+        if not await _pod_alive(pool.provider, pool.name, pod):
+            self.apply(PodLost(pod, "the provider no longer has it"))
+        elif not await _reachable(slot.pod.address):
+            self.apply(PodLost(pod, "it does not accept connections"))
+        else:
+            self.apply(PodReachable(pod))
 
     # -- named actors --------------------------------------------------------------------
     async def lookup(self, name: str, namespace: str | None) -> ActorHandle | None:
@@ -243,7 +285,7 @@ class Driver:
             if (
                 h.get("name") == name
                 and (h.get("namespace") or "") == (namespace or "")
-                and actor.state is not ActorState.DEAD
+                and not self.is_dead(actor.spec.actor_id)
             ):
                 return actor.handle
         provider = get_provider(resolve_backend(None))

@@ -26,9 +26,11 @@ import enum
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from kt.actors.control import Event, PodDeleted, PodFailed, PodReady, PodStarted
 from kt.core.compute import Compute
 from kt.core.errors import KtError, LaunchError, PlacementError, seconds
 from kt.core.provider import Pod, PodSpec, PodState, Provider
@@ -149,6 +151,7 @@ class Pool:
         token: str,
         detached: bool,
         idle_timeout: float = 60.0,
+        on_event: Callable[[Event], None] | None = None,
     ) -> None:
         self.compute = compute
         self.idle_timeout = idle_timeout
@@ -159,6 +162,12 @@ class Pool:
         self.slots: list[PodSlot] = []
         self._freed = asyncio.Event()
         self._launches: set[asyncio.Task[None]] = set()
+        self._on_event = on_event
+
+    def _tell(self, event: Event) -> None:
+        """Pod changes, for the driver's control plane."""
+        if self._on_event is not None:
+            self._on_event(event)
 
     @property
     def max_replicas(self) -> int:
@@ -219,6 +228,7 @@ class Pool:
             launched=asyncio.Event(),
         )
         self.slots.append(slot)
+        self._tell(PodStarted(spec.name))
         task = asyncio.get_running_loop().create_task(self._create(slot, spec))
         self._launches.add(task)
         task.add_done_callback(self._launches.discard)
@@ -238,6 +248,7 @@ class Pool:
             )
             if slot in self.slots:
                 self.slots.remove(slot)
+            self._tell(PodFailed(spec.name, str(slot.failure)))
             launched.set()
             self._freed.set()  # waiters decide again
             return
@@ -248,6 +259,7 @@ class Pool:
             return
         slot.pod = pod
         slot.launched = None
+        self._tell(PodReady(pod.name))
         launched.set()
         ready = sum(not s.launching for s in self.slots)
         progress(f"pool {self.name}: {ready}/{len(self.slots)} pods ready")
@@ -360,6 +372,7 @@ class Pool:
         """Forget a pod that is gone (and make sure it is)."""
         if slot in self.slots:
             self.slots.remove(slot)
+        self._tell(PodDeleted(slot.pod.name))
         await self.provider.delete_pod(self.name, slot.pod.name)
         self._freed.set()
 
@@ -380,6 +393,7 @@ class Pool:
             doomed = idle[: max(0, len(self.slots) - lo)]
             for slot in doomed:
                 self.slots.remove(slot)
+                self._tell(PodDeleted(slot.pod.name))
             for slot in doomed:
                 logger.info("pool %s: deleting idle pod %s", self.name, slot.pod.name)
                 await self.provider.delete_pod(self.name, slot.pod.name)

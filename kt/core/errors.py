@@ -1,20 +1,27 @@
-"""Every error kt raises, in one tree.
+"""Every error kt raises, in one tree, each with one meaning; [ran] says whether the call
+(or the actor's creation) may have run.
 
     KtError
-    ├── ConfigError            a spec or option is invalid (raised before anything runs)
-    ├── ShutdownError          kt.shutdown() ran: handles and Refs made before it are void
-    ├── SerializationError     an argument or result could not be pickled (the call never
-    │                          ran), or a result not unpickled where it arrived (it ran)
-    ├── RemoteError            user code raised and its type cannot be rebuilt here
-    ├── ActorDiedError         the actor's process is gone; the call may have started
-    ├── PodLostError           the pod or its connection vanished; the call may or may not have run
+    ├── ConfigError            a spec or option is invalid, found before anything ran [no]
+    ├── ShutdownError          kt.shutdown() ran: handles and Refs made before it are void [no]
+    ├── SerializationError     an argument could not be pickled [no]; with `loading`, a
+    │                          result arrived that cannot be unpickled here [yes]
+    ├── RemoteError            user code raised and its type cannot be rebuilt here [yes]
+    ├── ActorDiedError         the actor's process is gone, `cause` says how (a DeathCause:
+    │                          killed, exited, signaled, OOM, init failed, pod lost) [maybe]
+    ├── ActorNotFoundError     the pod has no such actor (never created there, or the pod
+    │                          was replaced) [no]
+    ├── GroupFailedError       an SPMD group is out of restarts; names the rank and pod
+    │                          whose failure ended it [maybe]
+    ├── PodLostError           the pod or its connection vanished [maybe]
     ├── OwnerDiedError         a borrowed Ref's owner is gone before handing over its outcome
-    ├── GetTimeoutError        waiting for a Ref ran out of time; the call keeps running
-    ├── CancelledError         the Ref was cancelled before its result arrived
-    ├── PlacementError         the request can never fit (or did not fit in time)
-    ├── LaunchError            the pod a request waited for did not start (nothing ran)
-    ├── AuthError              the supervisor refused the token
-    ├── ProtocolError          a peer sent bytes that are not kt frames, or another version
+    │                          [maybe]
+    ├── GetTimeoutError        waiting for a Ref ran out of time; the call keeps running [maybe]
+    ├── CancelledError         the Ref was cancelled before its result arrived [maybe]
+    ├── PlacementError         the request can never fit, or did not fit in time [no]
+    ├── LaunchError            the pod a request waited for did not start [no]
+    ├── AuthError              the supervisor refused the token [no]
+    ├── ProtocolError          a peer sent bytes that are not kt frames, or another version [no]
     └── InvalidTransition      a state machine was asked for a move its table does not allow
 
 Each error carries fields and turns them into a sentence in `__str__`; `__reduce__`
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import enum
 from collections.abc import Collection, Iterable
 from typing import Any
 
@@ -133,10 +141,23 @@ class RemoteError(KtError):
         return (type(self), (self.type_name, self.message, self.traceback, self.where))
 
 
+class DeathCause(str, enum.Enum):
+    """How an actor's process ended; the restart policy decides on it."""
+
+    KILLED = "killed"  # kt.kill: never restarted
+    EXITED = "exited"  # the process exited by itself (sys.exit, os._exit, a crash)
+    SIGNALED = "signaled"  # a signal other than kt.kill's and the OOM killer's
+    OOM = "oom"  # the kernel's OOM killer (the pod's memory limit)
+    INIT_FAILED = "init_failed"  # its __init__ raised
+    POD_LOST = "pod_lost"  # its pod went away
+    UNKNOWN = "unknown"
+
+
 class ActorDiedError(KtError):
     """The actor's process is gone: its state is lost and the call may have started.
 
-    Set against `PodLostError`: here the supervisor saw the process exit and knows how.
+    Set against `PodLostError`: here the process is known to have ended, and `cause`
+    says how.
     """
 
     def __init__(
@@ -148,6 +169,7 @@ class ActorDiedError(KtError):
         signal: int | None = None,
         oom: bool = False,
         reason: str = "",
+        cause: DeathCause | None = None,
     ) -> None:
         super().__init__(actor, pod, exit_code, signal, oom, reason)
         self.actor = actor
@@ -156,6 +178,16 @@ class ActorDiedError(KtError):
         self.signal = signal
         self.oom = oom
         self.reason = reason
+        if cause is None:
+            if oom:
+                cause = DeathCause.OOM
+            elif signal is not None:
+                cause = DeathCause.SIGNALED
+            elif exit_code is not None:
+                cause = DeathCause.EXITED
+            else:
+                cause = DeathCause.UNKNOWN
+        self.cause = cause
 
     def __str__(self) -> str:
         if self.oom:
@@ -172,14 +204,75 @@ class ActorDiedError(KtError):
     def __reduce__(self) -> tuple[Any, ...]:
         return (
             _rebuild_actor_died,
-            (self.actor, self.pod, self.exit_code, self.signal, self.oom, self.reason),
+            (
+                self.actor,
+                self.pod,
+                self.exit_code,
+                self.signal,
+                self.oom,
+                self.reason,
+                self.cause.value,
+            ),
         )
 
 
 def _rebuild_actor_died(
-    actor: str, pod: str, exit_code: int | None, signal: int | None, oom: bool, reason: str
+    actor: str,
+    pod: str,
+    exit_code: int | None,
+    signal: int | None,
+    oom: bool,
+    reason: str,
+    cause: str = DeathCause.UNKNOWN.value,
 ) -> ActorDiedError:
-    return ActorDiedError(actor, pod, exit_code=exit_code, signal=signal, oom=oom, reason=reason)
+    return ActorDiedError(
+        actor,
+        pod,
+        exit_code=exit_code,
+        signal=signal,
+        oom=oom,
+        reason=reason,
+        cause=DeathCause(cause),
+    )
+
+
+class ActorNotFoundError(KtError):
+    """The pod has no such actor: it was never created there, or the pod was replaced.
+    The call did not run."""
+
+    def __init__(self, actor: str, pod: str) -> None:
+        super().__init__(actor, pod)
+        self.actor = actor
+        self.pod = pod
+
+    def __str__(self) -> str:
+        return (
+            f"pod {self.pod} has no actor {self.actor}: it was never created there, or the "
+            "pod was replaced; get a new handle (kt.get_actor for a named actor)"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.actor, self.pod))
+
+
+class GroupFailedError(KtError):
+    """An SPMD group is out of restarts: `rank` on `pod` failed last; create it again."""
+
+    def __init__(self, group: str, rank: int, pod: str, reason: str) -> None:
+        super().__init__(group, rank, pod, reason)
+        self.group = group
+        self.rank = rank
+        self.pod = pod
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return (
+            f"SPMD group {self.group} failed: rank {self.rank} on pod {self.pod} "
+            f"{self.reason}; create the group again"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.group, self.rank, self.pod, self.reason))
 
 
 class PodLostError(KtError):

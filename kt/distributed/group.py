@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from kt.actors.api import RemoteClass, cls, kill
 from kt.core.compute import Compute
 from kt.core.config import config
-from kt.core.errors import ActorDiedError, ConfigError, KtError, seconds
+from kt.core.errors import ActorDiedError, ConfigError, GroupFailedError, KtError, seconds
 from kt.core.ref import Ref
 from kt.distributed import env as envs
 from kt.distributed import rendezvous
@@ -426,11 +426,17 @@ class SpmdGroup:
             self._start_locked(attempt.number + 1)
             return
         logger.error("group %s: rank %d failed and no restarts are left", self._name, rank)
-        died = ActorDiedError(
-            exc.actor if isinstance(exc, ActorDiedError) else f"SPMD group {self._name}",
-            exc.pod if isinstance(exc, ActorDiedError) else "-",
-            reason=f"rank {rank} failed ({str(exc)[:256]}) and no restarts were left "
-            f"(max_restarts={self.max_restarts}); create the group again",
+        if isinstance(exc, ActorDiedError):
+            pod = exc.pod
+        else:
+            address = attempt.ranks[rank]._address if rank < len(attempt.ranks) else None
+            pod = f"{address[0]}:{address[1]}" if address else "unknown"
+        died = GroupFailedError(
+            self._name,
+            rank,
+            pod,
+            f"failed ({str(exc)[:256]}) and no restarts were left "
+            f"(max_restarts={self.max_restarts})",
         )
         with self._lock:
             if self._state is not GroupState.STOPPED:

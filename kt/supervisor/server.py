@@ -37,7 +37,13 @@ from typing import Any
 
 from kt.core import protocol, serialization, shm
 from kt.core.channel import BIG_FRAME, FrameChannel
-from kt.core.errors import ActorDiedError, ConfigError, OwnerDiedError
+from kt.core.errors import (
+    ActorDiedError,
+    ActorNotFoundError,
+    ConfigError,
+    DeathCause,
+    OwnerDiedError,
+)
 from kt.core.liveness import pid_alive
 from kt.core.protocol import FLAGS_OFFSET, ROUTE_OFFSET, FrameFlag, FrameKind
 from kt.supervisor.processes import ExitInfo, ProcessManager, WorkerProcess
@@ -299,10 +305,7 @@ class Supervisor:
             rec = self.actors.get(actor_id)
             if rec is None:
                 self.reply_error(
-                    peer.route,
-                    req_id,
-                    ActorDiedError(actor_id, self.pod, reason="no such actor on this pod"),
-                    self.pod,
+                    peer.route, req_id, ActorNotFoundError(actor_id, self.pod), self.pod
                 )
                 return
             self._routes[key] = rec
@@ -364,7 +367,9 @@ class Supervisor:
         actor_id = protocol.decode_header(header).get("actor", "")
         rec = self.actors.get(actor_id)
         if rec is not None and rec.state is not ActorState.DEAD:
-            rec.death = ActorDiedError(actor_id, self.pod, reason="it was killed by kt.kill")
+            rec.death = ActorDiedError(
+                actor_id, self.pod, reason="it was killed by kt.kill", cause=DeathCause.KILLED
+            )
             if rec.worker is not None:
                 rec.worker.kill()
             else:
@@ -497,7 +502,7 @@ class Supervisor:
             return
         rec.state = ActorState.DEAD
         reason = protocol.decode_header(header).get("init_error", "its __init__ raised")
-        rec.death = ActorDiedError(rec.id, self.pod, reason=reason)
+        rec.death = ActorDiedError(rec.id, self.pod, reason=reason, cause=DeathCause.INIT_FAILED)
         rec.worker.kill()
 
     def _actor_exited(self, rec: ActorRecord, info: ExitInfo) -> None:
@@ -520,6 +525,7 @@ class Supervisor:
                 "signal": death.signal,
                 "oom": death.oom,
                 "reason": death.reason,
+                "cause": death.cause.value,
             }
             owner.channel.send(protocol.encode(FrameKind.DIED, 0, event))
         inflight, rec.inflight = rec.inflight, {}

@@ -33,7 +33,13 @@ from typing import Any
 
 from kt.core import protocol, serialization, shm
 from kt.core.channel import FrameChannel
-from kt.core.errors import ActorDiedError, KtError, OwnerDiedError, SerializationError
+from kt.core.errors import (
+    ActorDiedError,
+    DeathCause,
+    KtError,
+    OwnerDiedError,
+    SerializationError,
+)
 from kt.core.methods import RUN_METHOD, MethodKind, method_kind
 from kt.core.protocol import LEND_ID, FrameFlag, FrameKind
 from kt.core.ref import Borrower, PendingRefError, Ref, borrowing, lending
@@ -209,7 +215,9 @@ class ActorHost:
         what = self.cls_name
         shm = bool(flags & _SHM_OK)
         if self.init_error:
-            died = ActorDiedError(self.actor_id, self.pod, reason=self.init_error)
+            died = ActorDiedError(
+                self.actor_id, self.pod, reason=self.init_error, cause=DeathCause.INIT_FAILED
+            )
             self.reply_error(route, req_id, died, what)
             return
         try:

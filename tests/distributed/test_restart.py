@@ -91,8 +91,9 @@ def test_kill_9_mid_call_restarts_the_group_until_restarts_run_out() -> None:
         with pytest.raises(kt.ActorDiedError, match="no restarts left") as last:
             group.remote().result(timeout=30)
         assert "rank 0 of SPMD group step" in str(last.value)
-        with pytest.raises(kt.ActorDiedError, match="no restarts were left"):
+        with pytest.raises(kt.GroupFailedError, match="no restarts were left") as failed:
             group.remote().result(timeout=30)
+        assert failed.value.rank == 0 and failed.value.pod == last.value.pod
         assert group.group_state is GroupState.FAILED
         _wait_gone(after[1]["pid"])
     finally:
@@ -110,7 +111,7 @@ def test_raise_with_stuck_peers_stops_them_after_the_grace() -> None:
         assert time.monotonic() - start < GRACE_S  # raised before the grace is over
         assert any("rank 1 of SPMD group step" in n for n in info.value.__notes__)
         # rank 0 is stuck in the barrier: after the grace it is stopped; no restarts left
-        with pytest.raises(kt.ActorDiedError, match="no restarts were left"):
+        with pytest.raises(kt.GroupFailedError, match=r"rank 1 on pod .* no restarts were left"):
             group.remote().result(timeout=30)
         assert group.group_state is GroupState.FAILED
         _wait_gone(before[0]["pid"])
