@@ -50,3 +50,29 @@ def test_the_checker_sees_imports(tmp_path: pathlib.Path) -> None:
     sample = tmp_path / "m.py"
     sample.write_text("def f():\n    from kt.actors import api\nimport kt.core.protocol\n")
     assert _kt_imports(sample) == {"actors", "core"}
+
+
+def _private_members(package: str) -> set[str]:
+    """`_x` names a package's classes define (`self._x = ...`, `def _x`)."""
+    names: set[str] = set()
+    for path in sorted(pathlib.Path(package).glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                names.add(node.name)
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+                if node.value.id == "self" and isinstance(node.ctx, ast.Store):
+                    names.add(node.attr)
+    return {n for n in names if n.startswith("_") and not n.startswith("__")}
+
+
+def test_kt_distributed_uses_no_private_member_of_kt_actors() -> None:
+    """kt.distributed builds on what kt.actors declares (run_hook, wait_placed, address,
+    actor_options, methods), never on its private members."""
+    theirs = _private_members("kt/actors") - _private_members("kt/distributed")
+    used = []
+    for path in sorted(pathlib.Path("kt/distributed").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in theirs:
+                if not (isinstance(node.value, ast.Name) and node.value.id == "self"):
+                    used.append(f"{path}:{node.lineno}: {ast.unparse(node)}")
+    assert not used, used

@@ -90,6 +90,16 @@ class RemoteClass(Generic[T]):
         self.__name__ = cls.__name__
         self.__doc__ = cls.__doc__
 
+    @property
+    def actor_options(self) -> ActorOptions:
+        """The options actors of this class get (read-only; `.options()` makes a copy)."""
+        return self._options
+
+    @property
+    def methods(self) -> dict[str, MethodKind]:
+        """The public methods a handle of this class exposes, and how each runs."""
+        return dict(self._methods)
+
     def options(self, **kwargs: Any) -> RemoteClass[T]:
         check_option_names(f"{self.__name__}.options", kwargs, _OPTION_NAMES)
         return RemoteClass(self._cls, dataclasses.replace(self._options, **kwargs))

@@ -372,6 +372,13 @@ def get_driver() -> Driver:
 
 
 def get_runtime() -> Runtime:
+    """The process's runtime. Inside an actor, until it makes pools of its own, that is a
+    caller runtime only (links and Refs, for handles passed to it): no Driver, no pools,
+    no teardown at exit."""
+    if _driver is not None:
+        return _driver.runtime
+    if os.environ.get("KT_IN_WORKER") == "1":
+        return shared_runtime(caller=f"actor-{os.getpid()}", stream_logs=False)
     return get_driver().runtime
 
 

@@ -20,7 +20,7 @@ import orjson
 
 from kt.core import protocol
 from kt.core.errors import ActorDiedError, KtError, PodLostError, ShutdownError, seconds
-from kt.core.methods import RUN_METHOD, MethodKind
+from kt.core.methods import RUN_METHOD, MethodKind, hook_name
 from kt.core.protocol import FrameFlag, FrameKind
 from kt.core.ref import PendingRefError, Ref, StreamRef, lending, release
 from kt.core.serialization import Parts, dumps_call, parts_size
@@ -328,13 +328,28 @@ class ActorHandle:
                     self._held.popleft()
                     self._pumping = False
 
-    def _run(self, fn: Callable[..., R], *args: Any, **kwargs: Any) -> Ref[R]:
-        """Run `fn(instance, *args, **kwargs)` in the actor's process, in call order.
+    # -- for kt's own upper layers (kt.distributed) ---------------------------------------
+    def run_hook(self, hook: Callable[..., R], *args: Any, **kwargs: Any) -> Ref[R]:
+        """Run `hook(instance, *args, **kwargs)` in the actor's process, in call order.
 
-        For kt's own upper layers (kt.distributed joins actors into process groups).
+        `hook` must be registered with `kt.core.methods.actor_hook`: the frame carries
+        its name, and the actor runs only registered hooks.
         """
         method: ActorMethod[Any, R] = ActorMethod(self, RUN_METHOD, MethodKind.SYNC)
-        return method.remote(fn, *args, **kwargs)
+        return method.remote(hook_name(hook), *args, **kwargs)
+
+    @property
+    def address(self) -> Address | None:
+        """The (host, port) of the actor's pod; None while it is placed or restarted."""
+        return self._address
+
+    def wait_placed(self, timeout: float | None = None) -> Address:
+        """The (host, port) of the actor's pod, once it is placed.
+
+        Raises:
+            KtError: it was not placed within `timeout`; or the error that ended it.
+        """
+        return self._wait_placed(timeout)
 
     # -- pickling --------------------------------------------------------------------------
     def __reduce__(self) -> tuple[Callable[..., ActorHandle], tuple[Any, ...]]:

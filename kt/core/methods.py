@@ -3,12 +3,58 @@
 from __future__ import annotations
 
 import enum
+import importlib
 import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 RUN_METHOD = "__kt_run__"
-"""Runs `fn(instance, *args)` inside an actor's process (see ActorHandle._run)."""
+"""Runs a registered hook, `hook(instance, *args)`, in an actor's process
+(`ActorHandle.run_hook`). The frame names the hook; the actor runs nothing else."""
+
+_HOOKS: dict[str, Callable[..., Any]] = {}
+
+
+def actor_hook(fn: F) -> F:
+    """Register `fn(instance, ...)` as runnable inside any actor by kt's own layers.
+
+    kt.distributed joins actors into process groups this way. A hook is named
+    "module:qualname" and must live in a kt module, so a caller can run only these
+    functions through RUN_METHOD, never one it sends.
+    """
+    name = f"{fn.__module__}:{fn.__qualname__}"
+    if not fn.__module__.startswith("kt.") or "<locals>" in name:
+        raise ValueError(f"{name}: an actor hook is a module-level function of kt")
+    _HOOKS[name] = fn
+    fn.__kt_hook__ = name  # type: ignore[attr-defined]
+    return fn
+
+
+def hook_name(fn: Callable[..., Any]) -> str:
+    name = getattr(fn, "__kt_hook__", None)
+    if name is None:
+        raise ValueError(f"{fn!r} is not an actor hook (decorate it with @actor_hook)")
+    return str(name)
+
+
+def resolve_hook(name: str) -> Callable[..., Any]:
+    """The hook registered under `name`, importing its kt module.
+
+    Raises:
+        LookupError: no kt hook has that name.
+    """
+    module = name.partition(":")[0]
+    if module.startswith("kt.") and name not in _HOOKS:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            pass
+    fn = _HOOKS.get(name)
+    if fn is None:
+        raise LookupError(f"{name!r} is not a kt actor hook: RUN_METHOD runs only those")
+    return fn
 
 
 class MethodKind(enum.IntEnum):

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from kt.actors.api import get
 from kt.core.errors import ConfigError
+from kt.core.methods import actor_hook
 from kt.distributed.fanout import RankView
 
 if TYPE_CHECKING:
@@ -77,12 +78,12 @@ class CollectiveGroup:
         `source` names an attribute on each member's instance: a module (its
         `state_dict()` is used) or a dict of tensors. Blocks until every member is done.
         """
-        refs = [h._run(_broadcast_attribute, self.name, source, src) for h in self.members]
+        refs = [h.run_hook(_broadcast_attribute, self.name, source, src) for h in self.members]
         get(refs, timeout=timeout)
 
     def destroy(self, timeout: float | None = 60.0) -> None:
         """Every member leaves the group and frees its sockets."""
-        get([h._run(_leave, self.name) for h in self.members], timeout=timeout)
+        get([h.run_hook(_leave, self.name) for h in self.members], timeout=timeout)
 
 
 def collective_group(
@@ -106,10 +107,12 @@ def collective_group(
     if len(members) < 2:
         raise ConfigError("a collective group needs at least two members")
     name = name or f"kt-collective-{uuid.uuid4().hex[:8]}"
-    host = members[0]._wait_placed(timeout)[0]
+    host = members[0].wait_placed(timeout)[0]
     size = len(members)
-    port = members[0]._run(_host_store, name, host, size, timeout).result(timeout)
-    refs = [h._run(_join, name, host, port, rank, size, timeout) for rank, h in enumerate(members)]
+    port = members[0].run_hook(_host_store, name, host, size, timeout).result(timeout)
+    refs = [
+        h.run_hook(_join, name, host, port, rank, size, timeout) for rank, h in enumerate(members)
+    ]
     get(refs, timeout=timeout)
     logger.info("collective group %s: %d members, store %s:%d", name, size, host, port)
     return CollectiveGroup(name, backend, members)
@@ -171,6 +174,7 @@ def broadcast_state_dict(
 
 
 # -- run inside member processes (through ActorHandle._run) ---------------------------------
+@actor_hook
 def _host_store(instance: Any, name: str, host: str, size: int, timeout: float) -> int:
     import torch.distributed as dist
 
@@ -182,6 +186,7 @@ def _host_store(instance: Any, name: str, host: str, size: int, timeout: float) 
     return port
 
 
+@actor_hook
 def _join(
     instance: Any, name: str, host: str, port: int, rank: int, size: int, timeout: float
 ) -> int:
@@ -199,11 +204,13 @@ def _join(
     return rank
 
 
+@actor_hook
 def _leave(instance: Any, name: str) -> None:
     _MEMBERSHIPS.pop(name, None)
     _HOSTED_STORES.pop(name, None)
 
 
+@actor_hook
 def _broadcast_attribute(instance: Any, name: str, source: str, src: int) -> None:
     target: Any = instance
     for part in source.split("."):

@@ -78,7 +78,7 @@ class SpmdGroup:
         dist = compute.distribution
         if dist is None:
             raise ConfigError("an SPMD group needs compute.distribute(...)")
-        opts = remote_cls._options
+        opts = remote_cls.actor_options
         self._name = remote_cls.__name__
         self._kind = dist.kind
         self.max_restarts = opts.max_restarts if max_restarts is None else max_restarts
@@ -91,7 +91,7 @@ class SpmdGroup:
         self._compute = compute
         self._remote_cls = remote_cls
         self._init = (init_args, dict(init_kwargs or {}))
-        self._methods = remote_cls._methods
+        self._methods = remote_cls.methods
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._ops = threading.Lock()  # one lifecycle operation at a time
@@ -238,12 +238,12 @@ class SpmdGroup:
         """Place the agent and every rank of attempt `number` (all of them, or none)."""
         c = self._compute
         timeout = c.launch_timeout + config.placement_timeout  # pods may have to start
-        opts = self._remote_cls._options
+        opts = self._remote_cls.actor_options
         agent_cls = cls(RankAgent).options(compute=c, cpus=0)
         agents = [agent_cls.options(pod=w).remote() for w in range(len(self._pod_range()))]
         attempt = Attempt(number, agents[0])
         try:
-            hosts = [a._wait_placed(timeout)[0] for a in agents]
+            hosts = [a.wait_placed(timeout)[0] for a in agents]
             port = agents[0].reserve_port.remote(hosts[0]).result(timeout)
             for extra in agents[1:]:  # they only told us their pod's address
                 _kill_quietly(extra)
@@ -283,9 +283,9 @@ class SpmdGroup:
                 )
                 attempt.ranks.append(rank_cls.remote(*self._init[0], **self._init[1]))
             for handle in attempt.ranks:  # gang: a rank that cannot be placed fails them all
-                handle._wait_placed(timeout)
+                handle.wait_placed(timeout)
             if self._kind == "pytorch":  # before any call: each init meets a clean store
-                hooks = [h._run(rendezvous.install) for h in attempt.ranks]
+                hooks = [h.run_hook(rendezvous.install) for h in attempt.ranks]
                 if not all(hook.result(timeout) for hook in hooks):
                     logger.warning("torch has no env:// hook: a second init may hang")
         except BaseException:
@@ -429,7 +429,7 @@ class SpmdGroup:
         if isinstance(exc, ActorDiedError):
             pod = exc.pod
         else:
-            address = attempt.ranks[rank]._address if rank < len(attempt.ranks) else None
+            address = attempt.ranks[rank].address if rank < len(attempt.ranks) else None
             pod = f"{address[0]}:{address[1]}" if address else "unknown"
         died = GroupFailedError(
             self._name,

@@ -24,7 +24,10 @@ import itertools
 from collections.abc import Iterator
 from typing import Any
 
+from kt.core.methods import actor_hook
 
+
+@actor_hook
 def install(_instance: object = None) -> bool:
     """Wrap env:// rendezvous in this process (once); False when torch has no such hook."""
     from torch.distributed import PrefixStore

@@ -40,7 +40,7 @@ from kt.core.errors import (
     OwnerDiedError,
     SerializationError,
 )
-from kt.core.methods import RUN_METHOD, MethodKind, method_kind
+from kt.core.methods import RUN_METHOD, MethodKind, method_kind, resolve_hook
 from kt.core.protocol import LEND_ID, FrameFlag, FrameKind
 from kt.core.ref import Borrower, PendingRefError, Ref, borrowing, lending
 from kt.core.runtime import Borrow, Link, LinkState, new_event_loop, shared_runtime
@@ -205,9 +205,9 @@ class ActorHost:
             self._methods[key] = entry
         return entry
 
-    def _run_in_actor(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """`fn(instance, ...)` in this process: kt's own layers (collective groups) use it."""
-        return fn(self.instance, *args, **kwargs)
+    def _run_in_actor(self, hook: str, *args: Any, **kwargs: Any) -> Any:
+        """A registered hook, `hook(instance, ...)`, in this process (kt.distributed's)."""
+        return resolve_hook(hook)(self.instance, *args, **kwargs)
 
     def call(
         self, route: int, req_id: int, flags: int, header: memoryview, payload: memoryview

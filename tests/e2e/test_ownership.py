@@ -10,7 +10,8 @@ Behaviours covered (each against real pods and actor processes):
 - calls from one caller keep their order, whether a Ref in them is lent (nested) or
   waited for first (top level);
 - when the owner dies first, the borrower gets OwnerDiedError naming it, not a hang;
-- lends are forgotten once nobody can ask for them (no leak in driver or actor).
+- lends are forgotten once nobody can ask for them (no leak in driver or actor);
+- an actor calling through a handle it was given gets a caller runtime, not a Driver.
 """
 
 from __future__ import annotations
@@ -84,6 +85,11 @@ class Maker:
     def lends(self) -> int:
         return lent_count()
 
+    def built_a_driver(self) -> bool:
+        import kt.actors.driver
+
+        return kt.actors.driver._driver is not None
+
 
 class Gate:
     def __init__(self) -> None:
@@ -131,6 +137,7 @@ def test_a_returned_ref_arrives_pending_and_can_be_passed_on(pool: kt.Compute) -
     assert isinstance(returned, kt.Ref) and not returned.done(), "the reply waited for its Ref"
     assert kt.get(returned, timeout=60) == 7
     assert maker.lends() == 0, "the actor kept a lend it had answered"
+    assert not maker.built_a_driver(), "calling a handle built a whole Driver in the actor"
     again = maker.forward(8, 2.0)
     holder.keep([again])  # a borrowed Ref, still pending, lent on by the driver
     assert holder.get_kept() == 8
