@@ -14,14 +14,14 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Generic, ParamSpec, TypeVar
+from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 from kt.actors.driver import get_driver, require_driver_thread
 from kt.actors.handle import ActorHandle
 from kt.actors.lifecycle import ActorSpec
 from kt.actors.scheduler import Request, Strategy
 from kt.core import protocol
-from kt.core.compute import Compute, parse_cpus, parse_memory
+from kt.core.compute import Compute, DistributedCompute, parse_cpus, parse_memory
 from kt.core.config import config
 from kt.core.errors import ConfigError, GetTimeoutError, check_option_names, seconds
 from kt.core.methods import MethodKind, method_kind, public_methods
@@ -104,13 +104,13 @@ class RemoteClass(Generic[T]):
         check_option_names(f"{self.__name__}.options", kwargs, _OPTION_NAMES)
         return RemoteClass(self._cls, dataclasses.replace(self._options, **kwargs))
 
-    def remote(self, *args: Any, **kwargs: Any) -> ActorHandle:
+    def remote(self, *args: Any, **kwargs: Any) -> ActorHandle[T]:
         """Create one actor; returns at once, calls queue until it is placed."""
         return self._create(self._options, args, kwargs)
 
     def _create(
         self, opts: ActorOptions, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> ActorHandle:
+    ) -> ActorHandle[T]:
         driver = get_driver()
         if opts.name is not None:
             existing = driver.runtime.run(driver.lookup(opts.name, opts.namespace), timeout=60)
@@ -130,7 +130,7 @@ class RemoteClass(Generic[T]):
             except PendingRefError as exc:  # a Ref in the init arguments: wait for it
                 with contextlib.suppress(Exception):
                     exc.ref.result()
-        handle = ActorHandle(actor_id, self.__name__, self._methods, name=opts.name)
+        handle: ActorHandle[T] = ActorHandle(actor_id, self.__name__, self._methods, name=opts.name)
         handle._retries = opts.max_task_retries
         header = {
             "actor": actor_id,
@@ -301,8 +301,15 @@ class RemoteFunction(Generic[P, R]):
         check_option_names(f"{self.__name__}.options", options, _OPTION_NAMES)
         return RemoteFunction(self._fn, {**self._options, **options})
 
+    @overload
+    def to(self, compute: DistributedCompute, **options: Any) -> Any: ...
+
+    @overload
+    def to(self, compute: Compute | None = None, **options: Any) -> DeployedFunction[P, R]: ...
+
     def to(self, compute: Compute | None = None, **options: Any) -> Any:
-        """Deploy: one instance per replica, or an SPMD group on a distributed Compute."""
+        """Deploy: one instance per replica (a `DeployedFunction`, typed like the function),
+        or an SPMD group on a `compute.distribute(...)` (calls return one result per rank)."""
         return self._deploy(compute, {**self._options, **options}, per_cpu=False)
 
     def remote(self, *args: P.args, **kwargs: P.kwargs) -> Ref[R]:

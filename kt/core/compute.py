@@ -199,19 +199,29 @@ class Compute:
             self.distribution,
         )
 
-    def distribute(self, kind: str, *, workers: int = 1, procs_per_worker: int = 1) -> Compute:
+    def distribute(
+        self, kind: str, *, workers: int = 1, procs_per_worker: int = 1
+    ) -> DistributedCompute:
         """A Compute for SPMD groups: `workers` pods, each running `procs_per_worker` ranks."""
         if kind not in ("pytorch", "spmd"):
             raise ConfigError(f"distribute({kind!r}): choose 'pytorch' or 'spmd'")
         if workers < 1 or procs_per_worker < 1:
             raise ConfigError("workers and procs_per_worker must be at least 1")
-        return dataclasses.replace(
-            self,
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        fields.update(
             replicas=workers,
             min_replicas=None,
             max_replicas=None,
             distribution=Distribution(kind, workers, procs_per_worker),
         )
+        return DistributedCompute(**fields)
+
+
+@dataclass(frozen=True)
+class DistributedCompute(Compute):
+    """What `Compute.distribute()` returns: `.to()` on it makes an SPMD group (its own
+    type, so that type checkers tell a group, whose calls return one result per rank,
+    from a deployed function)."""
 
 
 _COMPUTE_FIELDS = frozenset(f.name for f in dataclasses.fields(Compute))
