@@ -21,11 +21,18 @@ _MEM_UNITS = {
     "M": 10**6,
     "G": 10**9,
     "T": 10**12,
+    "P": 10**15,
+    "E": 10**18,
     "Ki": 2**10,
     "Mi": 2**20,
     "Gi": 2**30,
     "Ti": 2**40,
+    "Pi": 2**50,
+    "Ei": 2**60,
 }
+_MEM_QUANTITY = re.compile(
+    r"\s*(\d+(?:\.\d+)?)\s*(" + "|".join(u for u in _MEM_UNITS if u) + r")?\s*"
+)
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
@@ -51,7 +58,7 @@ def parse_memory(value: int | float | str | None) -> int:
         return 0
     if isinstance(value, int | float):
         return int(value)
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kMGT]i?)?\s*", value)
+    m = _MEM_QUANTITY.fullmatch(value)
     if not m:
         raise ConfigError(f"memory={value!r} is not a quantity (try '512Mi' or '2Gi')")
     return int(float(m.group(1)) * _MEM_UNITS[m.group(2) or ""])

@@ -46,3 +46,26 @@ def test_backend_choice(monkeypatch: pytest.MonkeyPatch, tmp_path: object) -> No
         resolve_backend(None)
     with pytest.raises(kt.ConfigError, match="unknown backend"):
         get_provider("nomad")
+
+
+def test_every_memory_unit_is_kubernetes_own() -> None:
+    """The suffixes and factors of Kubernetes quantities, each one (a wrong factor for a
+    unit no other test uses would pass unnoticed; "Ki" was refused until this test)."""
+    expected = {
+        "3": 3,
+        "3k": 3_000,
+        "3M": 3_000_000,
+        "3G": 3 * 10**9,
+        "3T": 3 * 10**12,
+        "3Ki": 3 * 1024,
+        "3Mi": 3 * 1024**2,
+        "3Gi": 3 * 1024**3,
+        "3Ti": 3 * 1024**4,
+        "3P": 3 * 10**15,
+        "3Pi": 3 * 1024**5,
+        "1.5Gi": 3 * 512 * 1024**2,
+    }
+    assert {q: parse_memory(q) for q in expected} == expected
+    for bad in ("3ki", "3KI", "3 bytes", "Gi"):  # "3ki" used to raise KeyError
+        with pytest.raises(kt.ConfigError, match="not a quantity"):
+            parse_memory(bad)
