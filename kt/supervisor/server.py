@@ -42,6 +42,7 @@ from kt.core.errors import (
     ActorNotFoundError,
     ConfigError,
     DeathCause,
+    InvalidTransition,
     OwnerDiedError,
 )
 from kt.core.liveness import pid_alive
@@ -61,7 +62,8 @@ Handler = Callable[["Peer", int, memoryview, memoryview], None]
 
 
 class ActorState(str, enum.Enum):
-    """STARTING -> ALIVE -> DEAD; STARTING -> DEAD (init failed or process died)."""
+    """STARTING -> ALIVE -> DEAD; STARTING -> DEAD (init failed or process died). Every
+    change goes through `ActorRecord.move` and its table."""
 
     STARTING = "starting"
     ALIVE = "alive"
@@ -69,6 +71,12 @@ class ActorState(str, enum.Enum):
 
 
 _STARTING = ActorState.STARTING
+_ACTOR_MOVES = {
+    (ActorState.STARTING, ActorState.ALIVE),
+    (ActorState.STARTING, ActorState.DEAD),
+    (ActorState.ALIVE, ActorState.DEAD),
+    (ActorState.DEAD, ActorState.DEAD),  # a kill, then its process's exit: one death
+}
 
 
 @dataclass
@@ -96,6 +104,18 @@ class ActorRecord:
             self.worker.send(frame)
         else:
             self.backlog.append(frame)
+
+    def move(self, to: ActorState, death: ActorDiedError | None = None) -> None:
+        """The one place an actor's state changes; DEAD keeps the first death recorded.
+
+        Raises:
+            InvalidTransition: the table has no such move.
+        """
+        if (self.state, to) not in _ACTOR_MOVES:
+            raise InvalidTransition(f"actor {self.id}", self.state.value, to.value)
+        self.state = to
+        if to is ActorState.DEAD and self.death is None:
+            self.death = death
 
     def bind(self, worker: WorkerProcess) -> None:
         self.worker = worker
@@ -373,7 +393,7 @@ class Supervisor:
             if rec.worker is not None:
                 rec.worker.kill()
             else:
-                rec.state = ActorState.DEAD
+                rec.move(ActorState.DEAD)
         peer.channel.send(
             protocol.encode(FrameKind.RESULT, req_id, b"", serialization.dumps_bytes(None))
         )
@@ -497,24 +517,23 @@ class Supervisor:
     def _started(self, rec: ActorRecord, *, failed: bool, header: memoryview) -> None:
         assert rec.worker is not None
         if not failed:
-            rec.state = ActorState.ALIVE
+            rec.move(ActorState.ALIVE)
             logger.info("actor %s (%s) alive in pid %d", rec.id, rec.cls_name, rec.worker.pid)
             return
-        rec.state = ActorState.DEAD
         reason = protocol.decode_header(header).get("init_error", "its __init__ raised")
-        rec.death = ActorDiedError(rec.id, self.pod, reason=reason, cause=DeathCause.INIT_FAILED)
+        rec.move(
+            ActorState.DEAD,
+            ActorDiedError(rec.id, self.pod, reason=reason, cause=DeathCause.INIT_FAILED),
+        )
         rec.worker.kill()
 
     def _actor_exited(self, rec: ActorRecord, info: ExitInfo) -> None:
-        death = rec.death or ActorDiedError(
-            rec.id,
-            self.pod,
-            exit_code=info.exit_code,
-            signal=info.signal,
-            oom=info.oom,
+        exited = ActorDiedError(
+            rec.id, self.pod, exit_code=info.exit_code, signal=info.signal, oom=info.oom
         )
-        rec.state = ActorState.DEAD
-        rec.death = death
+        rec.move(ActorState.DEAD, exited)  # a kill or a failed __init__ said why already
+        death = rec.death
+        assert death is not None
         shm.sweep_dead()  # a killed worker leaves its /dev/shm segments behind
         logger.info("actor %s (%s) died: %s", rec.id, rec.cls_name, death)
         owner = self.peers.get(rec.owner)
