@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import enum
 import functools
 import threading
 from collections.abc import Callable
@@ -19,7 +20,14 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 import orjson
 
 from kt.core import protocol
-from kt.core.errors import ActorDiedError, KtError, PodLostError, ShutdownError, seconds
+from kt.core.errors import (
+    ActorDiedError,
+    InvalidTransition,
+    KtError,
+    PodLostError,
+    ShutdownError,
+    seconds,
+)
 from kt.core.methods import RUN_METHOD, MethodKind, hook_name
 from kt.core.protocol import FrameFlag, FrameKind
 from kt.core.ref import PendingRefError, Ref, StreamRef, lending, release
@@ -95,6 +103,33 @@ class ActorMethod(Generic[P, R]):
         return ref.result()
 
 
+class HandleState(str, enum.Enum):
+    """PLACING -> BOUND <-> HELD; PLACING | BOUND | HELD -> FAILED, which is final.
+
+    PLACING and HELD keep calls in the backlog (the actor has no address yet, or is being
+    restarted or its pod checked); BOUND sends them to `address`; FAILED fails each with
+    `failure`. `address` is set exactly in BOUND, `failure` exactly in FAILED.
+    """
+
+    PLACING = "placing"
+    BOUND = "bound"
+    HELD = "held"
+    FAILED = "failed"
+
+
+_HANDLE_MOVES = {
+    (HandleState.PLACING, HandleState.BOUND),
+    (HandleState.PLACING, HandleState.FAILED),
+    (HandleState.BOUND, HandleState.BOUND),  # the same pod, checked and kept
+    (HandleState.BOUND, HandleState.HELD),
+    (HandleState.BOUND, HandleState.FAILED),
+    (HandleState.HELD, HandleState.HELD),
+    (HandleState.HELD, HandleState.BOUND),
+    (HandleState.HELD, HandleState.FAILED),
+    (HandleState.PLACING, HandleState.HELD),  # a restart before the first placement ended
+}
+
+
 class ActorHandle(Generic[T]):
     """A reference to one actor of class `T`. Cheap to copy and to pickle; every copy
     calls the same actor. mypy checks its method calls with `kt.mypy_plugin`.
@@ -123,8 +158,9 @@ class ActorHandle(Generic[T]):
         self._lock = threading.Lock()
         self._backlog: list[tuple[int, Parts, Any]] = []
         self._failure: BaseException | None = None
-        self._placed = threading.Event()
-        self._generation = 0
+        self._state = HandleState.BOUND if address is not None else HandleState.PLACING
+        self._placed = threading.Event()  # set in BOUND and FAILED: _wait_placed returns
+        self._generation = 0  # counts moves to HELD (retries wait to move past one)
         self._epoch = _epoch[0]
         self._retries = 0  # max_task_retries; only the owning driver restarts actors
         self._on_rebind: list[Callable[[], None]] = []
@@ -160,10 +196,33 @@ class ActorHandle(Generic[T]):
         return _get_runtime()
 
     # -- placement ----------------------------------------------------------------------
+    def _move(self, to: HandleState) -> bool:
+        """Lock held: the one place the handle's state changes; False once FAILED.
+
+        Raises:
+            InvalidTransition: the table has no such move.
+        """
+        if self._state is HandleState.FAILED:
+            return False
+        if (self._state, to) not in _HANDLE_MOVES:
+            raise InvalidTransition(repr(self), self._state.value, to.value)
+        self._state = to
+        if to is HandleState.HELD:
+            self._generation += 1
+        if to in (HandleState.BOUND, HandleState.FAILED):
+            self._placed.set()
+        else:
+            self._placed.clear()
+        if to is not HandleState.BOUND:
+            self._address = None
+        return True
+
     def _bind(self, address: Address, token: str) -> None:
         """The actor now has an address: send the backlog, in order."""
         runtime = self._runtime()
         with self._lock:
+            if not self._move(HandleState.BOUND):
+                return
             # The backlog goes into the runtime before the address is published: a call
             # made meanwhile waits for the lock, then queues behind it (a call that saw
             # the address first could go to the socket at once and overtake them all).
@@ -172,14 +231,11 @@ class ActorHandle(Generic[T]):
             self._backlog = []
             self._token = token
             self._address = address
-            self._placed.set()
 
     def _unbind(self) -> None:
-        """The actor is being restarted: new calls wait in the backlog."""
+        """The actor is being restarted (or its pod checked): new calls wait."""
         with self._lock:
-            self._address = None
-            self._placed.clear()
-            self._generation += 1
+            self._move(HandleState.HELD)
             waiting, self._on_rebind = self._on_rebind, []
         for fn in waiting:
             fn()
@@ -187,11 +243,11 @@ class ActorHandle(Generic[T]):
     def _fail(self, exc: BaseException) -> None:
         """The actor is gone for good: every queued and future call raises `exc`."""
         with self._lock:
+            if not self._move(HandleState.FAILED):
+                return
             self._failure = exc
-            self._address = None
             backlog, self._backlog = self._backlog, []
             waiting, self._on_rebind = self._on_rebind, []
-            self._placed.set()
         for _, _, ref in backlog:
             ref.set_exception(exc)
         for fn in waiting:
@@ -227,31 +283,36 @@ class ActorHandle(Generic[T]):
     def _after_restart(self, generation: int, fn: Callable[[], None]) -> None:
         """Run `fn` once the handle has moved past `generation` (unbound or failed)."""
         with self._lock:
-            if self._generation == generation and self._failure is None:
+            if self._generation == generation and self._state is not HandleState.FAILED:
                 self._on_rebind.append(fn)
                 return
         fn()
 
     def _submit(self, req_id: int, parts: Parts, ref: Any) -> None:
-        address = self._address
+        address = self._address  # the fast path: set exactly while BOUND
         if address is None:
             with self._lock:
-                if self._failure is not None:
+                if self._state is HandleState.FAILED:
                     ref.set_exception(self._failure)
                     return
-                if self._address is None:
+                if self._state is not HandleState.BOUND:
                     self._backlog.append((req_id, parts, ref))
                     return
                 address = self._address
+                assert address is not None
         self._runtime().submit(address, self._token, req_id, parts, ref)
 
     def _wait_placed(self, timeout: float | None = None) -> Address:
         if not self._placed.wait(timeout):
             raise KtError(f"{self!r} was not placed within {seconds(timeout or 0)}")
-        if self._failure is not None:
-            raise self._failure
-        assert self._address is not None
-        return self._address
+        with self._lock:
+            if self._state is HandleState.FAILED:
+                assert self._failure is not None
+                raise self._failure
+            address = self._address
+        if address is None:  # held again meanwhile (a restart): wait for the next address
+            return self._wait_placed(timeout)
+        return address
 
     def _cancel_call(self, req_id: int) -> None:
         address = self._address
