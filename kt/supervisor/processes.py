@@ -104,12 +104,28 @@ class WorkerProcess:
                 pass
 
     async def _pump_logs(self) -> None:
+        """Whole lines to `on_log`: `print` writes its text and its newline apart, and a
+        line cut between two reads would show as two. A partial line is held until its
+        newline, 64 KiB, 0.2 s without more output (a progress bar), or the end."""
+        partial = b""
         while True:
-            chunk = await self.stdout.read(65536)
-            if not chunk:
-                return
-            if self.on_log is not None:
-                self.on_log(self, chunk)
+            try:
+                read = self.stdout.read(65536)
+                chunk = await (asyncio.wait_for(read, 0.2) if partial else read)
+            except TimeoutError:
+                chunk, ready, partial = b"", partial, b""
+            else:
+                if not chunk:
+                    if partial and self.on_log is not None:
+                        self.on_log(self, partial)
+                    return
+                data = partial + chunk
+                cut = data.rfind(b"\n") + 1
+                ready, partial = data[:cut], data[cut:]
+                if len(partial) >= 65536:
+                    ready, partial = data, b""
+            if ready and self.on_log is not None:
+                self.on_log(self, ready)
 
     async def _confirm_exit(self) -> None:
         """The socket closed. Normally the exit code follows; if its reporter (the zygote)

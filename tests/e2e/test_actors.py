@@ -53,6 +53,12 @@ class Counter:
         print(text)
         return text
 
+    def say_in_pieces(self, *pieces: str) -> None:
+        for piece in pieces:  # each its own write: the pieces reach the pod apart
+            print(piece, end="", flush=True)
+            time.sleep(0.05)
+        print(flush=True)
+
     def sleep(self, seconds: float) -> str:
         time.sleep(seconds)
         return "slept"
@@ -255,6 +261,22 @@ def test_print_reaches_the_caller_with_a_prefix(
         time.sleep(0.05)
     line = next(ln for ln in out.splitlines() if "hello from the actor" in ln)
     assert line.startswith(f"(Counter pid={counters[0].pid()} pod=pool-"), line
+
+
+def test_a_line_printed_in_pieces_arrives_as_one_line(
+    counters: list[kt.ActorHandle], capfd: pytest.CaptureFixture[str]
+) -> None:
+    counters[1].say_in_pieces("one,", " two,", " three")
+    deadline = time.monotonic() + 10
+    out = ""
+    while "three" not in out and time.monotonic() < deadline:
+        out += capfd.readouterr().out
+        time.sleep(0.05)
+    time.sleep(0.3)
+    out += capfd.readouterr().out
+    prefix = f"(Counter pid={counters[1].pid()} "
+    mine = [ln for ln in out.splitlines() if ln.startswith(prefix)]
+    assert len(mine) == 1 and mine[0].endswith(") one, two, three"), mine
 
 
 def test_unpicklable_argument_is_named(counters: list[kt.ActorHandle]) -> None:
