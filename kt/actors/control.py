@@ -27,7 +27,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
-from kt.core.errors import ActorDiedError, DeathCause, InvalidTransition
+from kt.core.errors import ActorDiedError, DeathCause, check_move
 
 
 class ActorPhase(str, enum.Enum):
@@ -265,14 +265,12 @@ class ControlPlane:
         self._out.append(cls(cause=self._cause, **fields))
 
     def _move_actor(self, rec: ActorRecord, to: ActorPhase, why: str) -> None:
-        if (rec.phase, to) not in ACTOR_MOVES:
-            raise InvalidTransition(f"actor {rec.id}", rec.phase.value, to.value)
+        check_move(ACTOR_MOVES, f"actor {rec.id}", rec.phase, to)
         rec.history.append(f"{self._cause} {rec.phase.value}->{to.value}: {why}")
         rec.phase = to
 
     def _move_pod(self, pod: PodRecord, to: PodPhase) -> None:
-        if (pod.phase, to) not in POD_MOVES:
-            raise InvalidTransition(f"pod {pod.name}", pod.phase.value, to.value)
+        check_move(POD_MOVES, f"pod {pod.name}", pod.phase, to)
         pod.phase = to
 
     def _leave_pod(self, rec: ActorRecord) -> None:

@@ -22,10 +22,10 @@ import orjson
 from kt.core import protocol
 from kt.core.errors import (
     ActorDiedError,
-    InvalidTransition,
     KtError,
     PodLostError,
     ShutdownError,
+    check_move,
     seconds,
 )
 from kt.core.methods import RUN_METHOD, MethodKind, hook_name
@@ -69,31 +69,30 @@ class ActorMethod(Generic[P, R]):
 
     def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Serialize and send now (no Ref among the arguments themselves)."""
-        runtime = self._handle._runtime()
+        h = self._handle
+        runtime = h._runtime()
+        shm = runtime.shm_for(h._address)
+        lends: list[int] = []
+        flags = 0
         try:
-            parts = dumps_call(args, kwargs, self._label, runtime.shm_for(self._handle._address))
+            parts = dumps_call(args, kwargs, self._label, shm)
         except PendingRefError:  # a Ref inside an argument still runs: lend it (kt.core.ref)
             with lending(once=False) as lends:
-                parts = dumps_call(
-                    args, kwargs, self._label, runtime.shm_for(self._handle._address)
-                )
-            ref = self._send(runtime, parts, _LENDS)
-            ref.on_done(lambda _: release(lends))  # the call is over: nobody asks again
-            return ref
-        return self._send(runtime, parts, 0)
-
-    def _send(self, runtime: Runtime, parts: Parts, flags: int) -> Any:
-        h = self._handle
+                parts = dumps_call(args, kwargs, self._label, shm)
+            flags = _LENDS
         header = self._header
         if h._retries and not self._streams:
-            return h._submit_retrying(header, parts, self._label, flags)
-        req_id = runtime.new_id()
-        prefix = protocol.encode_prefix(
-            FrameKind.CALL, req_id, header, parts_size(parts), flags=flags
-        )
-        ref: Any = StreamRef(self._label) if self._streams else Ref(self._label)
-        ref._on_cancel = functools.partial(h._cancel_call, req_id)
-        h._submit(req_id, [prefix, header, *parts], ref)
+            ref: Any = h._submit_retrying(header, parts, self._label, flags)
+        else:
+            req_id = runtime.new_id()
+            prefix = protocol.encode_prefix(
+                FrameKind.CALL, req_id, header, parts_size(parts), flags=flags
+            )
+            ref = StreamRef(self._label) if self._streams else Ref(self._label)
+            ref._on_cancel = functools.partial(h._cancel_call, req_id)
+            h._submit(req_id, [prefix, header, *parts], ref)
+        if lends:
+            ref.on_done(lambda _: release(lends))  # the call is over: nobody asks again
         return ref
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
@@ -204,8 +203,7 @@ class ActorHandle(Generic[T]):
         """
         if self._state is HandleState.FAILED:
             return False
-        if (self._state, to) not in _HANDLE_MOVES:
-            raise InvalidTransition(repr(self), self._state.value, to.value)
+        check_move(_HANDLE_MOVES, repr(self), self._state, to)
         self._state = to
         if to is HandleState.HELD:
             self._generation += 1

@@ -242,13 +242,12 @@ class Pool:
         try:
             (pod,) = await self.provider.create_pods([spec])
         except Exception as exc:
-            failure = exc if isinstance(exc, LaunchError) else None
-            slot.failure = failure or LaunchError(
-                self.name, spec.name, f"{type(exc).__name__}: {exc}"
-            )
+            if not isinstance(exc, LaunchError):
+                exc = LaunchError(self.name, spec.name, f"{type(exc).__name__}: {exc}")
+            slot.failure = exc
             if slot in self.slots:
                 self.slots.remove(slot)
-            self._tell(PodFailed(spec.name, str(slot.failure)))
+            self._tell(PodFailed(spec.name, str(exc)))
             launched.set()
             self._freed.set()  # waiters decide again
             return

@@ -355,6 +355,21 @@ class ProtocolError(KtError):
     """A peer sent something that is not a kt frame of this version."""
 
 
+def check_move(
+    moves: Collection[tuple[enum.Enum, enum.Enum]],
+    subject: str,
+    start: enum.Enum,
+    finish: enum.Enum,
+) -> None:
+    """Every state machine's table check.
+
+    Raises:
+        InvalidTransition: `moves` has no move from `start` to `finish`.
+    """
+    if (start, finish) not in moves:
+        raise InvalidTransition(subject, str(start.value), str(finish.value))
+
+
 class InvalidTransition(KtError):
     """A state machine was asked for a move that its table does not allow."""
 

@@ -22,11 +22,12 @@ the borrowed Ref fails with `OwnerDiedError`. A done Ref travels with its outcom
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import enum
 import itertools
 import threading
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any, Generic, TypeVar
 
 from kt.core.errors import CancelledError, GetTimeoutError, OwnerDiedError, seconds
@@ -271,36 +272,27 @@ def lent_count() -> int:
     return len(_lent)
 
 
-class lending:
-    """`with lending(once) as lends:` pending Refs pickled inside are lent; `lends` lists them.
-
-    `once=False` for a call's arguments: a retried call is unpickled again, so its lends
-    stay until `release` (when the call is done); a reply is unpickled once.
+@contextlib.contextmanager
+def lending(*, once: bool) -> Iterator[list[int]]:
+    """`with lending(once=...) as lends:` pending Refs pickled inside are lent; `lends`
+    lists them. `once=False` for a call's arguments: a retried call is unpickled again,
+    so its lends stay until `release` (when the call is done); a reply is unpickled once.
     """
-
-    def __init__(self, *, once: bool) -> None:
-        self.once = once
-        self.lends: list[int] = []
-
-    def __enter__(self) -> list[int]:
-        _context.lends = self.lends
-        _context.once = self.once
-        return self.lends
-
-    def __exit__(self, *exc: object) -> None:
+    lends: list[int] = []
+    _context.lends, _context.once = lends, once
+    try:
+        yield lends
+    finally:
         _context.lends = None
 
 
-class borrowing:
+@contextlib.contextmanager
+def borrowing(borrower: Borrower) -> Iterator[None]:
     """`with borrowing(borrower):` lent Refs unpickled inside are asked for through it."""
-
-    def __init__(self, borrower: Borrower) -> None:
-        self.borrower = borrower
-
-    def __enter__(self) -> None:
-        _context.borrower = self.borrower
-
-    def __exit__(self, *exc: object) -> None:
+    _context.borrower = borrower
+    try:
+        yield
+    finally:
         _context.borrower = None
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from kt.core.errors import InvalidTransition
+from kt.core.errors import check_move
 
 
 class GroupState(str, enum.Enum):
@@ -59,8 +59,7 @@ TRANSITIONS: frozenset[tuple[GroupState, GroupState]] = frozenset(
 
 def check_transition(subject: str, start: GroupState, finish: GroupState) -> None:
     """Raises InvalidTransition when the table has no move from `start` to `finish`."""
-    if (start, finish) not in TRANSITIONS:
-        raise InvalidTransition(subject, start.value, finish.value)
+    check_move(TRANSITIONS, subject, start, finish)
 
 
 class Decision(str, enum.Enum):

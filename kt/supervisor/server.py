@@ -42,8 +42,8 @@ from kt.core.errors import (
     ActorNotFoundError,
     ConfigError,
     DeathCause,
-    InvalidTransition,
     OwnerDiedError,
+    check_move,
 )
 from kt.core.liveness import pid_alive
 from kt.core.protocol import FLAGS_OFFSET, ROUTE_OFFSET, FrameFlag, FrameKind
@@ -111,8 +111,7 @@ class ActorRecord:
         Raises:
             InvalidTransition: the table has no such move.
         """
-        if (self.state, to) not in _ACTOR_MOVES:
-            raise InvalidTransition(f"actor {self.id}", self.state.value, to.value)
+        check_move(_ACTOR_MOVES, f"actor {self.id}", self.state, to)
         self.state = to
         if to is ActorState.DEAD and self.death is None:
             self.death = death
