@@ -141,7 +141,14 @@ def backend_names() -> list[str]:
 
 
 def register_backend(name: str, target: str) -> None:
-    """Make backend `name` mean the Provider class at `target` ("module:Class")."""
+    """Make backend `name` mean the Provider class at `target` ("module:Class").
+
+    Raises:
+        ConfigError: `target` is not of the form "module:Class".
+    """
+    module, _, cls_name = target.partition(":")
+    if not module or not cls_name.isidentifier():
+        raise ConfigError(f"backend {name!r}: {target!r} is not 'module:Class'")
     _BACKENDS[name] = target
     _instances.pop(name, None)
 
@@ -158,5 +165,8 @@ def get_provider(name: str) -> Provider:
             raise ConfigError(
                 f"backend {name!r} is not available: {exc}. Install kt-runtime[{name}]"
             ) from exc
-        _instances[name] = getattr(module, cls_name)()
+        cls = getattr(module, cls_name, None)
+        if not (isinstance(cls, type) and issubclass(cls, Provider)):
+            raise ConfigError(f"backend {name!r}: {_BACKENDS[name]} is not a kt Provider class")
+        _instances[name] = cls()
     return _instances[name]

@@ -69,3 +69,16 @@ def test_every_memory_unit_is_kubernetes_own() -> None:
     for bad in ("3ki", "3KI", "3 bytes", "Gi"):  # "3ki" used to raise KeyError
         with pytest.raises(kt.ConfigError, match="not a quantity"):
             parse_memory(bad)
+
+
+def test_a_registered_backend_must_name_a_provider_class() -> None:
+    from kt.core.provider import get_provider, register_backend
+
+    with pytest.raises(kt.ConfigError, match="not 'module:Class'"):
+        register_backend("broken", "kt.local.provider")
+    register_backend("not-a-provider", "kt.core.compute:Compute")
+    with pytest.raises(kt.ConfigError, match="not a kt Provider class"):
+        get_provider("not-a-provider")
+    register_backend("missing", "kt.no_such_module:P")
+    with pytest.raises(kt.ConfigError, match="not available"):
+        get_provider("missing")
