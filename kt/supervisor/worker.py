@@ -28,7 +28,7 @@ import os
 import socket
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from kt.core import protocol, serialization, shm
@@ -243,9 +243,10 @@ class ActorHost:
                 future = self.loop.run_in_executor(self.pool, lambda: fn(*args, **kwargs))
                 future.add_done_callback(lambda f: self._done(route, req_id, what, shm, f))
         elif kind == MethodKind.ASYNC:
-            task = self.loop.create_task(_contained(fn(*args, **kwargs)))
+            coro = fn(*args, **kwargs)
+            task = self.loop.create_task(_contained(coro))
             self._tasks[req_id] = task
-            task.add_done_callback(lambda t: self._done(route, req_id, what, shm, t))
+            task.add_done_callback(lambda t: self._done(route, req_id, what, shm, t, coro))
         elif kind == MethodKind.ASYNC_GEN:
             task = self.loop.create_task(
                 self._stream_async(route, req_id, what, shm, fn(*args, **kwargs))
@@ -257,10 +258,18 @@ class ActorHost:
             )
 
     def _done(
-        self, route: int, req_id: int, what: str, shm: bool, fut: asyncio.Future[Any]
+        self,
+        route: int,
+        req_id: int,
+        what: str,
+        shm: bool,
+        fut: asyncio.Future[Any],
+        coro: Coroutine[Any, Any, Any] | None = None,
     ) -> None:
         self._tasks.pop(req_id, None)
         if fut.cancelled():
+            if coro is not None:  # cancelled before it started: it never will
+                coro.close()
             self.reply_error(route, req_id, asyncio.CancelledError(f"{what} was cancelled"), what)
             return
         exc = fut.exception()

@@ -314,9 +314,11 @@ def test_calling_the_class_directly_says_how() -> None:
 
 class Cancellable:
     def __init__(self) -> None:
+        self.started = False
         self.cancelled = False
 
     async def wait(self, seconds: float) -> str:
+        self.started = True
         try:
             await asyncio.sleep(seconds)
         except asyncio.CancelledError:
@@ -327,11 +329,16 @@ class Cancellable:
     def was_cancelled(self) -> bool:
         return self.cancelled
 
+    def has_started(self) -> bool:
+        return self.started
+
 
 def test_cancel_stops_an_async_method(pool: kt.Compute) -> None:
     c = kt.cls(Cancellable).options(compute=pool, cpus=0).remote()
     ref = c.wait.remote(30)
-    time.sleep(0.3)
+    deadline = time.monotonic() + 30  # a cancel that arrives first stops it from starting
+    while not c.has_started() and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert ref.cancel()
     with pytest.raises(kt.CancelledError):
         ref.result(timeout=5)
