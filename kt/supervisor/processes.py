@@ -1,9 +1,11 @@
 """Worker processes of one pod: a warm pool, spawning, exit detection, log capture.
 
 Who calls it: `kt.supervisor.server.Supervisor`. A `WorkerProcess` is a Python process
-started from `kt.supervisor.worker` with kt and cloudpickle already imported, connected
-back over the pod's Unix socket. The manager keeps `warm` of them idle so that placing an
-actor costs a message, not a process spawn, and replaces each one it hands out.
+running `kt.supervisor.worker`, forked from the zygote (kt and cloudpickle already
+imported) or spawned when there is none, connected back over the pod's Unix socket. The
+manager keeps `warm` of them unassigned so that placing an actor costs a message, not a
+process spawn, and replaces each one it hands out. One record per worker, one state
+table (`WorkerState`).
 """
 
 from __future__ import annotations
@@ -24,18 +26,38 @@ import orjson
 
 from kt.core import cgroup
 from kt.core.channel import FrameChannel
+from kt.core.errors import check_move
 from kt.core.liveness import pid_alive
 
 logger = logging.getLogger(__name__)
 
 
 class WorkerState(str, enum.Enum):
-    """STARTING -> IDLE -> ASSIGNED -> EXITED; STARTING|IDLE -> EXITED."""
+    """A worker's life; every change goes through `WorkerProcess._move` and WORKER_MOVES.
 
-    STARTING = "starting"
-    IDLE = "idle"
-    ASSIGNED = "assigned"
-    EXITED = "exited"
+    SPAWNING -> STARTING -> IDLE -> ASSIGNED -> EXITED, and
+    SPAWNING | STARTING -> ASSIGNED (taken before it was ready: frames wait for it),
+    SPAWNING | STARTING | IDLE -> EXITED (it failed to start, or died unused).
+    """
+
+    SPAWNING = "spawning"  # its process is being made: no pid yet
+    STARTING = "starting"  # it runs; its HELLO has not arrived
+    IDLE = "idle"  # connected, warm, nobody's
+    ASSIGNED = "assigned"  # an actor's; frames sent before it connected wait in its backlog
+    EXITED = "exited"  # final
+
+
+_W = WorkerState
+WORKER_MOVES = {
+    (_W.SPAWNING, _W.STARTING),
+    (_W.STARTING, _W.IDLE),
+    (_W.IDLE, _W.ASSIGNED),
+    (_W.SPAWNING, _W.ASSIGNED),
+    (_W.STARTING, _W.ASSIGNED),
+    *((s, _W.EXITED) for s in (_W.SPAWNING, _W.STARTING, _W.IDLE, _W.ASSIGNED)),
+}
+_FREE = {_W.IDLE: 0, _W.STARTING: 1, _W.SPAWNING: 2}  # the readiest is handed out first
+CONNECT_TIMEOUT_S = 60.0  # a warm worker that has not said HELLO by then is killed
 
 
 @dataclass
@@ -51,30 +73,59 @@ def _oom_kills() -> int:
 
 
 class WorkerProcess:
-    """One worker process and its Unix-socket channel.
+    """One worker, from the moment its id is chosen until its exit is known.
 
-    Made by fork from the zygote, or spawned when there is none; either way it has a
-    pid, a stdout stream and an exit code that arrives in `exited`. Frames sent before
-    the worker has connected wait in `_backlog`.
+    It is the only record of the worker: the zygote's reports (pid, exit code), an early
+    HELLO (a forked worker can connect before the fork's report arrives) and the
+    supervisor's frames all land here. Frames sent before the worker has connected wait
+    in `_backlog`.
     """
 
-    def __init__(self, worker_id: int, pid: int, stdout: asyncio.StreamReader) -> None:
+    def __init__(self, worker_id: int, pod: str) -> None:
         loop = asyncio.get_running_loop()
         self.id = worker_id
-        self.pid = pid
-        self.stdout = stdout
-        self.exited: asyncio.Future[int | None] = loop.create_future()
-        """The exit code (negative: killed by that signal; None: unknown)."""
-        self.state = WorkerState.STARTING
+        self.pod = pod
+        self.pid: int | None = None
+        self.state = WorkerState.SPAWNING
         self.channel: FrameChannel | None = None
-        self.log_source = f"(worker pid={pid})"
+        self.label = "worker"
+        """What it runs (an actor's class), for its log lines."""
         self.on_log: Callable[[WorkerProcess, bytes], None] | None = None
         self.on_exit: Callable[[WorkerProcess, ExitInfo], None] | None = None
+        self.spawned: asyncio.Future[int] = loop.create_future()
+        """Its pid once the process exists; OSError when it could not be made."""
+        self.connected: asyncio.Future[None] = loop.create_future()
+        self.exited: asyncio.Future[int | None] = loop.create_future()
+        """The exit code (negative: killed by that signal; None: unknown)."""
         self._backlog: list[bytes | bytearray | memoryview] = []
         self._oom_before = _oom_kills()
-        self.connected: asyncio.Future[None] = loop.create_future()
+
+    def __repr__(self) -> str:
+        return f"<WorkerProcess {self.id} pid={self.pid} {self.state.value}>"
+
+    @property
+    def log_source(self) -> str:
+        return f"({self.label} pid={self.pid} pod={self.pod})"
+
+    def _move(self, to: WorkerState) -> None:
+        check_move(WORKER_MOVES, f"worker {self.id}", self.state, to)
+        self.state = to
+
+    def _ready_if_connected(self) -> None:
+        if self.state is _W.STARTING and self.channel is not None:
+            self._move(_W.IDLE)
+
+    def started(self, pid: int) -> None:
+        """Its process exists (the zygote's report, or a spawn)."""
+        self.pid = pid
+        if not self.spawned.done():
+            self.spawned.set_result(pid)
+        if self.state is _W.SPAWNING:
+            self._move(_W.STARTING)
+        self._ready_if_connected()
 
     def attach(self, channel: FrameChannel) -> None:
+        """Its HELLO arrived on `channel`: send what waited, watch for the socket's end."""
         self.channel = channel
         previous = channel.on_lost
 
@@ -89,28 +140,69 @@ class WorkerProcess:
         self._backlog.clear()
         if not self.connected.done():
             self.connected.set_result(None)
+        self._ready_if_connected()
+
+    def assign(self) -> None:
+        self._move(_W.ASSIGNED)
 
     def send(self, frame: bytes | bytearray | memoryview) -> None:
         if self.channel is not None:
             self.channel.send(frame)
-        elif self.state is not WorkerState.EXITED:
+        elif self.state is not _W.EXITED:
             self._backlog.append(frame)
 
     def kill(self) -> None:
-        if self.state is not WorkerState.EXITED:
+        if self.pid is not None and self.state is not _W.EXITED:
             try:
                 os.kill(self.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
 
-    async def _pump_logs(self) -> None:
+    def failed_to_start(self, exc: OSError) -> None:
+        if not self.spawned.done():
+            self.spawned.set_exception(exc)
+            self.spawned.exception()  # retrieved: whoever waits sees it, nobody must
+        self._move(_W.EXITED)
+
+    async def _confirm_exit(self) -> None:
+        """The socket closed. Normally the exit code follows; if its reporter (the zygote)
+        is gone too, notice the exit from the pid alone."""
+        for _ in range(40):
+            if self.exited.done():
+                return
+            await asyncio.sleep(0.05)
+        if self.pid is not None and not pid_alive(self.pid) and not self.exited.done():
+            self.exited.set_result(None)
+
+    async def watch(self, stdout: asyncio.StreamReader) -> WorkerState:
+        """Forward its output until it exits, then report how it ended; returns the
+        state it was in."""
+        pump = asyncio.get_running_loop().create_task(self._pump_logs(stdout))
+        code = await self.exited
+        try:
+            await asyncio.wait_for(pump, 1.0)
+        except TimeoutError:
+            pump.cancel()
+        was = self.state
+        self._move(_W.EXITED)
+        sig = -code if code is not None and code < 0 else None
+        info = ExitInfo(
+            exit_code=None if sig else code,
+            signal=sig,
+            oom=sig == signal.SIGKILL and _oom_kills() > self._oom_before,
+        )
+        if self.on_exit is not None:
+            self.on_exit(self, info)
+        return was
+
+    async def _pump_logs(self, stdout: asyncio.StreamReader) -> None:
         """Whole lines to `on_log`: `print` writes its text and its newline apart, and a
         line cut between two reads would show as two. A partial line is held until its
         newline, 64 KiB, 0.2 s without more output (a progress bar), or the end."""
         partial = b""
         while True:
             try:
-                read = self.stdout.read(65536)
+                read = stdout.read(65536)
                 chunk = await (asyncio.wait_for(read, 0.2) if partial else read)
             except TimeoutError:
                 chunk, ready, partial = b"", partial, b""
@@ -127,36 +219,14 @@ class WorkerProcess:
             if ready and self.on_log is not None:
                 self.on_log(self, ready)
 
-    async def _confirm_exit(self) -> None:
-        """The socket closed. Normally the exit code follows; if its reporter (the zygote)
-        is gone too, notice the exit from the pid alone."""
-        for _ in range(40):
-            if self.exited.done():
-                return
-            await asyncio.sleep(0.05)
-        if not pid_alive(self.pid) and not self.exited.done():
-            self.exited.set_result(None)
-
-    async def watch(self) -> None:
-        pump = asyncio.get_running_loop().create_task(self._pump_logs())
-        code = await self.exited
-        try:
-            await asyncio.wait_for(pump, 1.0)
-        except TimeoutError:
-            pump.cancel()
-        self.state = WorkerState.EXITED
-        sig = -code if code is not None and code < 0 else None
-        info = ExitInfo(
-            exit_code=None if sig else code,
-            signal=sig,
-            oom=sig == signal.SIGKILL and _oom_kills() > self._oom_before,
-        )
-        if self.on_exit is not None:
-            self.on_exit(self, info)
-
 
 class ProcessManager:
-    """Makes workers (forked from the zygote) and keeps `warm` idle ones ready."""
+    """Makes workers (forked from the zygote) and keeps `warm` unassigned ones ready.
+
+    `workers` holds every worker not yet EXITED, whatever its state; nothing else tracks
+    a worker. A worker is made by `_new` (SPAWNING at once) and its process by `_run`,
+    which then watches it until it exits.
+    """
 
     def __init__(
         self, socket_path: str, *, pod: str, warm: int = 2, env: dict[str, str] | None = None
@@ -166,19 +236,13 @@ class ProcessManager:
         self.env = env or {}
         self.warm = warm
         self.workers: dict[int, WorkerProcess] = {}
-        self._idle: list[WorkerProcess] = []
-        self._starting = 0
         self._ids = itertools.count(1)
         self._closing = False
         self._tasks: set[asyncio.Task[None]] = set()
-        self._spawning: set[int] = set()
-        self._early: dict[int, FrameChannel] = {}
         self._zygote: socket.socket | None = None
         self._zygote_writer: asyncio.StreamWriter | None = None
+        self._zygote_gone: asyncio.Event | None = None
         self.zygote_pid: int | None = None
-        self._forks: dict[int, asyncio.Future[int]] = {}
-        self._by_pid: dict[int, WorkerProcess] = {}
-        self._exits: dict[int, int] = {}
 
     def _env(self) -> dict[str, str]:
         return dict(
@@ -216,6 +280,7 @@ class ProcessManager:
         finally:
             theirs.close()
         self.zygote_pid = zygote.pid
+        self._zygote_gone = asyncio.Event()
         self._zygote = ours  # requests are written here, blocking (they are tiny)
         # The event loop takes ownership of the socket it reads from: give it a dup.
         # Keep the writer: when it is garbage-collected it closes the transport.
@@ -223,66 +288,72 @@ class ProcessManager:
         self._task(self._read_zygote(reader))
 
     async def _read_zygote(self, reader: asyncio.StreamReader) -> None:
-        while line := await reader.readline():
-            event = orjson.loads(line)
-            if "spawned" in event:
-                fut = self._forks.pop(int(event["spawned"]), None)
-                if fut is not None and not fut.done():
-                    fut.set_result(int(event["pid"]))
-            elif "exited" in event:
-                pid, code = int(event["exited"]), int(event["code"])
-                worker = self._by_pid.pop(pid, None)
-                if worker is None:
-                    self._exits[pid] = code  # exited before we knew its pid
-                elif not worker.exited.done():
-                    worker.exited.set_result(code)
+        """The zygote's reports, in the order it made them: a worker's pid always comes
+        before its exit code, so both find the worker."""
+        try:
+            while line := await reader.readline():
+                self._zygote_said(orjson.loads(line))
+        except OSError as exc:  # a reset, when it was killed with data unread
+            logger.debug("the zygote's socket: %s", exc)
         if not self._closing:
             logger.info("the zygote exited: workers will be spawned from now on")
         self._zygote = None
-        for fut in self._forks.values():
-            if not fut.done():
-                fut.set_exception(OSError("the zygote exited"))
+        assert self._zygote_gone is not None
+        self._zygote_gone.set()  # forks asked of it and never reported are spawned instead
 
-    async def _fork(self, worker_id: int) -> WorkerProcess:
+    def _zygote_said(self, event: dict[str, Any]) -> None:
+        if "spawned" in event:
+            worker = self.workers.get(int(event["spawned"]))
+            if worker is not None:
+                worker.started(int(event["pid"]))
+        elif "exited" in event:
+            pid, code = int(event["exited"]), int(event["code"])
+            worker = next((w for w in self.workers.values() if w.pid == pid), None)
+            if worker is not None and not worker.exited.done():
+                worker.exited.set_result(code)
+
+    async def _fork(self, worker: WorkerProcess) -> asyncio.StreamReader:
         assert self._zygote is not None
         loop = asyncio.get_running_loop()
         read_fd, write_fd = os.pipe()
-        fut: asyncio.Future[int] = loop.create_future()
-        self._forks[worker_id] = fut
         try:
-            request = orjson.dumps({"worker": worker_id, "socket": self.socket_path}) + b"\n"
+            request = orjson.dumps({"worker": worker.id, "socket": self.socket_path}) + b"\n"
             socket.send_fds(self._zygote, [request], [write_fd])
         finally:
             os.close(write_fd)
+        assert self._zygote_gone is not None
+        gone = asyncio.get_running_loop().create_task(self._zygote_gone.wait())
+        either: list[asyncio.Future[Any]] = [worker.spawned, gone]
         try:
-            pid = await asyncio.wait_for(fut, 30)
-        except BaseException:
+            await asyncio.wait(either, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not worker.spawned.done():
             os.close(read_fd)
-            raise
+            raise OSError(
+                "the zygote exited"
+                if self._zygote_gone.is_set()
+                else "the zygote did not fork in 30 s"
+            )
         reader = asyncio.StreamReader()
         await loop.connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", buffering=0)
         )
-        worker = WorkerProcess(worker_id, pid, reader)
-        self._by_pid[pid] = worker
-        if pid in self._exits:
-            worker.exited.set_result(self._exits.pop(pid))
-        return worker
+        return reader
 
-    async def _spawn_process(self, worker_id: int) -> WorkerProcess:
+    async def _spawn(self, worker: WorkerProcess) -> asyncio.StreamReader:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "kt.supervisor.worker",
             self.socket_path,
-            str(worker_id),
+            str(worker.id),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             env=self._env(),
         )
         assert proc.stdout is not None
-        worker = WorkerProcess(worker_id, proc.pid, proc.stdout)
 
         async def wait() -> None:
             code = await proc.wait()
@@ -290,78 +361,76 @@ class ProcessManager:
                 worker.exited.set_result(code)
 
         self._task(wait())
-        return worker
+        worker.started(proc.pid)
+        return proc.stdout
 
     # -- workers -------------------------------------------------------------------------
-    async def spawn(self) -> WorkerProcess:
-        worker_id = next(self._ids)
-        self._spawning.add(worker_id)
-        try:
-            if self._zygote is not None:
-                try:
-                    worker = await self._fork(worker_id)
-                except OSError as exc:
-                    logger.warning("fork through the zygote failed (%s); spawning", exc)
-                    worker = await self._spawn_process(worker_id)
-            else:
-                worker = await self._spawn_process(worker_id)
-        finally:
-            self._spawning.discard(worker_id)
-        self.workers[worker_id] = worker
-        early = self._early.pop(worker_id, None)
-        if early is not None:  # it connected before we had its process record
-            worker.attach(early)
-        self._task(self._watch(worker))
+    def _new(self) -> WorkerProcess:
+        worker = WorkerProcess(next(self._ids), self.pod)
+        self.workers[worker.id] = worker
+        self._task(self._run(worker))
         return worker
 
-    async def _watch(self, worker: WorkerProcess) -> None:
-        await worker.watch()
+    async def _run(self, worker: WorkerProcess) -> None:
+        """Make the worker's process, then watch it until it exits."""
+        try:
+            stdout = None
+            if self._zygote is not None:
+                try:
+                    stdout = await self._fork(worker)
+                except OSError as exc:
+                    logger.warning("fork through the zygote failed (%s); spawning", exc)
+            if stdout is None:
+                stdout = await self._spawn(worker)
+        except OSError as exc:
+            logger.warning("worker %d could not be started: %s", worker.id, exc)
+            worker.failed_to_start(OSError(f"no worker process could be started: {exc}"))
+            self.workers.pop(worker.id, None)
+            return
+        self._task(self._connect_or_kill(worker))
+        was = await worker.watch(stdout)
         self.workers.pop(worker.id, None)
-        if worker in self._idle:
-            self._idle.remove(worker)
+        if was is _W.IDLE:  # not one that died starting: that would spawn in a loop
             self.top_up()
 
-    def connected(self, worker_id: int, channel: FrameChannel) -> bool:
-        """A worker said HELLO; False if no worker of that id was ever started here."""
-        worker = self.workers.get(worker_id)
-        if worker is not None:
-            worker.attach(channel)
-            return True
-        if worker_id in self._spawning:
-            self._early[worker_id] = channel
-            return True
-        return False
+    async def _connect_or_kill(self, worker: WorkerProcess) -> None:
+        """A worker that never says HELLO would be waited for, or counted warm, for ever."""
+        both: list[asyncio.Future[Any]] = [worker.connected, worker.exited]
+        await asyncio.wait(both, timeout=CONNECT_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
+        if not worker.connected.done() and not worker.exited.done():
+            logger.warning(
+                "worker %d did not connect within %g s: killed", worker.id, CONNECT_TIMEOUT_S
+            )
+            worker.kill()
 
-    async def _spawn_warm(self) -> None:
-        try:
-            worker = await self.spawn()
-            await asyncio.wait_for(asyncio.shield(worker.connected), 60)
-        except (TimeoutError, OSError) as exc:
-            logger.warning("a warm worker failed to start: %s", exc)
-            return
-        finally:
-            self._starting -= 1
-        if self._closing or worker.state is WorkerState.EXITED:
-            return
-        worker.state = WorkerState.IDLE
-        self._idle.append(worker)
+    def connected(self, worker_id: int, channel: FrameChannel) -> bool:
+        """A worker said HELLO; False if no worker of that id is known here."""
+        worker = self.workers.get(worker_id)
+        if worker is None or worker.channel is not None:
+            return False
+        worker.attach(channel)
+        return True
 
     def top_up(self) -> None:
-        """Start workers until idle + starting reaches `warm`."""
+        """Start workers until `warm` of them are unassigned (idle, or on their way)."""
         if self._closing:
             return
-        while len(self._idle) + self._starting < self.warm:
-            self._starting += 1
-            self._task(self._spawn_warm())
+        free = sum(w.state in _FREE for w in self.workers.values())
+        for _ in range(self.warm - free):
+            self._new()
 
     async def acquire(self) -> WorkerProcess:
-        """An idle worker if one is warm, else a new one (frames queue until it connects)."""
-        if self._idle:
-            worker = self._idle.pop()
-        else:
-            worker = await self.spawn()
-        worker.state = WorkerState.ASSIGNED
+        """The readiest unassigned worker (a new one when none is), once its process
+        exists; frames sent to it wait until it connects.
+
+        Raises:
+            OSError: no process could be made for it.
+        """
+        free = [w for w in self.workers.values() if w.state in _FREE]
+        worker = min(free, key=lambda w: (_FREE[w.state], w.id)) if free else self._new()
+        worker.assign()
         self.top_up()
+        await asyncio.shield(worker.spawned)
         return worker
 
     def close(self) -> None:

@@ -228,7 +228,7 @@ class Supervisor:
             task.cancel()
         self._tcp.close()
         self._unix.close()
-        pids = [w.pid for w in self.procs.workers.values()]
+        pids = [w.pid for w in self.procs.workers.values() if w.pid is not None]
         if self.procs.zygote_pid is not None:
             pids.append(self.procs.zygote_pid)
         self.procs.close()
@@ -373,8 +373,14 @@ class Supervisor:
         asyncio.get_running_loop().create_task(self._bind_worker(rec))
 
     async def _bind_worker(self, rec: ActorRecord) -> None:
-        worker = await self.procs.acquire()
-        worker.log_source = f"({rec.cls_name} pid={worker.pid} pod={self.pod})"
+        try:
+            worker = await self.procs.acquire()
+        except OSError as exc:
+            why = ActorDiedError(rec.id, self.pod, reason=str(exc), cause=DeathCause.INIT_FAILED)
+            rec.move(ActorState.DEAD, why)
+            self._actor_exited(rec, ExitInfo(exit_code=None, signal=None, oom=False))
+            return
+        worker.label = rec.cls_name
         worker.on_log = lambda w, data: self._forward_log(w, rec, data)
         worker.on_exit = lambda w, info: self._actor_exited(rec, info)
         self._by_worker[worker.id] = rec
@@ -475,7 +481,7 @@ class Supervisor:
             worker = self.procs.workers.get(state.get("worker_id", -1))
             if worker is None:
                 if "worker_id" in state:
-                    return  # connected early; its process object is being registered
+                    return  # it has exited: what it still sent has no one to go to
                 if kind != FrameKind.HELLO:
                     channel.abort()
                     return

@@ -35,7 +35,10 @@ def _reap(control: socket.socket) -> None:
         if pid == 0:
             return
         event = {"exited": pid, "code": os.waitstatus_to_exitcode(status)}
-        control.sendall(orjson.dumps(event) + b"\n")
+        try:
+            control.sendall(orjson.dumps(event) + b"\n")
+        except OSError:  # the supervisor is gone: so is anyone to tell
+            return
 
 
 def _child(control: socket.socket, request: dict[str, object], stdout_fd: int) -> None:
@@ -74,7 +77,10 @@ def serve(control: socket.socket) -> None:
             if pid == 0:
                 _child(control, request, stdout_fd)
             os.close(stdout_fd)
-            control.sendall(orjson.dumps({"spawned": request["worker"], "pid": pid}) + b"\n")
+            try:
+                control.sendall(orjson.dumps({"spawned": request["worker"], "pid": pid}) + b"\n")
+            except OSError:  # the supervisor is gone
+                return
 
 
 def main() -> None:
