@@ -8,17 +8,24 @@ Theory of operation: an *attempt* is one incarnation of the group: an agent acto
 pinned to pod r // M with torchrun's environment (`kt.distributed.env`). Rank processes
 live across calls, so a second call re-imports and re-rendezvouses nothing. Calls wait
 at a gate while an attempt starts or recovers, then fan out (`kt.distributed.fanout`).
-A failed call goes to the group's agent thread, which picks the root cause, raises it
+A failed call goes to the group's lifecycle thread, which picks the root cause, raises it
 naming the rank, and lets the pure policy (`kt.distributed.state`) resume, restart
 (kill every rank, start attempt N+1 with TORCHELASTIC_RESTART_COUNT=N+1) or fail.
-Lifecycle work runs on short-lived daemon threads, never on kt's event-loop thread,
-because killing and placing actors block. A rank that dies between calls is noticed by
-the next call, which fails and restarts the group.
+
+The group's state is `GroupState` alone: RUNNING is the open gate (calls go straight to
+the ranks), FAILED and STOPPED carry the error every call raises, and every change goes
+through `_move`, which checks the table, sends or fails the calls that waited, and wakes
+whoever waits for the group, all under the one state lock. Lifecycle work (placing,
+killing, recovering) is queued to the group's one lifecycle thread and done there in
+order, never on kt's event-loop thread (killing and placing actors block) and never two
+at once. A rank that dies between calls is noticed by the next call, which fails and
+restarts the group.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 import uuid
@@ -53,8 +60,6 @@ class Attempt:
     number: int
     agent: ActorHandle
     ranks: list[ActorHandle] = field(default_factory=list)
-    failed: bool = False
-    closing: bool = False  # being killed: its actors' deaths are expected
 
 
 class SpmdGroup:
@@ -92,15 +97,17 @@ class SpmdGroup:
         self._remote_cls = remote_cls
         self._init = (init_args, dict(init_kwargs or {}))
         self._methods = remote_cls.methods
-        self._lock = threading.RLock()
-        self._changed = threading.Condition(self._lock)
-        self._ops = threading.Lock()  # one lifecycle operation at a time
+        self._lock = threading.Condition()  # state, attempt, error, waiting; woken on moves
         self._state = GroupState.STARTING
         self._attempt: Attempt | None = None  # current attempt, None before the first
-        self._open = False  # the gate: calls go straight to the ranks
+        self._error: BaseException | None = None  # what calls raise: set iff FAILED/STOPPED
         self._waiting: list[Callable[[Attempt | BaseException], None]] = []
-        self._fatal: BaseException | None = None
-        self._background(self._start, 0)
+        self._ops: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._lifecycle = threading.Thread(
+            target=self._serve_ops, name=f"kt-spmd-{self._name}", daemon=True
+        )
+        self._lifecycle.start()
+        self._do(self._start, 0)
 
     def __repr__(self) -> str:
         return f"<kt.distributed.SpmdGroup {self._name} x{self.world_size} {self._state.value}>"
@@ -169,68 +176,78 @@ class SpmdGroup:
             call.send(attempt.ranks, method, args, kwargs)
 
         with self._lock:
-            if self._fatal is not None:
-                go(self._fatal)
-            elif self._open and not self._waiting and self._attempt is not None:
+            if self._error is not None:
+                go(self._error)
+            elif self._state is GroupState.RUNNING and self._attempt is not None:
                 go(self._attempt)
             else:
-                self._waiting.append(go)  # sent in order when the gate opens
+                self._waiting.append(go)  # sent in order by the move to RUNNING
         return call.out
 
     def _handle_of(self, rank: int, timeout: float | None) -> ActorHandle:
-        with self._changed:
-            if not self._changed.wait_for(lambda: self._open or self._fatal is not None, timeout):
+        with self._lock:
+            running = lambda: self._state is GroupState.RUNNING or self._error is not None  # noqa: E731
+            if not self._lock.wait_for(running, timeout):
                 raise KtError(
                     f"SPMD group {self._name} was not running within {seconds(timeout or 0)}"
                 )
-            if self._fatal is not None:
-                raise self._fatal
+            if self._error is not None:
+                raise self._error
             assert self._attempt is not None
             return self._attempt.ranks[rank]
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def _background(self, fn: Callable[..., None], *args: Any) -> None:
-        threading.Thread(target=fn, args=args, name=f"kt-spmd-{self._name}", daemon=True).start()
+    def _do(self, op: Callable[..., None], *args: Any) -> None:
+        """Queue `op(*args)` for the lifecycle thread (from any thread)."""
+        self._ops.put(lambda: op(*args))
 
-    def _move(self, finish: GroupState) -> None:
-        """Change state (lock held); wakes whoever waits for the group."""
+    def _serve_ops(self) -> None:
+        """The lifecycle thread: one operation at a time, in order; None ends it after
+        killing what the group still has."""
+        while (op := self._ops.get()) is not None:
+            try:
+                op()
+            except Exception:  # a bug: keep serving, so teardown still works
+                logger.exception("group %s: a lifecycle operation failed", self._name)
+        attempt = self._attempt
+        if attempt is not None:
+            self._kill(attempt)
+
+    def _move(self, finish: GroupState, error: BaseException | None = None) -> None:
+        """The one place the state changes (lock held). RUNNING sends the calls that
+        waited, in order; FAILED and STOPPED fail them with `error`, which later calls
+        raise at once."""
         check_transition(f"SPMD group {self._name}", self._state, finish)
         logger.debug("group %s: %s -> %s", self._name, self._state.value, finish.value)
         self._state = finish
-        self._changed.notify_all()
+        over = finish in (GroupState.FAILED, GroupState.STOPPED)
+        assert over == (error is not None), (finish, error)
+        self._error = error
+        if finish is GroupState.RUNNING or over:
+            waiting, self._waiting = self._waiting, []
+            for go in waiting:
+                go(error if error is not None else self._current())
+        self._lock.notify_all()
 
-    def _open_gate(self, attempt: Attempt | BaseException) -> None:
-        """Lock held: send (or fail) the calls that waited, in order, then let calls through."""
-        waiting, self._waiting = self._waiting, []
-        for go in waiting:
-            go(attempt)
-        if isinstance(attempt, BaseException):
-            self._fatal = attempt
-        else:
-            self._open = True
-        self._changed.notify_all()
+    def _current(self) -> Attempt:
+        assert self._attempt is not None
+        return self._attempt
 
     def _start(self, number: int) -> None:
-        with self._ops:
-            self._start_locked(number)
-
-    def _start_locked(self, number: int) -> None:
-        """Ops lock held: launch attempt `number` and open the gate (or fail the group)."""
+        """Lifecycle thread: launch attempt `number` and run it (or fail the group)."""
         try:
             attempt = self._launch(number)
         except BaseException as exc:
             logger.error("group %s: attempt %d could not start: %s", self._name, number, exc)
             with self._lock:
                 if self._state is not GroupState.STOPPED:
-                    self._move(GroupState.FAILED)
-                    self._open_gate(exc)
+                    self._move(GroupState.FAILED, exc)
             return
         with self._lock:
             stopped = self._state is GroupState.STOPPED
             self._attempt = attempt
             if not stopped:
                 self._move(GroupState.RUNNING)
-                self._open_gate(attempt)
         if stopped:
             self._kill(attempt)
 
@@ -311,107 +328,104 @@ class SpmdGroup:
 
     def _store_done(self, attempt: Attempt, ref: Ref[int]) -> None:
         exc = None if ref.cancelled() else ref.exception()
-        if exc is None or attempt.closing:
+        if exc is None:
             return
         if isinstance(exc, ImportError):
             exc = ConfigError(
                 f"distribute('pytorch') needs torch on the pods ({exc}): install kt[torch] "
                 "into the image, or use distribute('spmd')"
             )
-        logger.error("group %s: the agent store failed: %s", self._name, exc)
-        self._background(self._stop_failed, attempt, exc)
+        self._do(self._store_failed, attempt, exc)
 
-    def _stop_failed(self, attempt: Attempt, exc: BaseException) -> None:
-        with self._ops:
-            with self._lock:
-                done = (GroupState.STOPPED, GroupState.FAILED)
-                if self._attempt is not attempt or self._state in done:
-                    return
-                self._open = False
-                self._move(GroupState.FAILED)
-                self._open_gate(exc)
-            self._kill(attempt)
+    def _store_failed(self, attempt: Attempt, exc: BaseException) -> None:
+        """Lifecycle thread: the agent store of `attempt` ended. That matters only while
+        the attempt serves (its own kill, a restart or a teardown ends it too)."""
+        with self._lock:
+            serving = (GroupState.RUNNING, GroupState.RECOVERING)
+            if self._attempt is not attempt or self._state not in serving:
+                return
+            logger.error("group %s: the agent store failed: %s", self._name, exc)
+            self._move(GroupState.FAILED, exc)
+        self._kill(attempt)
 
     def _kill(self, attempt: Attempt) -> None:
-        attempt.closing = True
         for handle in [*attempt.ranks, attempt.agent]:
             _kill_quietly(handle)
 
     def teardown(self) -> None:
-        """Kill every rank and the agent; later calls raise. Safe to call twice."""
+        """Kill every rank and the agent; later calls raise. Safe to call twice.
+
+        Waits for the lifecycle operation in progress (a start lets its placement finish,
+        then kills what it made)."""
         with self._lock:
             if self._state is GroupState.STOPPED:
                 return
-            self._open = False
-            self._move(GroupState.STOPPED)
-            self._open_gate(KtError(f"SPMD group {self._name} was torn down"))
-        with self._ops:  # lets a start in progress finish, then kills what it made
-            attempt = self._attempt
-            if attempt is not None:
-                self._kill(attempt)
+            self._move(GroupState.STOPPED, KtError(f"SPMD group {self._name} was torn down"))
+        self._ops.put(None)
+        if threading.current_thread() is not self._lifecycle:
+            self._lifecycle.join()
 
     # -- failures --------------------------------------------------------------------------
     def _failed(self, call: FanOut) -> None:
         """First failed rank of `call` (any thread): close the gate, recover in background."""
         attempt: Attempt = call.attempt
         with self._lock:
-            over = self._state in (GroupState.STOPPED, GroupState.FAILED)
-            late = attempt is not self._attempt or attempt.failed or over
+            late = attempt is not self._attempt or self._state is not GroupState.RUNNING
             if not late:
-                attempt.failed = True
-                self._open = False
                 self._move(GroupState.RECOVERING)
         if late:  # another call already brought this attempt down: report this one as is
             failure, exc = call.snapshot()[0]
             note = "the group was already stopping after another failed call"
             call.out.set_exception(self._worded(failure.rank, exc, attempt, note))
             return
-        self._background(self._recover, call)
+        self._do(self._recover, call)
 
     def _recover(self, call: FanOut) -> None:
-        with self._ops:
-            attempt: Attempt = call.attempt
-            start = time.monotonic()
-            if not call.snapshot()[0][0].died:  # a death may be on its way: let it arrive
-                while time.monotonic() - start < self._settle and not call.finished.is_set():
-                    if any(f.died for f, _ in call.snapshot()):
-                        break
-                    time.sleep(0.01)
-            failures = call.snapshot()
-            cause = root_cause([f for f, _ in failures])
-            exc = next(e for f, e in failures if f is cause)
-            left = self.max_restarts - attempt.number
-            if cause.died:
-                if left > 0:
-                    note = f"the group restarts as attempt {attempt.number + 1} ({left - 1} of "
-                    note += f"{self.max_restarts} restarts left after it)"
-                else:
-                    note = f"no restarts left (max_restarts={self.max_restarts}): group failed"
+        """Lifecycle thread: wait for the rest of the failed call, then let the policy
+        decide."""
+        attempt: Attempt = call.attempt
+        start = time.monotonic()
+        if not call.snapshot()[0][0].died:  # a death may be on its way: let it arrive
+            while time.monotonic() - start < self._settle and not call.finished.is_set():
+                if any(f.died for f, _ in call.snapshot()):
+                    break
+                time.sleep(0.01)
+        failures = call.snapshot()
+        cause = root_cause([f for f, _ in failures])
+        exc = next(e for f, e in failures if f is cause)
+        left = self.max_restarts - attempt.number
+        if cause.died:
+            if left > 0:
+                note = f"the group restarts as attempt {attempt.number + 1} ({left - 1} of "
+                note += f"{self.max_restarts} restarts left after it)"
             else:
-                note = f"ranks still running after {self._grace:g} s are stopped, as torchrun does"
-            call.out.set_exception(self._worded(cause.rank, exc, attempt, note))
-            if not cause.died:
-                call.finished.wait(max(0.0, self._grace - (time.monotonic() - start)))
-                failures = call.snapshot()
-                if any(f.died for f, _ in failures):  # a rank died meanwhile: that is the cause
-                    cause = root_cause([f for f, _ in failures])
-                    exc = next(e for f, e in failures if f is cause)
-            decision = decide(cause=cause, all_finished=call.finished.is_set(), restarts_left=left)
-            self._carry_out(decision, attempt, cause.rank, exc)
+                note = f"no restarts left (max_restarts={self.max_restarts}): group failed"
+        else:
+            note = f"ranks still running after {self._grace:g} s are stopped, as torchrun does"
+        call.out.set_exception(self._worded(cause.rank, exc, attempt, note))
+        if not cause.died:
+            call.finished.wait(max(0.0, self._grace - (time.monotonic() - start)))
+            failures = call.snapshot()
+            if any(f.died for f, _ in failures):  # a rank died meanwhile: that is the cause
+                cause = root_cause([f for f, _ in failures])
+                exc = next(e for f, e in failures if f is cause)
+        decision = decide(cause=cause, all_finished=call.finished.is_set(), restarts_left=left)
+        self._carry_out(decision, attempt, cause.rank, exc)
 
     def _carry_out(
         self, decision: Decision, attempt: Attempt, rank: int, exc: BaseException
     ) -> None:
-        """Ops lock held: resume, restart or fail after rank `rank` raised `exc`."""
+        """Lifecycle thread: resume, restart or fail after rank `rank` raised `exc`."""
         with self._lock:
-            if self._state is GroupState.STOPPED:
-                return
+            if self._state is not GroupState.RECOVERING or self._attempt is not attempt:
+                return  # stopped meanwhile, or its store failed first
             if decision is Decision.RESUME:
-                attempt.failed = False
                 self._move(GroupState.RUNNING)
-                self._open_gate(attempt)
                 return
-            self._move(GroupState.STARTING if decision is Decision.RESTART else GroupState.FAILED)
+            if decision is Decision.RESTART:
+                self._move(GroupState.STARTING)
+            else:
+                self._move(GroupState.FAILED, self._group_failed(attempt, rank, exc))
         self._kill(attempt)
         if decision is Decision.RESTART:
             logger.warning(
@@ -423,24 +437,24 @@ class SpmdGroup:
                 self.max_restarts - attempt.number - 1,
                 self.max_restarts,
             )
-            self._start_locked(attempt.number + 1)
+            self._start(attempt.number + 1)
             return
         logger.error("group %s: rank %d failed and no restarts are left", self._name, rank)
+
+    def _group_failed(self, attempt: Attempt, rank: int, exc: BaseException) -> GroupFailedError:
+        """What every later call raises once rank `rank`'s failure used the last restart."""
         if isinstance(exc, ActorDiedError):
             pod = exc.pod
         else:
             address = attempt.ranks[rank].address if rank < len(attempt.ranks) else None
             pod = f"{address[0]}:{address[1]}" if address else "unknown"
-        died = GroupFailedError(
+        return GroupFailedError(
             self._name,
             rank,
             pod,
             f"failed ({str(exc)[:256]}) and no restarts were left "
             f"(max_restarts={self.max_restarts})",
         )
-        with self._lock:
-            if self._state is not GroupState.STOPPED:
-                self._open_gate(died)
 
     def _worded(self, rank: int, exc: BaseException, attempt: Attempt, note: str) -> BaseException:
         """`exc` naming the rank: a new ActorDiedError for a death, else `exc` with a note."""

@@ -135,3 +135,26 @@ def test_cls_group_calls_methods_on_every_rank() -> None:
             workers.nothing()
     finally:
         workers.teardown()
+
+
+@pytest.mark.timeout(90)
+def test_teardown_while_starting_fails_waiting_calls_and_kills_what_the_start_made() -> None:
+    from kt.actors.control import ActorPhase
+    from kt.actors.driver import get_driver
+
+    plane = get_driver().plane
+    before = set(plane.actors)
+    compute = kt.Compute(cpus=2, backend="local").distribute("spmd", workers=1, procs_per_worker=2)
+    workers = kt.cls(Worker).to(compute, init_kwargs={"scale": 1})
+    assert workers.group_state is kt.distributed.GroupState.STARTING
+    waiting = workers.whoami.remote()  # waits at the gate for the start
+    workers.teardown()  # returns once the start has finished and its actors are killed
+    assert workers.group_state is kt.distributed.GroupState.STOPPED
+    with pytest.raises(kt.KtError, match="torn down"):
+        waiting.result(timeout=5)
+    with pytest.raises(kt.KtError, match="torn down"):
+        workers.whoami()
+    made = [plane.actors[a] for a in set(plane.actors) - before]
+    assert len(made) == 3  # the agent and two ranks, each placed, then killed
+    assert all(r.phase is ActorPhase.DEAD for r in made), [r.phase for r in made]
+    workers.teardown()  # twice is fine
