@@ -3,10 +3,10 @@ on them, and what to do when either changes.
 
 Who calls it: `kt.actors.driver.Driver`, its thin async shell, which feeds it events --
 from the scheduler (a pod launched, up, failed), the provider's watch (a pod lost), the
-runtime (a DIED frame, a broken link, a CREATE acknowledged) and the API (create, kill)
--- and carries out the instructions `handle` returns. Nothing here does I/O, takes a
-lock or knows a clock: a test drives it with event sequences alone (`validate` checks
-its invariants after each step).
+runtime (a DIED frame, a broken link, a CREATE acknowledged), the API (create, kill) and
+a ticker (`IdleTick`, which brings the time) -- and carries out the instructions
+`handle` returns. Nothing here does I/O, takes a lock or reads a clock: a test drives it
+with event sequences alone (`validate` checks its invariants after each step).
 
 Every event gets an id (`e17`) and every instruction it causes carries it, so a log line
 can always say why something was done. Events that arrive late (a DIED frame for an
@@ -27,7 +27,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
-from kt.core.errors import ActorDiedError, DeathCause, check_move
+from kt.core.errors import ActorDiedError, DeathCause, check_move, seconds
 
 
 class ActorPhase(str, enum.Enum):
@@ -66,6 +66,7 @@ POD_MOVES = {
     (PodPhase.SUSPECT, PodPhase.DELETED),
 }
 _GONE = (PodPhase.LOST, PodPhase.DELETED, PodPhase.FAILED)
+_LIVE = (PodPhase.LAUNCHING, PodPhase.READY, PodPhase.SUSPECT)
 _ON_POD = (ActorPhase.CREATING, ActorPhase.ALIVE)
 
 
@@ -112,8 +113,16 @@ class KillRequested(Event):
 
 
 @dataclass(frozen=True)
+class PoolOpened(Event):
+    pool: str
+    min_replicas: int = 0
+    idle_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
 class PodStarted(Event):
     pod: str
+    pool: str = ""
 
 
 @dataclass(frozen=True)
@@ -144,8 +153,16 @@ class PodLost(Event):
 
 
 @dataclass(frozen=True)
+class IdleTick(Event):
+    """The time (monotonic seconds): pods idle for their pool's idle_timeout go."""
+
+    now: float
+
+
+@dataclass(frozen=True)
 class PodDeleted(Event):
-    """kt deleted it (idle, torn down): nothing may live on it."""
+    """The scheduler forgot it (a lost pod dropped, a pool torn down): nothing may live on
+    it."""
 
     pod: str
 
@@ -202,7 +219,10 @@ class CheckPod(Instruction):
 
 @dataclass(frozen=True)
 class DeletePod(Instruction):
+    """Forget the pod and make sure the provider deletes it (lost, or idle)."""
+
     pod: str
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -228,8 +248,18 @@ class ActorRecord:
 @dataclass
 class PodRecord:
     name: str
+    pool: str = ""
     phase: PodPhase = PodPhase.LAUNCHING
     actors: set[str] = field(default_factory=set)
+    idle_since: float | None = None
+    """The first tick that saw it READY with no actors; None while it has any."""
+
+
+@dataclass
+class PoolRecord:
+    name: str
+    min_replicas: int = 0
+    idle_timeout: float = 60.0
 
 
 def may_restart(record: ActorRecord, cause: DeathCause) -> bool:
@@ -245,6 +275,7 @@ class ControlPlane:
     def __init__(self) -> None:
         self.actors: dict[str, ActorRecord] = {}
         self.pods: dict[str, PodRecord] = {}
+        self.pools: dict[str, PoolRecord] = {}
         self._ids = itertools.count(1)
         self._cause = ""
         self._out: list[Instruction] = []
@@ -296,7 +327,7 @@ class ControlPlane:
         self._move_pod(pod, to)
         if to is PodPhase.LOST:
             self._emit(FailLink, pod=pod.name, reason=reason)
-            self._emit(DeletePod, pod=pod.name)  # make sure of it
+            self._emit(DeletePod, pod=pod.name, reason=f"lost: {reason}")  # make sure of it
         why = f"its pod was lost ({reason})" if to is PodPhase.LOST else reason
         for actor in sorted(pod.actors):
             rec = self.actors[actor]
@@ -322,6 +353,7 @@ class ControlPlane:
             return
         rec.pod = e.pod
         pod.actors.add(e.actor)
+        pod.idle_since = None
         self._move_actor(rec, ActorPhase.CREATING, f"placed on {e.pod}")
         self._emit(SendCreate, actor=e.actor, pod=e.pod)
         self._emit(BindHandle, actor=e.actor, pod=e.pod)  # calls queue behind CREATE
@@ -356,8 +388,11 @@ class ControlPlane:
         self._move_actor(rec, ActorPhase.DEAD, "kt.kill")
 
     # -- pods ------------------------------------------------------------------------------
+    def _on_PoolOpened(self, e: PoolOpened) -> None:
+        self.pools[e.pool] = PoolRecord(e.pool, e.min_replicas, e.idle_timeout)
+
     def _on_PodStarted(self, e: PodStarted) -> None:
-        self.pods.setdefault(e.pod, PodRecord(e.pod))
+        self.pods.setdefault(e.pod, PodRecord(e.pod, e.pool))
 
     def _on_PodReady(self, e: PodReady) -> None:
         pod = self.pods.setdefault(e.pod, PodRecord(e.pod))
@@ -400,6 +435,24 @@ class ControlPlane:
             return
         self._pod_gone(pod, PodPhase.DELETED, "kt deleted its pod")
 
+    def _on_IdleTick(self, e: IdleTick) -> None:
+        """Delete the pods idle for their pool's idle_timeout, longest idle first, while
+        the pool keeps min_replicas pods (launching ones count)."""
+        for pool in self.pools.values():
+            pods = [p for p in self.pods.values() if p.pool == pool.name and p.phase in _LIVE]
+            idle: list[PodRecord] = []
+            for pod in pods:
+                if pod.phase is not PodPhase.READY or pod.actors:
+                    pod.idle_since = None
+                elif pod.idle_since is None:
+                    pod.idle_since = e.now
+                elif e.now - pod.idle_since >= pool.idle_timeout:
+                    idle.append(pod)
+            idle.sort(key=lambda p: (p.idle_since, p.name))
+            for pod in idle[: max(0, len(pods) - pool.min_replicas)]:
+                self._move_pod(pod, PodPhase.DELETED)
+                self._emit(DeletePod, pod=pod.name, reason=f"idle for {seconds(pool.idle_timeout)}")
+
     # -- invariants --------------------------------------------------------------------------
     def validate(self) -> None:
         """Assert the tables' invariants (tests call it after every step)."""
@@ -420,5 +473,7 @@ class ControlPlane:
         for pod in self.pods.values():
             if pod.phase in _GONE or pod.phase is PodPhase.LAUNCHING:
                 assert not pod.actors, f"{pod.phase.value} pod {pod.name} holds {pod.actors}"
+            if pod.actors:
+                assert pod.idle_since is None, f"{pod.name} has actors but counts as idle"
             for actor in pod.actors:
                 assert self.actors[actor].pod == pod.name, (actor, pod.name)

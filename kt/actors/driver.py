@@ -16,7 +16,9 @@ import logging
 import os
 import secrets
 import threading
+import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from kt.actors import handle as handle_module
@@ -34,19 +36,22 @@ from kt.actors.control import (
     FailHandle,
     FailLink,
     HoldHandle,
+    IdleTick,
     Instruction,
     KillRequested,
     LinkBroken,
     Place,
     PlacementFailed,
     PodLost,
+    PodPhase,
     PodReachable,
+    PoolOpened,
     Release,
     SendCreate,
 )
 from kt.actors.handle import ActorHandle
 from kt.actors.lifecycle import Actor, ActorSpec
-from kt.actors.scheduler import PodSlot, Pool
+from kt.actors.scheduler import PodSlot, Pool, progress
 from kt.core import protocol
 from kt.core.compute import Compute
 from kt.core.config import config
@@ -79,6 +84,18 @@ class Driver:
         self._pool_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.closing = False
+        self._ticking = False
+        self._do: dict[type[Instruction], Callable[[Any], None]] = {
+            Place: self._do_place,
+            SendCreate: self._do_send_create,
+            BindHandle: self._do_bind,
+            HoldHandle: self._do_hold,
+            FailHandle: self._do_fail,
+            Release: self._do_release,
+            CheckPod: self._do_check_pod,
+            DeletePod: self._do_delete_pod,
+            FailLink: self._do_fail_link,
+        }
         atexit.register(self.shutdown)
 
     # -- pools ---------------------------------------------------------------------------
@@ -95,19 +112,21 @@ class Driver:
             if pool is None:
                 provider = get_provider(resolve_backend(compute.backend))
                 token = await provider.read_token(name) or secrets.token_urlsafe(32)
-                idle = compute.idle_seconds or config.idle_timeout
                 pool = Pool(
                     compute,
                     provider,
                     name=name,
                     token=token,
                     detached=detached,
-                    idle_timeout=idle,
                     on_event=self.apply,
                 )
                 self.pools[name] = pool
-                self._start(pool.reap_idle())
+                idle = compute.idle_seconds or config.idle_timeout
+                self.apply(PoolOpened(name, compute.replica_range[0], idle))
                 self._start(self._watch(pool))
+                if not self._ticking:
+                    self._ticking = True
+                    self._start(self._tick())
         await pool.ensure_min()
         return pool
 
@@ -124,40 +143,67 @@ class Driver:
             self._carry_out(instruction)
 
     def _carry_out(self, ins: Instruction) -> None:
-        if isinstance(ins, Place):
-            self._start(self._place(self.actors[ins.actor]))
-        elif isinstance(ins, SendCreate):
-            self._send_create(self.actors[ins.actor], ins.pod)
-        elif isinstance(ins, BindHandle):
-            actor = self.actors[ins.actor]
-            if actor.pool is not None and actor.slot is not None:
-                actor.handle._bind(actor.slot.pod.address, actor.pool.token)
-        elif isinstance(ins, HoldHandle):
-            self.actors[ins.actor].handle._unbind()
-        elif isinstance(ins, FailHandle):
-            actor = self.actors[ins.actor]
-            record = self.plane.actors[ins.actor]
-            if record.restarts and record.death is not DeathCause.KILLED:
-                logger.error(
-                    "%s; no restarts left (%d used) [%s]", ins.error, record.restarts, ins.cause
-                )
-            actor.handle._fail(ins.error)
-        elif isinstance(ins, Release):
-            actor = self.actors[ins.actor]
-            if actor.pool is not None:
-                actor.pool.release(actor.spec.actor_id, actor.spec.request)
-            actor.slot = None
-        elif isinstance(ins, CheckPod):
-            self._start(self._check_pod(ins.pod))
-        elif isinstance(ins, DeletePod):
-            found = self._slot_of(ins.pod)
-            if found is not None:
-                logger.warning("pod %s of pool %s is lost [%s]", ins.pod, found[0].name, ins.cause)
-                self._start(found[0].drop(found[1]))
-        elif isinstance(ins, FailLink):
-            found = self._slot_of(ins.pod)
-            if found is not None:
-                self.runtime.fail_link(found[1].pod.address, PodLostError(ins.pod, ins.reason))
+        self._do[type(ins)](ins)
+
+    def _do_place(self, ins: Place) -> None:
+        self._start(self._place(self.actors[ins.actor]))
+
+    def _do_send_create(self, ins: SendCreate) -> None:
+        self._send_create(self.actors[ins.actor], ins.pod)
+
+    def _do_bind(self, ins: BindHandle) -> None:
+        actor = self.actors[ins.actor]
+        if actor.pool is not None and actor.slot is not None:
+            actor.handle._bind(actor.slot.pod.address, actor.pool.token)
+
+    def _do_hold(self, ins: HoldHandle) -> None:
+        self.actors[ins.actor].handle._unbind()
+
+    def _do_fail(self, ins: FailHandle) -> None:
+        record = self.plane.actors[ins.actor]
+        if record.restarts and record.death is not DeathCause.KILLED:
+            logger.error(
+                "%s; no restarts left (%d used) [%s]", ins.error, record.restarts, ins.cause
+            )
+        self.actors[ins.actor].handle._fail(ins.error)
+
+    def _do_release(self, ins: Release) -> None:
+        actor = self.actors[ins.actor]
+        if actor.pool is not None:
+            actor.pool.release(actor.spec.actor_id, actor.spec.request)
+        actor.slot = None
+
+    def _do_check_pod(self, ins: CheckPod) -> None:
+        self._start(self._check_pod(ins.pod))
+
+    def _do_delete_pod(self, ins: DeletePod) -> None:
+        found = self._slot_of(ins.pod)
+        if found is None:
+            return
+        pool, slot = found
+        deleting = pool.drop(slot)
+        if self.plane.pods[ins.pod].phase is PodPhase.LOST:
+            logger.warning(
+                "pod %s of pool %s is %s [%s]", ins.pod, pool.name, ins.reason, ins.cause
+            )
+            return
+        logger.info("pool %s: deleting pod %s, %s [%s]", pool.name, ins.pod, ins.reason, ins.cause)
+        left = len(pool.slots)
+        deleting.add_done_callback(
+            lambda _: progress(f"pool {pool.name}: scaled down to {left} pod(s)")
+        )
+
+    def _do_fail_link(self, ins: FailLink) -> None:
+        found = self._slot_of(ins.pod)
+        if found is not None:
+            self.runtime.fail_link(found[1].pod.address, PodLostError(ins.pod, ins.reason))
+
+    async def _tick(self) -> None:
+        """The plane's clock: an IdleTick a few times per shortest idle_timeout (<= 1 s)."""
+        while not self.closing:
+            shortest = min((p.idle_timeout for p in self.plane.pools.values()), default=4.0)
+            await asyncio.sleep(min(1.0, shortest / 4))
+            self.apply(IdleTick(time.monotonic()))
 
     def _slot_of(self, pod: str) -> tuple[Pool, PodSlot] | None:
         for pool in self.pools.values():

@@ -7,8 +7,8 @@ or `spread` (the emptiest). A request larger than an empty pod fails at once wit
 `PlacementError`; one that could fit later waits up to `placement_timeout`.
 
 `spread` prefers an empty pod, starting one while the pool is below `max_replicas`;
-`pack` starts a pod only when no pod has room. A pod with no actors for `idle_timeout`
-is deleted while the pool is above `min_replicas` (the emptiest-longest goes first).
+`pack` starts a pod only when no pod has room. Which idle pods go is the control
+plane's decision (`kt.actors.control`, on `IdleTick`); the driver then calls `drop`.
 
 Nothing here holds a lock across provider I/O. Every decision is made between awaits on
 the driver's one loop thread: a pod being launched is a slot at once (LAUNCHING), so a
@@ -25,7 +25,6 @@ import asyncio
 import enum
 import logging
 import secrets
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -97,7 +96,6 @@ class PodSlot:
     used_gpus: int = 0
     used_memory: int = 0
     actors: set[str] = field(default_factory=set)
-    idle_since: float = field(default_factory=time.monotonic)
     resources: dict[str, float] = field(default_factory=dict)
     used_resources: dict[str, float] = field(default_factory=dict)
     launched: asyncio.Event | None = None
@@ -135,8 +133,6 @@ class PodSlot:
             self.used_memory -= req.memory
             for k, v in req.resources:
                 self.used_resources[k] = self.used_resources.get(k, 0.0) - v
-            if not self.actors:
-                self.idle_since = time.monotonic()
 
 
 class Pool:
@@ -150,18 +146,16 @@ class Pool:
         name: str,
         token: str,
         detached: bool,
-        idle_timeout: float = 60.0,
         on_event: Callable[[Event], None] | None = None,
     ) -> None:
         self.compute = compute
-        self.idle_timeout = idle_timeout
         self.provider = provider
         self.name = name
         self.token = token
         self.detached = detached
         self.slots: list[PodSlot] = []
         self._freed = asyncio.Event()
-        self._launches: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._on_event = on_event
 
     def _tell(self, event: Event) -> None:
@@ -228,10 +222,10 @@ class Pool:
             launched=asyncio.Event(),
         )
         self.slots.append(slot)
-        self._tell(PodStarted(spec.name))
+        self._tell(PodStarted(spec.name, self.name))
         task = asyncio.get_running_loop().create_task(self._create(slot, spec))
-        self._launches.add(task)
-        task.add_done_callback(self._launches.discard)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
         ready = sum(not s.launching for s in self.slots)
         progress(f"pool {self.name}: starting a pod, {ready}/{len(self.slots)} ready")
         return slot
@@ -367,37 +361,19 @@ class Pool:
             slot.give_back(actor, req)
         self._freed.set()
 
-    async def drop(self, slot: PodSlot) -> None:
-        """Forget a pod that is gone (and make sure it is)."""
+    def drop(self, slot: PodSlot) -> asyncio.Task[None]:
+        """Forget a pod at once (no later placement can choose it) and delete it; the
+        task ends when the provider has."""
         if slot in self.slots:
             self.slots.remove(slot)
         self._tell(PodDeleted(slot.pod.name))
-        await self.provider.delete_pod(self.name, slot.pod.name)
         self._freed.set()
-
-    async def reap_idle(self) -> None:
-        """Delete pods idle for idle_timeout, down to min_replicas. Runs for the pool's life."""
-        while True:
-            await asyncio.sleep(min(1.0, self.idle_timeout / 4))
-            lo = self.compute.replica_range[0]
-            now = time.monotonic()
-            idle = sorted(
-                (
-                    s
-                    for s in self.slots
-                    if not s.actors and not s.launching and now - s.idle_since >= self.idle_timeout
-                ),
-                key=lambda s: s.idle_since,
-            )
-            doomed = idle[: max(0, len(self.slots) - lo)]
-            for slot in doomed:
-                self.slots.remove(slot)
-                self._tell(PodDeleted(slot.pod.name))
-            for slot in doomed:
-                logger.info("pool %s: deleting idle pod %s", self.name, slot.pod.name)
-                await self.provider.delete_pod(self.name, slot.pod.name)
-            if doomed:
-                progress(f"pool {self.name}: scaled down to {len(self.slots)} pod(s)")
+        task = asyncio.get_running_loop().create_task(
+            self.provider.delete_pod(self.name, slot.pod.name)
+        )
+        self._tasks.add(task)  # teardown waits for deletions as for launches
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     def slot_at(self, address: tuple[str, int]) -> PodSlot | None:
         return next((s for s in self.slots if not s.launching and s.pod.address == address), None)
@@ -407,6 +383,6 @@ class Pool:
         slots, self.slots = self.slots, []
         await asyncio.gather(
             *(self.provider.delete_pod(self.name, s.pod.name) for s in slots if not s.launching),
-            *(asyncio.shield(t) for t in list(self._launches)),
+            *(asyncio.shield(t) for t in list(self._tasks)),
             return_exceptions=True,
         )

@@ -8,6 +8,8 @@ Behaviours covered:
 - a broken link holds the pod's handles and asks about the pod: reachable rebinds them,
   lost fails its calls, deletes it and lets each actor restart or die;
 - late events (an old incarnation's death, a placement after a kill) change nothing;
+- idle pods go on the tick after their pool's idle_timeout, longest idle first, never
+  below min_replicas (launching pods count); a pod that had an actor starts again;
 - after any random sequence of events (hypothesis), `validate()` holds.
 """
 
@@ -31,6 +33,7 @@ from kt.actors.control import (
     FailHandle,
     FailLink,
     HoldHandle,
+    IdleTick,
     KillRequested,
     LinkBroken,
     Place,
@@ -42,6 +45,7 @@ from kt.actors.control import (
     PodReachable,
     PodReady,
     PodStarted,
+    PoolOpened,
     Release,
     SendCreate,
 )
@@ -144,6 +148,44 @@ def test_late_events_change_nothing() -> None:
     plane.validate()
 
 
+def test_idle_pods_go_after_the_timeout_longest_idle_first_down_to_min_replicas() -> None:
+    plane = ControlPlane()
+    plane.handle(PoolOpened("pool", min_replicas=1, idle_timeout=10.0))
+    for name in ("old", "new", "busy"):
+        plane.handle(PodStarted(name, "pool"))
+    plane.handle(PodReady("old"))
+    plane.handle(PodReady("busy"))
+    plane.handle(ActorSubmitted("a"))
+    plane.handle(ActorPlaced("a", "busy"))
+    assert plane.handle(IdleTick(100.0)) == []  # "old" idle from now on
+    plane.handle(PodReady("new"))
+    assert plane.handle(IdleTick(105.0)) == []  # "new" idle from now on
+    assert plane.handle(IdleTick(109.9)) == []
+    out = plane.handle(IdleTick(110.0))
+    assert [(type(i), i.pod) for i in out] == [(DeletePod, "old")]
+    assert out[0].reason == "idle for 10 s" and plane.pods["old"].phase is PodPhase.DELETED
+    plane.handle(KillRequested("a"))  # "busy" is idle from the next tick
+    plane.handle(IdleTick(111.0))
+    out = plane.handle(IdleTick(130.0))  # both idle long enough; one must stay
+    assert [i.pod for i in out] == ["new"]
+    assert plane.pods["busy"].phase is PodPhase.READY
+    plane.validate()
+
+
+def test_a_pod_that_had_an_actor_is_idle_again_from_the_next_tick() -> None:
+    plane = ControlPlane()
+    plane.handle(PoolOpened("pool", min_replicas=0, idle_timeout=10.0))
+    plane.handle(PodStarted("p", "pool"))
+    plane.handle(PodReady("p"))
+    plane.handle(IdleTick(0.0))
+    plane.handle(ActorSubmitted("a"))
+    plane.handle(ActorPlaced("a", "p"))  # busy between two ticks
+    plane.handle(KillRequested("a"))
+    assert plane.handle(IdleTick(10.0)) == []  # its idle clock started again here
+    assert [i.pod for i in plane.handle(IdleTick(20.0))] == ["p"]
+    plane.validate()
+
+
 def test_the_tables_refuse_moves_they_do_not_list() -> None:
     plane = ControlPlane()
     plane.handle(ActorSubmitted("a"))
@@ -163,7 +205,8 @@ events = st.one_of(
     st.builds(ActorCreated, actor, pod),
     st.builds(lambda a, p, c: _died(a, p, c), actor, pod, cause),
     st.builds(KillRequested, actor),
-    st.builds(PodStarted, pod),
+    st.builds(PodStarted, pod, st.just("pool")),
+    st.builds(IdleTick, st.floats(0, 1000)),
     st.builds(PodReady, pod),
     st.builds(PodFailed, pod, st.just("image pull failed")),
     st.builds(LinkBroken, pod),
@@ -182,9 +225,16 @@ def test_any_sequence_of_events_keeps_the_invariants(
     budgets: list[int], sequence: list[Event]
 ) -> None:
     plane = ControlPlane()
-    start: list[Event] = [PodReady(p) for p in PODS]  # so that random steps go somewhere
+    start: list[Event] = [PoolOpened("pool", min_replicas=1, idle_timeout=100.0)]
+    start += [PodStarted(p, "pool") for p in PODS]
+    start += [PodReady(p) for p in PODS]  # so that random steps go somewhere
     start += [ActorSubmitted(a, b) for a, b in zip(ACTORS, budgets, strict=True)]
+    live = (PodPhase.LAUNCHING, PodPhase.READY, PodPhase.SUSPECT)
     for event in start + sequence:
+        before = sum(p.phase in live for p in plane.pods.values())
         out = plane.handle(event)
         assert all(i.cause == plane.last_cause for i in out)
         plane.validate()
+        if isinstance(event, IdleTick):  # never below min_replicas for being idle
+            after = sum(p.phase in live for p in plane.pods.values())
+            assert after >= min(before, 1), (before, after)

@@ -73,7 +73,7 @@ def test_a_failed_launch_among_several_leaves_no_pod_untracked() -> None:
         pool = Pool(compute, provider, name="three-launches", token="t0k3n", detached=False)
         with pytest.raises(kt.LaunchError):
             await pool.ensure_min()
-        while pool._launches:  # the other launches go on
+        while pool._tasks:  # the other launches go on
             await asyncio.sleep(0.05)
         tracked = sorted(s.pod.name for s in pool.slots if not s.launching)
         existing = sorted(p.name for p in await provider.list_pods("three-launches"))
