@@ -139,9 +139,9 @@ class ActorHost:
                 ref.set_exception(OwnerDiedError(ref.label, owner, f"no link to the pod: {exc}"))
                 return
             req_id = home.runtime.new_id()
-            home.runtime.loop.call_soon_threadsafe(
-                home.adopt, req_id, Borrow(ref, {"r": route}, owner)
-            )
+            # Adopted before the WAIT leaves: its answer comes back on the home link, on
+            # the runtime's thread, and one that arrived first would find no borrower.
+            home.runtime.run(_adopt(home, req_id, Borrow(ref, {"r": route}, owner)), timeout=60)
             header = protocol.orjson_dumps({"r": route, "l": ref.label})
             self.channel.send(
                 protocol.encode(FrameKind.WAIT, req_id, header, LEND_ID.pack(lend_id), route=route)
@@ -349,6 +349,10 @@ def extend_sys_path() -> None:
         for entry in reversed(extra.split(os.pathsep)):
             if entry not in sys.path:
                 sys.path.insert(0, entry)
+
+
+async def _adopt(link: Link, req_id: int, borrow: Borrow) -> None:
+    link.adopt(req_id, borrow)
 
 
 def run(socket_path: str, worker_id: int) -> None:
