@@ -39,6 +39,7 @@ from kt.core.errors import (
     RemoteError,
     SerializationError,
     ShutdownError,
+    SyncError,
 )
 from kt.core.ref import Ref, StreamRef
 
@@ -72,6 +73,7 @@ __all__ = [
     "Service",
     "ShutdownError",
     "StreamRef",
+    "SyncError",
     "__version__",
     "cls",
     "config",

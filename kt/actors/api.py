@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -28,6 +29,7 @@ from kt.core.methods import MethodKind, method_kind, public_methods
 from kt.core.protocol import FrameKind
 from kt.core.ref import PendingRefError, Ref, StreamRef
 from kt.core.serialization import dumps_value
+from kt.core.sync import manifest, resolve_root
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -54,6 +56,8 @@ class ActorOptions:
     env: dict[str, str] | None = None
     pod: int | None = None
     resources: dict[str, float] | None = None
+    sync_dir: str | os.PathLike[str] | bool | None = None
+    """The directory to bring to the pods; None: the caller's project; False: none."""
 
     def __post_init__(self) -> None:
         if self.placement not in ("pack", "spread"):
@@ -132,7 +136,7 @@ class RemoteClass(Generic[T]):
                     exc.ref.result()
         handle: ActorHandle[T] = ActorHandle(actor_id, self.__name__, self._methods, name=opts.name)
         handle._retries = opts.max_task_retries
-        header = {
+        header: dict[str, Any] = {
             "actor": actor_id,
             "cls": self.__name__,
             "name": opts.name,
@@ -141,6 +145,12 @@ class RemoteClass(Generic[T]):
             "max_concurrency": opts.max_concurrency,
             "env": opts.env or {},
         }
+        synced = None
+        if config.sync:
+            root = resolve_root(opts.sync_dir)
+            synced = manifest(root) if root is not None else None
+        if synced is not None:
+            header["sync"] = synced.header()
         spec = ActorSpec(
             actor_id=actor_id,
             cls_name=self.__name__,
@@ -151,6 +161,7 @@ class RemoteClass(Generic[T]):
             max_restarts=opts.max_restarts,
             placement_timeout=opts.placement_timeout or config.placement_timeout,
             detached=opts.lifetime == "detached",
+            sync=synced,
         )
         driver.runtime.spawn(driver.create_actor(spec, handle))
         return handle
@@ -161,11 +172,18 @@ class RemoteClass(Generic[T]):
         *,
         init_args: tuple[Any, ...] = (),
         init_kwargs: dict[str, Any] | None = None,
+        sync_dir: str | os.PathLike[str] | bool | None = None,
     ) -> Any:
         """One instance per replica of `compute`; calls go to the least busy one.
 
         On a `compute.distribute(...)` pool, an SPMD group instead (kt.distributed).
+        `sync_dir`: the directory brought to the pods (default: the caller's project;
+        False: none).
         """
+        if sync_dir is not None:
+            return self.options(sync_dir=sync_dir).to(
+                compute, init_args=init_args, init_kwargs=init_kwargs
+            )
         if compute.distribution is not None:
             return _spmd(self, compute, init_args, init_kwargs or {})
         count = max(compute.replica_range[0], 1)

@@ -51,6 +51,7 @@ from kt.actors.control import (
 )
 from kt.actors.handle import ActorHandle
 from kt.actors.lifecycle import Actor, ActorSpec
+from kt.actors.push import Pusher
 from kt.actors.scheduler import PodSlot, Pool, progress
 from kt.core import protocol
 from kt.core.compute import Compute
@@ -81,6 +82,7 @@ class Driver:
         self.pools: dict[str, Pool] = {}
         self.actors: dict[str, Actor] = {}
         self.plane = ControlPlane()
+        self.pusher = Pusher(self.runtime)
         self._pool_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.closing = False
@@ -244,6 +246,13 @@ class Driver:
         except BaseException as exc:
             self.apply(PlacementFailed(spec.actor_id, exc))
             return
+        if spec.sync is not None:
+            try:
+                await self.pusher.ensure(slot.pod.name, slot.pod.address, pool.token, spec.sync)
+            except BaseException as exc:
+                pool.release(spec.actor_id, spec.request)
+                self.apply(PlacementFailed(spec.actor_id, exc))
+                return
         actor.pool, actor.slot = pool, slot
         self.apply(ActorPlaced(spec.actor_id, slot.pod.name))
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from kt.actors.scheduler import PodSlot, Pool, Request
 from kt.core.compute import Compute
 from kt.core.serialization import Parts
+from kt.core.sync import Manifest
 
 if TYPE_CHECKING:
     from kt.actors.handle import ActorHandle
@@ -30,6 +31,8 @@ class ActorSpec:
     max_restarts: int
     placement_timeout: float
     detached: bool
+    sync: Manifest | None = None
+    """The project version its pod must hold before the CREATE (None: no sync)."""
 
 
 @dataclass

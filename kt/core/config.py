@@ -19,6 +19,8 @@ class Config:
     placement_timeout: float = 60.0
     stream_logs: bool = True
     idle_timeout: float = 60.0
+    sync: bool = field(default_factory=lambda: os.environ.get("KT_SYNC", "1") != "0")
+    """Bring the caller's project to the pods (`kt.core.sync`); KT_SYNC=0 turns it off."""
 
 
 config = Config()

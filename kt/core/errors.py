@@ -3,6 +3,8 @@
 
     KtError
     ├── ConfigError            a spec or option is invalid, found before anything ran [no]
+    │   └── SyncError          the project cannot be synced as it is (too large, a file
+    │                          that keeps changing, a pod that refused a blob) [no]
     ├── ShutdownError          kt.shutdown() ran: handles and Refs made before it are void [no]
     ├── SerializationError     an argument could not be pickled [no]; with `loading`, a
     │                          result arrived that cannot be unpickled here [yes]
@@ -43,6 +45,11 @@ class KtError(Exception):
 
 class ConfigError(KtError, ValueError):
     """A spec, option or argument is invalid; nothing was started."""
+
+
+class SyncError(ConfigError):
+    """The user's project could not be brought to a pod; the pod keeps its previous
+    version."""
 
 
 # What Ray (and kubetorch) users type, and kt's name for it.

@@ -39,6 +39,11 @@ Kinds:
                   asks the caller on that route (the one that sent the Ref in a call).
                   Answered by a RESULT (LENDS when the outcome lends more Refs), or by
                   the supervisor's OwnerDiedError when the owner is gone
+    SYNC          code sync (`kt.core.sync`, `kt.supervisor.store`), {"op", "v": version}:
+                  "offer", payload the orjson manifest, answered with the sha256s the
+                  pod lacks; "blobs", payload u32 n + orjson [[sha256, size], ...] (n
+                  bytes) + the blobs' bytes back to back, answered with None; "commit",
+                  answered with None once the version's tree is built. Never unpickled
 """
 
 from __future__ import annotations
@@ -73,6 +78,7 @@ class FrameKind(enum.IntEnum):
     DIED = 13
     LOOKUP = 14
     WAIT = 15
+    SYNC = 16
 
 
 class FrameFlag(enum.IntFlag):
@@ -116,6 +122,7 @@ def encode(
 
 
 LEND_ID = struct.Struct("<Q")  # a WAIT's payload
+BLOB_INDEX = struct.Struct("<I")  # a SYNC "blobs" payload starts with its index's length
 
 
 def decode_header(header: bytes | memoryview) -> dict[str, Any]:

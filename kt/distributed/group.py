@@ -38,6 +38,7 @@ from kt.core.compute import Compute
 from kt.core.config import config
 from kt.core.errors import ActorDiedError, ConfigError, GroupFailedError, KtError, seconds
 from kt.core.ref import Ref
+from kt.core.sync import resolve_root
 from kt.distributed import env as envs
 from kt.distributed import rendezvous
 from kt.distributed.agent import RankAgent
@@ -97,6 +98,10 @@ class SpmdGroup:
         self._remote_cls = remote_cls
         self._init = (init_args, dict(init_kwargs or {}))
         self._methods = remote_cls.methods
+        # The caller's project, found now: ranks are placed from the lifecycle thread,
+        # whose stack has no user frames to find it from.
+        root = resolve_root(opts.sync_dir) if config.sync else None
+        self._sync_dir: str | bool = str(root) if root is not None else False
         self._lock = threading.Condition()  # state, attempt, error, waiting; woken on moves
         self._state = GroupState.STARTING
         self._attempt: Attempt | None = None  # current attempt, None before the first
@@ -256,7 +261,7 @@ class SpmdGroup:
         c = self._compute
         timeout = c.launch_timeout + config.placement_timeout  # pods may have to start
         opts = self._remote_cls.actor_options
-        agent_cls = cls(RankAgent).options(compute=c, cpus=0)
+        agent_cls = cls(RankAgent).options(compute=c, cpus=0, sync_dir=False)
         agents = [agent_cls.options(pod=w).remote() for w in range(len(self._pod_range()))]
         attempt = Attempt(number, agents[0])
         try:
@@ -296,6 +301,7 @@ class SpmdGroup:
                     name=None,
                     get_if_exists=False,
                     max_restarts=0,  # the group restarts, not the rank
+                    sync_dir=self._sync_dir,
                     **per_rank,
                 )
                 attempt.ranks.append(rank_cls.remote(*self._init[0], **self._init[1]))

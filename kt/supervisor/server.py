@@ -35,6 +35,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from kt.core import protocol, serialization, shm
 from kt.core.channel import BIG_FRAME, FrameChannel
 from kt.core.errors import (
@@ -43,11 +45,13 @@ from kt.core.errors import (
     ConfigError,
     DeathCause,
     OwnerDiedError,
+    SyncError,
     check_move,
 )
 from kt.core.liveness import pid_alive
 from kt.core.protocol import FLAGS_OFFSET, ROUTE_OFFSET, FrameFlag, FrameKind
 from kt.supervisor.processes import ExitInfo, ProcessManager, WorkerProcess
+from kt.supervisor.store import Store, SyncRefused
 
 logger = logging.getLogger(__name__)
 _ROUTE = struct.Struct("<I")
@@ -194,7 +198,12 @@ class Supervisor:
         self._tmp = tempfile.mkdtemp(prefix="kt-pod-")
         self.socket_path = os.path.join(self._tmp, "workers.sock")
         home = host if host not in ("", "0.0.0.0", "::") else "127.0.0.1"
-        worker_env = {"KT_SUPERVISOR_ADDR": f"{home}:{port}", "KT_TOKEN": token}
+        self.store = Store(os.path.join(self._tmp, "sync"))
+        worker_env = {
+            "KT_SUPERVISOR_ADDR": f"{home}:{port}",
+            "KT_TOKEN": token,
+            "KT_SYNC_ROOT": self.store.root,
+        }
         self.procs = ProcessManager(self.socket_path, pod=pod, warm=warm, env=worker_env)
         self.stopped = asyncio.Event()
         self.handlers: dict[int, Handler] = {
@@ -206,6 +215,7 @@ class Supervisor:
             FrameKind.LOOKUP: self.on_lookup,
             FrameKind.WAIT: self.on_wait,
             FrameKind.RESULT: self.on_answer,
+            FrameKind.SYNC: self.on_sync,
         }
 
     # -- lifecycle -------------------------------------------------------------------
@@ -461,6 +471,35 @@ class Supervisor:
         if target is not None:
             target.channel.send(frame if len(frame) > BIG_FRAME else bytes(frame))
 
+    def on_sync(self, peer: Peer, req_id: int, header: memoryview, frame: memoryview) -> None:
+        """Code sync: offer a manifest, send blobs, commit a version (`kt.supervisor.store`)."""
+        self.last_activity = time.monotonic()
+        request = protocol.decode_header(header)
+        payload = frame[protocol.PREFIX_SIZE + len(header) :]
+        op, version = request.get("op"), str(request.get("v", ""))
+        try:
+            answer: Any = None
+            if op == "offer":
+                answer = self.store.offer(bytes(payload))
+            elif op == "blobs":
+                (size,) = protocol.BLOB_INDEX.unpack_from(payload)
+                start = protocol.BLOB_INDEX.size + size
+                index = orjson.loads(payload[protocol.BLOB_INDEX.size : start])
+                for digest, length in index:
+                    self.store.put(str(digest), payload[start : start + int(length)])
+                    start += int(length)
+            elif op == "commit":
+                path = self.store.commit(version)
+                logger.info("synced version %s into %s", version, path)
+            else:
+                raise SyncRefused(f"unknown sync op {op!r}")
+        except (SyncRefused, OSError, ValueError, struct.error) as exc:
+            self.reply_error(peer.route, req_id, SyncError(f"pod {self.pod}: {exc}"), self.pod)
+            return
+        peer.channel.send(
+            protocol.encode(FrameKind.RESULT, req_id, b"", serialization.dumps_bytes(answer))
+        )
+
     def on_ping(self, peer: Peer, req_id: int, header: memoryview, frame: memoryview) -> None:
         self.last_activity = time.monotonic()
         peer.channel.send(protocol.encode(FrameKind.PONG, req_id))
@@ -585,4 +624,11 @@ class Supervisor:
             "processes": [
                 {"pid": w.pid, "state": w.state.value} for w in self.procs.workers.values()
             ],
+            "pid": os.getpid(),
+            "zygote_pid": self.procs.zygote_pid,
+            "sync": {
+                "bytes_received": self.store.bytes_received,
+                "blobs_received": self.store.blobs_received,
+                "versions": self.store.versions(),
+            },
         }

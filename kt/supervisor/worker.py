@@ -39,6 +39,7 @@ from kt.core.errors import (
     KtError,
     OwnerDiedError,
     SerializationError,
+    SyncError,
 )
 from kt.core.methods import RUN_METHOD, MethodKind, method_kind, resolve_hook
 from kt.core.protocol import LEND_ID, FrameFlag, FrameKind
@@ -178,13 +179,23 @@ class ActorHost:
         os.environ.update({str(k): str(v) for k, v in (spec.get("env") or {}).items()})
         sys.argv = [self.cls_name]  # argparse in user code names the actor, not zygote.py
         try:
+            if spec.get("sync"):
+                use_synced_tree(spec["sync"])
             cls, args, kwargs = serialization.loads(bytes(payload))
             concurrency = int(spec.get("max_concurrency", 1))
             if concurrency > 1:
                 self.pool = concurrent.futures.ThreadPoolExecutor(concurrency, "kt-actor")
             self.instance = cls(*args, **kwargs)
         except BaseException as exc:
-            self.init_error = f"its __init__ raised {type(exc).__name__}: {exc}"[:256]
+            tree = os.environ.get("KT_SYNCED_TREE")
+            if isinstance(exc, ModuleNotFoundError) and tree:
+                exc = ModuleNotFoundError(
+                    f"module {exc.name!r} cannot be imported on pod {self.pod}: it is not in "
+                    f"the synced project at {tree}, nor installed there. Is it outside "
+                    "sync_dir, or excluded by .gitignore or .ktignore?",
+                    name=exc.name,
+                )
+            self.init_error = f"its __init__ raised {type(exc).__name__}: {exc}"[:400]
             info = protocol.orjson_dumps({"init_error": self.init_error})
             self.reply_error(route, req_id, exc, what, info)
             return
@@ -353,6 +364,26 @@ def extend_sys_path() -> None:
 
 async def _adopt(link: Link, req_id: int, borrow: Borrow) -> None:
     link.adopt(req_id, borrow)
+
+
+def use_synced_tree(sync: dict[str, Any]) -> None:
+    """Import the user's code from its synced version (`kt.supervisor.store`): the tree's
+    equivalents of the driver's project entries go first on sys.path, the driver's own
+    project paths go, and the working directory is the tree's root (as Ray's
+    working_dir). Done once, before the actor's class is unpickled.
+
+    Raises:
+        SyncError: the version's tree is not on this pod.
+    """
+    tree = os.path.join(os.environ.get("KT_SYNC_ROOT", ""), "trees", str(sync["v"]))
+    if not os.path.isdir(tree):
+        raise SyncError(f"version {sync['v']} of the project was never synced to this pod")
+    dropped = {os.path.abspath(p or os.getcwd()) for p in sync.get("drop", [])}
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) not in dropped]
+    for rel in reversed(sync.get("paths", [])):
+        sys.path.insert(0, os.path.normpath(os.path.join(tree, rel)))
+    os.chdir(tree)
+    os.environ["KT_SYNCED_TREE"] = tree
 
 
 def run(socket_path: str, worker_id: int) -> None:
