@@ -256,6 +256,51 @@ def row_memory() -> Result:
     }
 
 
+RELOAD_CODE = (
+    "VALUE = {value}\n\n\nclass Probe:\n    def value(self) -> int:\n        return VALUE\n"
+)
+
+
+def row_reload() -> Result:
+    """Hot reload, kt only: a one-line edit, `.to()` again, the new result (median of 5);
+    and `.to()` with nothing changed (median of 5). The project is a temporary directory
+    of 200 files synced with sync_dir=."""
+    import importlib
+    import tempfile
+    import uuid
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory(prefix="kt-bench-reload-") as d:
+        root = Path(d)
+        name = f"bench_reload_{uuid.uuid4().hex[:6]}"
+        (root / "pyproject.toml").write_text(f"[project]\nname = '{name}'\n")
+        (root / "data").mkdir()
+        for i in range(199):
+            (root / "data" / f"{i}.txt").write_text(f"{i}\n" * 50)
+        source = root / f"{name}.py"
+        source.write_text(RELOAD_CODE.format(value=0))
+        sys.path.insert(0, d)
+        module = importlib.import_module(name)
+        compute = kt.Compute(cpus=1, replicas=1, name=f"reload-{name[-6:]}", backend="local")
+        deploy = kt.cls(module.Probe)
+        svc = deploy.to(compute, sync_dir=d)
+        assert svc.value() == 0
+        edits, unchanged = [], []
+        for i in range(1, 6):
+            source.write_text(RELOAD_CODE.format(value=i))
+            t0 = time.perf_counter()
+            svc = deploy.to(compute, sync_dir=d)
+            assert svc.value() == i
+            edits.append((time.perf_counter() - t0) * 1e3)
+        for _ in range(5):
+            t0 = time.perf_counter()
+            assert deploy.to(compute, sync_dir=d) is svc
+            unchanged.append((time.perf_counter() - t0) * 1e3)
+        svc.teardown()
+        sys.path.remove(d)
+    return {"edit_ms": statistics.median(edits), "unchanged_ms": statistics.median(unchanged)}
+
+
 ROWS: dict[str, Callable[[], Result]] = {
     "rtt": row_rtt,
     "async_1to1": row_async_1to1,
@@ -268,6 +313,7 @@ ROWS: dict[str, Callable[[], Result]] = {
     "arg100m_oneway": lambda: _arg_row(100, 5, round_trip=False),
     "arg100m_rt": lambda: _arg_row(100, 5, round_trip=True),
     "memory": row_memory,
+    "reload": row_reload,
 }
 
 

@@ -52,6 +52,8 @@ METRICS: tuple[Metric, ...] = (
     Metric("arg10m_rt.median_ms", "10 MiB arg round trip", "ms", False),
     Metric("arg100m_oneway.median_ms", "100 MiB arg one-way", "ms", False),
     Metric("arg100m_rt.median_ms", "100 MiB arg round trip", "ms", False),
+    Metric("reload.edit_ms", "edit -> .to() -> new result", "ms", False),
+    Metric("reload.unchanged_ms", ".to() with nothing changed", "ms", False),
     Metric("memory.total_mib", "memory (runtime+driver)", "MiB", False),
     Metric("memory.runtime_mib", "memory runtime", "MiB", False),
     Metric("memory.driver_mib", "memory driver", "MiB", False),
@@ -76,6 +78,8 @@ ABSOLUTE_TARGETS: dict[str, tuple[str, float]] = {
     "actor_start.median_ms": ("<=", 50.0),
     "arg10m_oneway.median_ms": ("<=", 6.0),
     "spmd.second_call_ms": ("<=", 100.0),
+    "reload.edit_ms": ("<=", 1000.0),
+    "reload.unchanged_ms": ("<=", 50.0),
 }
 
 

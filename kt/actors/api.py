@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
+from kt.actors import deploy
 from kt.actors.driver import get_driver, require_driver_thread
 from kt.actors.handle import ActorHandle
 from kt.actors.lifecycle import ActorSpec
@@ -28,7 +29,7 @@ from kt.core.errors import ConfigError, GetTimeoutError, check_option_names, sec
 from kt.core.methods import MethodKind, method_kind, public_methods
 from kt.core.protocol import FrameKind
 from kt.core.ref import PendingRefError, Ref, StreamRef
-from kt.core.serialization import dumps_value
+from kt.core.serialization import dumps_bytes, dumps_value
 from kt.core.sync import manifest, resolve_root
 
 P = ParamSpec("P")
@@ -84,11 +85,14 @@ _OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(ActorOptions))
 class RemoteClass(Generic[T]):
     """A class whose instances live in actor processes."""
 
-    def __init__(self, cls: type[T], options: ActorOptions | None = None) -> None:
+    def __init__(
+        self, cls: type[T], options: ActorOptions | None = None, *, identity: Any = None
+    ) -> None:
         if not isinstance(cls, type):
             fix = f": for a function use kt.fn({cls.__name__})" if callable(cls) else ""
             raise ConfigError(f"kt.cls takes a class, not {type(cls).__name__}{fix}")
         self._cls = cls
+        self._identity = cls if identity is None else identity  # what `.to()` deploys
         self._options = options or ActorOptions()
         self._methods = public_methods(cls)
         self.__name__ = cls.__name__
@@ -106,7 +110,9 @@ class RemoteClass(Generic[T]):
 
     def options(self, **kwargs: Any) -> RemoteClass[T]:
         check_option_names(f"{self.__name__}.options", kwargs, _OPTION_NAMES)
-        return RemoteClass(self._cls, dataclasses.replace(self._options, **kwargs))
+        return RemoteClass(
+            self._cls, dataclasses.replace(self._options, **kwargs), identity=self._identity
+        )
 
     def remote(self, *args: Any, **kwargs: Any) -> ActorHandle[T]:
         """Create one actor; returns at once, calls queue until it is placed."""
@@ -184,10 +190,35 @@ class RemoteClass(Generic[T]):
             return self.options(sync_dir=sync_dir).to(
                 compute, init_args=init_args, init_kwargs=init_kwargs
             )
+        kwargs = init_kwargs or {}
+        return self._deployed(
+            compute, lambda: self._make(compute, init_args, kwargs), init_args, kwargs
+        )
+
+    def _deployed(
+        self,
+        compute: Compute,
+        make: Callable[[], Any],
+        init_args: tuple[Any, ...],
+        init_kwargs: dict[str, Any],
+    ) -> Any:
+        """`make()` once per code version and arguments (`kt.actors.deploy`)."""
+        driver = get_driver()
+        pool = driver.pool_name(compute, self._options.lifetime == "detached")
+        key = deploy.key_of(self._identity, pool, compute.distribution)
+        root = resolve_root(self._options.sync_dir) if config.sync else None
+        version = manifest(root).version if root is not None else None
+        init = dumps_bytes((init_args, init_kwargs)) + repr(self._options).encode()
+        what = f"{self.__name__} on pool {pool}"
+        return driver.deployments.deploy(key, version, init, make, what)
+
+    def _make(
+        self, compute: Compute, init_args: tuple[Any, ...], init_kwargs: dict[str, Any]
+    ) -> Any:
         if compute.distribution is not None:
-            return _spmd(self, compute, init_args, init_kwargs or {})
+            return _spmd(self, compute, init_args, init_kwargs)
         count = max(compute.replica_range[0], 1)
-        return self._service(compute, count, init_args, init_kwargs or {}, placement="spread")
+        return self._service(compute, count, init_args, init_kwargs, placement="spread")
 
     def _service(
         self,
@@ -236,6 +267,11 @@ class Service:
     def teardown(self) -> None:
         for h in self._handles:
             kill(h)
+
+    def alive(self) -> bool:
+        """Every replica is up (or on its way); False once one is dead for good."""
+        driver = get_driver()
+        return not any(driver.is_dead(h._actor_id) for h in self._handles)
 
 
 class ServiceMethod:
@@ -344,17 +380,21 @@ class RemoteFunction(Generic[P, R]):
         target = compute or options.pop("compute", None) or config.default_compute
         options.pop("compute", None)
         cls = self._class(options)
-        if target.distribution is not None:
-            return _spmd(cls, target, (self._fn,), {}, function=True)
         if per_cpu:
             count = max(int(target.cpu_count), 1)
             return DeployedFunction(cls._service(target, count, (self._fn,), {}, placement="pack"))
-        return DeployedFunction(cls.to(target, init_args=(self._fn,)))
+
+        def make() -> Any:
+            if target.distribution is not None:
+                return _spmd(cls, target, (self._fn,), {}, function=True)
+            return DeployedFunction(cls._make(target, (self._fn,), {}))
+
+        return cls._deployed(target, make, (self._fn,), {})
 
     def _class(self, options: dict[str, Any]) -> RemoteClass[Any]:
         wrapper = _WRAPPERS[method_kind(self._fn)]
         named = type(self.__name__, (wrapper,), {"__module__": wrapper.__module__})
-        return RemoteClass(named, ActorOptions(**{"cpus": 0, **options}))
+        return RemoteClass(named, ActorOptions(**{"cpus": 0, **options}), identity=self._fn)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         raise TypeError(
@@ -379,6 +419,9 @@ class DeployedFunction(Generic[P, R]):
 
     def teardown(self) -> None:
         self._service.teardown()
+
+    def alive(self) -> bool:
+        return self._service.alive()
 
 
 # -- SPMD groups live in kt.distributed, a layer above: it registers its factory here ------

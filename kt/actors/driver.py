@@ -49,6 +49,7 @@ from kt.actors.control import (
     Release,
     SendCreate,
 )
+from kt.actors.deploy import Deployments
 from kt.actors.handle import ActorHandle
 from kt.actors.lifecycle import Actor, ActorSpec
 from kt.actors.push import Pusher
@@ -83,6 +84,7 @@ class Driver:
         self.actors: dict[str, Actor] = {}
         self.plane = ControlPlane()
         self.pusher = Pusher(self.runtime)
+        self.deployments = Deployments()
         self._pool_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.closing = False
