@@ -301,6 +301,46 @@ def row_reload() -> Result:
     return {"edit_ms": statistics.median(edits), "unchanged_ms": statistics.median(unchanged)}
 
 
+def row_sync16() -> Result:
+    """Code sync to a 16-pod pool, kt only: how many copies of the project the driver
+    sent (the pods pass it on), and the seconds from `.to()` until every replica ran
+    from its pod's tree (pod starts included)."""
+    import importlib
+    import tempfile
+    import uuid
+    from pathlib import Path
+
+    from kt.actors.driver import get_driver
+
+    os.environ["KT_WARM_WORKERS"] = "0"  # 16 pods on a small machine: no idle workers
+    with tempfile.TemporaryDirectory(prefix="kt-bench-sync16-") as d:
+        root = Path(d)
+        name = f"bench_sync16_{uuid.uuid4().hex[:6]}"
+        (root / "pyproject.toml").write_text(f"[project]\nname = '{name}'\n")
+        (root / "data").mkdir()
+        for i in range(100):
+            (root / "data" / f"{i}.bin").write_bytes(os.urandom(20_000))
+        (root / f"{name}.py").write_text(
+            "class Where:\n    def where(self) -> str:\n        return __file__\n"
+        )
+        total = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+        sys.path.insert(0, d)
+        module = importlib.import_module(name)
+        pusher = get_driver().pusher
+        before = pusher.bytes_sent
+        compute = kt.Compute(cpus=1, replicas=16, name=f"sync16-{name[-6:]}", backend="local")
+        t0 = time.perf_counter()
+        svc = kt.cls(module.Where).to(compute, sync_dir=d)
+        wheres = [h.where.remote() for h in svc._handles]
+        assert all("/trees/" in w.result(timeout=120) for w in wheres)
+        seconds = time.perf_counter() - t0
+        copies = (pusher.bytes_sent - before) / total
+        svc.teardown()
+        sys.path.remove(d)
+    os.environ.pop("KT_WARM_WORKERS")
+    return {"driver_copies": copies, "seconds": seconds}
+
+
 ROWS: dict[str, Callable[[], Result]] = {
     "rtt": row_rtt,
     "async_1to1": row_async_1to1,
@@ -314,6 +354,7 @@ ROWS: dict[str, Callable[[], Result]] = {
     "arg100m_rt": lambda: _arg_row(100, 5, round_trip=True),
     "memory": row_memory,
     "reload": row_reload,
+    "sync16": row_sync16,
 }
 
 

@@ -54,6 +54,8 @@ METRICS: tuple[Metric, ...] = (
     Metric("arg100m_rt.median_ms", "100 MiB arg round trip", "ms", False),
     Metric("reload.edit_ms", "edit -> .to() -> new result", "ms", False),
     Metric("reload.unchanged_ms", ".to() with nothing changed", "ms", False),
+    Metric("sync16.driver_copies", "sync to 16 pods: copies from driver", "x", False),
+    Metric("sync16.seconds", "sync to 16 pods: .to() until all ran", "s", False),
     Metric("memory.total_mib", "memory (runtime+driver)", "MiB", False),
     Metric("memory.runtime_mib", "memory runtime", "MiB", False),
     Metric("memory.driver_mib", "memory driver", "MiB", False),
@@ -80,6 +82,7 @@ ABSOLUTE_TARGETS: dict[str, tuple[str, float]] = {
     "spmd.second_call_ms": ("<=", 100.0),
     "reload.edit_ms": ("<=", 1000.0),
     "reload.unchanged_ms": ("<=", 50.0),
+    "sync16.driver_copies": ("<=", 1.0),
 }
 
 

@@ -21,6 +21,8 @@ class Config:
     idle_timeout: float = 60.0
     sync: bool = field(default_factory=lambda: os.environ.get("KT_SYNC", "1") != "0")
     """Bring the caller's project to the pods (`kt.core.sync`); KT_SYNC=0 turns it off."""
+    sync_fanout: int = 4
+    """How many pods one pod that holds a version serves at once (`kt.actors.push`)."""
 
 
 config = Config()

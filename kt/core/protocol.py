@@ -42,8 +42,12 @@ Kinds:
     SYNC          code sync (`kt.core.sync`, `kt.supervisor.store`), {"op", "v": version}:
                   "offer", payload the orjson manifest, answered with the sha256s the
                   pod lacks; "blobs", payload u32 n + orjson [[sha256, size], ...] (n
-                  bytes) + the blobs' bytes back to back, answered with None; "commit",
-                  answered with None once the version's tree is built. Never unpickled
+                  bytes) + the blobs' bytes back to back, answered with None; "pull",
+                  {"from": "host:port"}, payload orjson [[sha256, size], ...]: fetch
+                  them from that pod, answered with None once stored; "get", payload
+                  orjson [sha256, ...], answered with a RESULT whose payload is laid
+                  out as "blobs" (pod to pod); "commit", answered with None once the
+                  version's tree is built. Never unpickled
 """
 
 from __future__ import annotations

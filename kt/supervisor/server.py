@@ -50,6 +50,7 @@ from kt.core.errors import (
 )
 from kt.core.liveness import pid_alive
 from kt.core.protocol import FLAGS_OFFSET, ROUTE_OFFSET, FrameFlag, FrameKind
+from kt.supervisor.fetch import FetchError, fetch, join_blobs, split_blobs
 from kt.supervisor.processes import ExitInfo, ProcessManager, WorkerProcess
 from kt.supervisor.store import Store, SyncRefused
 
@@ -472,22 +473,32 @@ class Supervisor:
             target.channel.send(frame if len(frame) > BIG_FRAME else bytes(frame))
 
     def on_sync(self, peer: Peer, req_id: int, header: memoryview, frame: memoryview) -> None:
-        """Code sync: offer a manifest, send blobs, commit a version (`kt.supervisor.store`)."""
+        """Code sync (`kt.supervisor.store`): "offer" a manifest, "blobs" sent along,
+        "pull" them from another pod, "get" them for a pod that pulls, "commit"."""
         self.last_activity = time.monotonic()
         request = protocol.decode_header(header)
         payload = frame[protocol.PREFIX_SIZE + len(header) :]
         op, version = request.get("op"), str(request.get("v", ""))
         try:
+            if op == "pull":
+                source = str(request.get("from", ""))
+                wanted = [(str(d), int(n)) for d, n in orjson.loads(payload)]
+                task = self._pull(peer, req_id, source, wanted)
+                asyncio.get_running_loop().create_task(task)
+                return
+            if op == "get":
+                blobs = [(str(d), self.store.read(str(d))) for d in orjson.loads(payload)]
+                parts = join_blobs(blobs)
+                size = sum(len(p) for p in parts)
+                prefix = protocol.encode_prefix(FrameKind.RESULT, req_id, b"", size)
+                peer.channel.send_parts([prefix, *parts])
+                return
             answer: Any = None
             if op == "offer":
                 answer = self.store.offer(bytes(payload))
             elif op == "blobs":
-                (size,) = protocol.BLOB_INDEX.unpack_from(payload)
-                start = protocol.BLOB_INDEX.size + size
-                index = orjson.loads(payload[protocol.BLOB_INDEX.size : start])
-                for digest, length in index:
-                    self.store.put(str(digest), payload[start : start + int(length)])
-                    start += int(length)
+                for digest, data in split_blobs(payload):
+                    self.store.put(digest, data)
             elif op == "commit":
                 path = self.store.commit(version)
                 logger.info("synced version %s into %s", version, path)
@@ -496,9 +507,26 @@ class Supervisor:
         except (SyncRefused, OSError, ValueError, struct.error) as exc:
             self.reply_error(peer.route, req_id, SyncError(f"pod {self.pod}: {exc}"), self.pod)
             return
+        self._answer(peer, req_id, answer)
+
+    def _answer(self, peer: Peer, req_id: int, value: Any) -> None:
         peer.channel.send(
-            protocol.encode(FrameKind.RESULT, req_id, b"", serialization.dumps_bytes(answer))
+            protocol.encode(FrameKind.RESULT, req_id, b"", serialization.dumps_bytes(value))
         )
+
+    async def _pull(
+        self, peer: Peer, req_id: int, source: str, wanted: list[tuple[str, int]]
+    ) -> None:
+        host, _, port = source.rpartition(":")
+        try:
+            async for batch in fetch((host, int(port)), self.token.decode(), wanted, self.pod):
+                for digest, data in batch:
+                    self.store.put(digest, data, from_peer=True)
+        except (FetchError, SyncRefused, OSError, ValueError) as exc:
+            error = SyncError(f"pod {self.pod} could not pull from {source}: {exc}")
+            self.reply_error(peer.route, req_id, error, self.pod)
+            return
+        self._answer(peer, req_id, None)
 
     def on_ping(self, peer: Peer, req_id: int, header: memoryview, frame: memoryview) -> None:
         self.last_activity = time.monotonic()
@@ -628,6 +656,7 @@ class Supervisor:
             "zygote_pid": self.procs.zygote_pid,
             "sync": {
                 "bytes_received": self.store.bytes_received,
+                "bytes_from_pods": self.store.bytes_from_pods,
                 "blobs_received": self.store.blobs_received,
                 "versions": self.store.versions(),
             },

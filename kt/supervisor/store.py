@@ -36,7 +36,8 @@ class Pending:
 @dataclass
 class Store:
     root: str
-    bytes_received: int = 0
+    bytes_received: int = 0  # from the driver
+    bytes_from_pods: int = 0  # pulled from other pods of the pool
     blobs_received: int = 0
     pending: dict[str, Pending] = field(default_factory=dict)
 
@@ -84,11 +85,28 @@ class Store:
             self.commit(version)
         return missing
 
-    def put(self, digest: str, data: memoryview) -> None:
+    def read(self, digest: str) -> bytes:
+        """A blob this pod holds, for a pod that pulls it.
+
+        Raises:
+            SyncRefused: not a hash, or not here.
+        """
+        if not _HEX.fullmatch(digest):
+            raise SyncRefused(f"bad hash {digest!r}")
+        try:
+            with open(self._blob(digest), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise SyncRefused(f"blob {digest[:12]} is not on this pod") from None
+
+    def put(self, digest: str, data: memoryview, *, from_peer: bool = False) -> None:
         """One blob; its bytes must hash to its name."""
         if not _HEX.fullmatch(digest):
             raise SyncRefused(f"bad hash {digest!r}")
-        self.bytes_received += len(data)
+        if from_peer:
+            self.bytes_from_pods += len(data)
+        else:
+            self.bytes_received += len(data)
         self.blobs_received += 1
         if hashlib.sha256(data).hexdigest() != digest:
             raise SyncRefused(f"blob {digest[:12]} does not match its hash")

@@ -148,6 +148,12 @@ def test_sync_dir_false_sends_nothing(project: tuple[pathlib.Path, str]) -> None
         assert handle.value() == 1
         module_file, _ = handle.where()
         assert module_file == str(root / name / "probe.py")  # the driver's own copy
-        assert _status(handle)["sync"] == {"bytes_received": 0, "blobs_received": 0, "versions": []}
+        synced = _status(handle)["sync"]
+        assert synced == {
+            "bytes_received": 0,
+            "bytes_from_pods": 0,
+            "blobs_received": 0,
+            "versions": [],
+        }
     finally:
         kt.kill(handle)

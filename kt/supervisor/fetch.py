@@ -1,0 +1,96 @@
+"""Code sync between pods: fetch blobs from another pod's store.
+
+Who calls it: `kt.supervisor.server.Supervisor`, for a SYNC "pull" from the driver, which
+names a pod of the same pool that already holds the version (`kt.actors.push` chooses
+it, so a large pool does not pull every blob from the driver). One connection to that
+pod's supervisor, authenticated with the pool's token like any caller, then SYNC "get"
+requests of at most `BATCH` bytes each, answered with the blobs' bytes (never pickled).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections.abc import AsyncIterator
+
+import orjson
+
+from kt.core import protocol
+from kt.core.protocol import FrameFlag, FrameKind
+
+BATCH = 16 * 2**20
+_LENGTH = struct.Struct("<I")
+TIMEOUT_S = 300.0
+
+
+class FetchError(Exception):
+    """The source pod refused or went away."""
+
+
+async def _frame(reader: asyncio.StreamReader) -> tuple[int, int, bytes, memoryview]:
+    """(kind, flags, header, payload) of the next frame."""
+    head = await reader.readexactly(protocol.LENGTH_SIZE)
+    (length,) = _LENGTH.unpack(head)
+    data = memoryview(head + await reader.readexactly(length))
+    _, kind, flags, hlen, _, _ = protocol.PREFIX.unpack_from(data)
+    start = protocol.PREFIX_SIZE
+    return kind, flags, bytes(data[start : start + hlen]), data[start + hlen :]
+
+
+def split_blobs(payload: memoryview) -> list[tuple[str, memoryview]]:
+    """A "blobs" payload: u32 n, orjson [[sha256, size], ...] (n bytes), the bytes."""
+    (size,) = protocol.BLOB_INDEX.unpack_from(payload)
+    start = protocol.BLOB_INDEX.size + size
+    index = orjson.loads(payload[protocol.BLOB_INDEX.size : start])
+    out = []
+    for digest, length in index:
+        out.append((str(digest), payload[start : start + int(length)]))
+        start += int(length)
+    return out
+
+
+def join_blobs(blobs: list[tuple[str, bytes]]) -> list[bytes]:
+    index = orjson.dumps([[digest, len(data)] for digest, data in blobs])
+    return [protocol.BLOB_INDEX.pack(len(index)), index, *(data for _, data in blobs)]
+
+
+async def fetch(
+    address: tuple[str, int], token: str, wanted: list[tuple[str, int]], caller: str
+) -> AsyncIterator[list[tuple[str, memoryview]]]:
+    """The wanted blobs ((sha256, size) pairs), batch by batch, from the pod at `address`.
+
+    Raises:
+        FetchError: the pod refused, failed a request, or closed the connection.
+    """
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(*address), 30)
+    except (OSError, TimeoutError) as exc:
+        raise FetchError(f"cannot reach {address[0]}:{address[1]}: {exc}") from None
+    try:
+        hello = {"v": protocol.VERSION, "token": token, "caller": caller}
+        writer.write(protocol.encode(FrameKind.HELLO, 0, hello))
+        kind, _, header, _ = await asyncio.wait_for(_frame(reader), 30)
+        if kind != FrameKind.WELCOME:
+            raise FetchError(f"{address[0]}:{address[1]} refused: {header[:200]!r}")
+        batches: list[list[str]] = [[]]
+        size = 0
+        for digest, length in wanted:
+            if size >= BATCH:
+                batches.append([])
+                size = 0
+            batches[-1].append(digest)
+            size += length
+        for req_id, batch in enumerate(batches, start=1):
+            if not batch:
+                continue
+            body = orjson.dumps(batch)
+            writer.write(protocol.encode(FrameKind.SYNC, req_id, {"op": "get"}, body))
+            await writer.drain()
+            kind, flags, header, payload = await asyncio.wait_for(_frame(reader), TIMEOUT_S)
+            if kind != FrameKind.RESULT or flags & FrameFlag.ERROR:
+                raise FetchError(f"{address[0]}:{address[1]} could not send the blobs")
+            yield split_blobs(payload)
+    except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
+        raise FetchError(f"lost {address[0]}:{address[1]} while fetching: {exc}") from None
+    finally:
+        writer.close()
