@@ -20,8 +20,10 @@ from typing import Any, Generic, ParamSpec, TypeVar, overload
 from kt.actors import deploy
 from kt.actors.driver import get_driver, require_driver_thread
 from kt.actors.handle import ActorHandle
+from kt.actors.imaging import TIMEOUT_S as IMAGE_TIMEOUT_S
 from kt.actors.lifecycle import ActorSpec
 from kt.actors.scheduler import Request, Strategy
+from kt.core import image as image_steps
 from kt.core import protocol
 from kt.core.compute import Compute, DistributedCompute, parse_cpus, parse_memory
 from kt.core.config import config
@@ -157,17 +159,24 @@ class RemoteClass(Generic[T]):
             synced = manifest(root) if root is not None else None
         if synced is not None:
             header["sync"] = synced.header()
+        compute = opts.compute or config.default_compute
+        image = None
+        if compute.image.steps:
+            steps = image_steps.wire(compute.image)
+            image = (image_steps.keys(steps)[-1], steps)
+            header["image"] = image[0]
         spec = ActorSpec(
             actor_id=actor_id,
             cls_name=self.__name__,
             header=header,
             parts=parts,
-            compute=opts.compute or config.default_compute,
+            compute=compute,
             request=opts.request(),
             max_restarts=opts.max_restarts,
             placement_timeout=opts.placement_timeout or config.placement_timeout,
             detached=opts.lifetime == "detached",
             sync=synced,
+            image=image,
         )
         driver.runtime.spawn(driver.create_actor(spec, handle))
         return handle
@@ -208,7 +217,7 @@ class RemoteClass(Generic[T]):
         key = deploy.key_of(self._identity, pool, compute.distribution)
         root = resolve_root(self._options.sync_dir) if config.sync else None
         version = manifest(root).version if root is not None else None
-        init = dumps_bytes((init_args, init_kwargs)) + repr(self._options).encode()
+        init = dumps_bytes((init_args, init_kwargs)) + repr((self._options, compute)).encode()
         what = f"{self.__name__} on pool {pool}"
         return driver.deployments.deploy(key, version, init, make, what)
 
@@ -218,7 +227,16 @@ class RemoteClass(Generic[T]):
         if compute.distribution is not None:
             return _spmd(self, compute, init_args, init_kwargs)
         count = max(compute.replica_range[0], 1)
-        return self._service(compute, count, init_args, init_kwargs, placement="spread")
+        service = self._service(compute, count, init_args, init_kwargs, placement="spread")
+        if compute.image.steps:  # .to() fails with the step that failed, as a build would
+            wait = compute.launch_timeout + config.placement_timeout + IMAGE_TIMEOUT_S
+            try:
+                for handle in service._handles:
+                    handle.wait_placed(wait)
+            except BaseException:
+                service.teardown()
+                raise
+        return service
 
     def _service(
         self,

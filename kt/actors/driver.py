@@ -51,6 +51,7 @@ from kt.actors.control import (
 )
 from kt.actors.deploy import Deployments
 from kt.actors.handle import ActorHandle
+from kt.actors.imaging import Imager
 from kt.actors.lifecycle import Actor, ActorSpec
 from kt.actors.push import Pusher
 from kt.actors.scheduler import PodSlot, Pool, progress
@@ -84,6 +85,7 @@ class Driver:
         self.actors: dict[str, Actor] = {}
         self.plane = ControlPlane()
         self.pusher = Pusher(self.runtime)
+        self.imager = Imager(self.runtime)
         self.deployments = Deployments()
         self._pool_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -248,13 +250,16 @@ class Driver:
         except BaseException as exc:
             self.apply(PlacementFailed(spec.actor_id, exc))
             return
-        if spec.sync is not None:
-            try:
+        try:
+            if spec.sync is not None:
                 await self.pusher.ensure(slot.pod.name, slot.pod.address, pool.token, spec.sync)
-            except BaseException as exc:
-                pool.release(spec.actor_id, spec.request)
-                self.apply(PlacementFailed(spec.actor_id, exc))
-                return
+            if spec.image is not None:
+                key, steps = spec.image
+                await self.imager.ensure(slot.pod.name, slot.pod.address, pool.token, key, steps)
+        except BaseException as exc:
+            pool.release(spec.actor_id, spec.request)
+            self.apply(PlacementFailed(spec.actor_id, exc))
+            return
         actor.pool, actor.slot = pool, slot
         self.apply(ActorPlaced(spec.actor_id, slot.pod.name))
 

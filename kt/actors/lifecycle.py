@@ -33,6 +33,8 @@ class ActorSpec:
     detached: bool
     sync: Manifest | None = None
     """The project version its pod must hold before the CREATE (None: no sync)."""
+    image: tuple[str, list[dict[str, Any]]] | None = None
+    """(key, wire steps) of the pool's kt.Image, run on the pod before the CREATE."""
 
 
 @dataclass

@@ -75,18 +75,52 @@ def parse_duration(value: float | int | str | None) -> float | None:
 
 
 @dataclass(frozen=True)
+class ImageStep:
+    """One step of an Image: "pip" (packages), "env" (name, value pairs), "bash" (a
+    command) or "copy" (local path, destination)."""
+
+    kind: str
+    args: tuple[str, ...]
+
+    def __str__(self) -> str:
+        if self.kind == "pip":
+            return f"pip_install({list(self.args)})"
+        if self.kind == "env":
+            pairs = ", ".join(
+                f"{k}={v!r}" for k, v in zip(self.args[::2], self.args[1::2], strict=True)
+            )
+            return f"set_env({pairs})"
+        if self.kind == "bash":
+            return f"run_bash({self.args[0]!r})"
+        return f"copy({self.args[0]!r}, {self.args[1]!r})"
+
+
+@dataclass(frozen=True)
 class Image:
-    """What a pod's container holds: a base image, pip packages and environment."""
+    """What a pod's container holds: a base image, then steps run on the pod, in order,
+    before its actors start (`kt.core.image`). Each method returns a new Image."""
 
     base: str = "python:3.11-slim"
-    pip: tuple[str, ...] = ()
-    env: tuple[tuple[str, str], ...] = ()
+    steps: tuple[ImageStep, ...] = ()
+
+    def _with(self, kind: str, *args: str) -> Image:
+        return dataclasses.replace(self, steps=(*self.steps, ImageStep(kind, args)))
 
     def pip_install(self, packages: list[str]) -> Image:
-        return dataclasses.replace(self, pip=self.pip + tuple(packages))
+        if isinstance(packages, str):
+            raise ConfigError(f"pip_install takes a list of packages: pip_install([{packages!r}])")
+        return self._with("pip", *packages)
 
     def set_env(self, **env: str) -> Image:
-        return dataclasses.replace(self, env=self.env + tuple(env.items()))
+        return self._with("env", *(x for kv in env.items() for x in (kv[0], str(kv[1]))))
+
+    def run_bash(self, command: str) -> Image:
+        return self._with("bash", command)
+
+    def copy(self, local_path: str, dest: str) -> Image:
+        """A local file into the pod at `dest` (on the local backend, under the pod's
+        image directory: pods there share the host's disk)."""
+        return self._with("copy", str(local_path), dest)
 
 
 @dataclass(frozen=True)
@@ -199,7 +233,7 @@ class Compute:
             self.memory,
             self.gpus,
             self.replica_range,
-            self.image,
+            self.image.base,  # steps run on the pods a pool already has: not part of it
             sorted(self.env.items()),
             self.backend,
             sorted(self.resources.items()),

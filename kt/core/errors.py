@@ -5,6 +5,8 @@
     ├── ConfigError            a spec or option is invalid, found before anything ran [no]
     │   └── SyncError          the project cannot be synced as it is (too large, a file
     │                          that keeps changing, a pod that refused a blob) [no]
+    ├── ImageError             a step of the pool's kt.Image failed on a pod: names the
+    │                          step, its exit code and its last lines of output [no]
     ├── ShutdownError          kt.shutdown() ran: handles and Refs made before it are void [no]
     ├── SerializationError     an argument could not be pickled [no]; with `loading`, a
     │                          result arrived that cannot be unpickled here [yes]
@@ -50,6 +52,25 @@ class ConfigError(KtError, ValueError):
 class SyncError(ConfigError):
     """The user's project could not be brought to a pod; the pod keeps its previous
     version."""
+
+
+class ImageError(KtError):
+    """A step of a kt.Image failed on a pod; no actor of that image started there."""
+
+    def __init__(self, step: str, pod: str, exit_code: int | None, output: str) -> None:
+        super().__init__(step, pod, exit_code, output)
+        self.step = step
+        self.pod = pod
+        self.exit_code = exit_code
+        self.output = output
+
+    def __str__(self) -> str:
+        how = f"failed with exit code {self.exit_code}" if self.exit_code is not None else "failed"
+        tail = f"; its last lines:\n{self.output}" if self.output else ""
+        return f"image step {self.step} {how} on pod {self.pod}{tail}"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.step, self.pod, self.exit_code, self.output))
 
 
 # What Ray (and kubetorch) users type, and kt's name for it.

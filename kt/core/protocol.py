@@ -48,6 +48,10 @@ Kinds:
                   orjson [sha256, ...], answered with a RESULT whose payload is laid
                   out as "blobs" (pod to pod); "commit", answered with None once the
                   version's tree is built. Never unpickled
+    IMAGE         {"key": the last step's key}; payload the orjson steps
+                  (`kt.core.image.wire`): run what the pod has not run yet, streaming
+                  LOG frames {"src": "(image pod=P)"}, answered with None, or with an
+                  ImageError naming the step that failed
 """
 
 from __future__ import annotations
@@ -83,6 +87,7 @@ class FrameKind(enum.IntEnum):
     LOOKUP = 14
     WAIT = 15
     SYNC = 16
+    IMAGE = 17
 
 
 class FrameFlag(enum.IntFlag):

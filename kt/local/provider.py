@@ -126,6 +126,7 @@ class LocalProvider(Provider):
             KT_POD=spec.name,
             KT_POOL=spec.pool,
             KT_SYS_PATH=os.pathsep.join(p for p in sys.path if p),
+            KT_IMAGE_CACHE=str(pool_dir / "image"),  # the pool's pods build its venv once
         )
         if spec.inactivity_ttl is not None:
             env["KT_INACTIVITY_TTL"] = str(spec.inactivity_ttl)

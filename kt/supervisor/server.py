@@ -44,6 +44,7 @@ from kt.core.errors import (
     ActorNotFoundError,
     ConfigError,
     DeathCause,
+    ImageError,
     OwnerDiedError,
     SyncError,
     check_move,
@@ -51,6 +52,7 @@ from kt.core.errors import (
 from kt.core.liveness import pid_alive
 from kt.core.protocol import FLAGS_OFFSET, ROUTE_OFFSET, FrameFlag, FrameKind
 from kt.supervisor.fetch import FetchError, fetch, join_blobs, split_blobs
+from kt.supervisor.image import ImageCache
 from kt.supervisor.processes import ExitInfo, ProcessManager, WorkerProcess
 from kt.supervisor.store import Store, SyncRefused
 
@@ -200,10 +202,13 @@ class Supervisor:
         self.socket_path = os.path.join(self._tmp, "workers.sock")
         home = host if host not in ("", "0.0.0.0", "::") else "127.0.0.1"
         self.store = Store(os.path.join(self._tmp, "sync"))
+        cache = os.environ.get("KT_IMAGE_CACHE") or os.path.join(self._tmp, "image")
+        self.image = ImageCache(cache, pod)
         worker_env = {
             "KT_SUPERVISOR_ADDR": f"{home}:{port}",
             "KT_TOKEN": token,
             "KT_SYNC_ROOT": self.store.root,
+            "KT_IMAGE_ROOT": self.image.root,
         }
         self.procs = ProcessManager(self.socket_path, pod=pod, warm=warm, env=worker_env)
         self.stopped = asyncio.Event()
@@ -217,6 +222,7 @@ class Supervisor:
             FrameKind.WAIT: self.on_wait,
             FrameKind.RESULT: self.on_answer,
             FrameKind.SYNC: self.on_sync,
+            FrameKind.IMAGE: self.on_image,
         }
 
     # -- lifecycle -------------------------------------------------------------------
@@ -509,6 +515,35 @@ class Supervisor:
             return
         self._answer(peer, req_id, answer)
 
+    def on_image(self, peer: Peer, req_id: int, header: memoryview, frame: memoryview) -> None:
+        """Run a kt.Image's steps not run yet (`kt.supervisor.image`), output to the caller."""
+        self.last_activity = time.monotonic()
+        try:
+            steps = orjson.loads(frame[protocol.PREFIX_SIZE + len(header) :])
+        except orjson.JSONDecodeError as exc:
+            self.reply_error(peer.route, req_id, ConfigError(f"bad image steps: {exc}"), self.pod)
+            return
+        source = {"src": f"(image pod={self.pod})"}
+
+        def log(data: bytes) -> None:
+            sys.stdout.write(f"{source['src']} {data.decode('utf-8', 'replace')}")
+            peer.channel.send(protocol.encode(FrameKind.LOG, 0, source, data))
+
+        async def prepare() -> None:
+            try:
+                key = await self.image.prepare(steps, log)
+            except ImageError as exc:
+                self.reply_error(peer.route, req_id, exc, self.pod)
+                return
+            except (OSError, KeyError, TypeError, ValueError) as exc:
+                error = ImageError("?", self.pod, None, f"{type(exc).__name__}: {exc}")
+                self.reply_error(peer.route, req_id, error, self.pod)
+                return
+            logger.info("image %s ready", key)
+            self._answer(peer, req_id, None)
+
+        asyncio.get_running_loop().create_task(prepare())
+
     def _answer(self, peer: Peer, req_id: int, value: Any) -> None:
         peer.channel.send(
             protocol.encode(FrameKind.RESULT, req_id, b"", serialization.dumps_bytes(value))
@@ -660,4 +695,5 @@ class Supervisor:
                 "blobs_received": self.store.blobs_received,
                 "versions": self.store.versions(),
             },
+            "image": {"steps_run": self.image.steps_run},
         }

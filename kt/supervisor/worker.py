@@ -24,7 +24,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import json
 import os
+import site
 import socket
 import sys
 import traceback
@@ -36,6 +38,7 @@ from kt.core.channel import FrameChannel
 from kt.core.errors import (
     ActorDiedError,
     DeathCause,
+    ImageError,
     KtError,
     OwnerDiedError,
     SerializationError,
@@ -179,6 +182,8 @@ class ActorHost:
         os.environ.update({str(k): str(v) for k, v in (spec.get("env") or {}).items()})
         sys.argv = [self.cls_name]  # argparse in user code names the actor, not zygote.py
         try:
+            if spec.get("image"):
+                use_image(str(spec["image"]))
             if spec.get("sync"):
                 use_synced_tree(spec["sync"])
             cls, args, kwargs = serialization.loads(bytes(payload))
@@ -364,6 +369,28 @@ def extend_sys_path() -> None:
 
 async def _adopt(link: Link, req_id: int, borrow: Borrow) -> None:
     link.adopt(req_id, borrow)
+
+
+def use_image(key: str) -> None:
+    """What the pool's kt.Image steps left (`kt.supervisor.image`): their environment,
+    and the venv's site-packages ahead of the pod's own. Before the class is unpickled.
+
+    Raises:
+        ImageError: the image was never prepared on this pod.
+    """
+    path = os.path.join(os.environ.get("KT_IMAGE_ROOT", ""), "images", f"{key}.json")
+    try:
+        with open(path) as f:
+            outcome = json.load(f)
+    except FileNotFoundError:
+        raise ImageError(key, os.environ.get("KT_POD", "?"), None, "never prepared") from None
+    os.environ.update({str(k): str(v) for k, v in outcome["env"].items()})
+    os.environ["KT_IMAGE_FILES"] = os.path.join(os.environ.get("KT_IMAGE_ROOT", ""), "files")
+    if outcome.get("site"):
+        before = list(sys.path)
+        site.addsitedir(outcome["site"])  # its .pth files too
+        added = [p for p in sys.path if p not in before]
+        sys.path[:] = added + before
 
 
 def use_synced_tree(sync: dict[str, Any]) -> None:
