@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import dataclasses
 import logging
 import os
 import secrets
@@ -19,6 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from kt.actors import handle as handle_module
@@ -58,13 +60,14 @@ from kt.actors.scheduler import PodSlot, Pool, progress
 from kt.core import protocol
 from kt.core.compute import Compute
 from kt.core.config import config
-from kt.core.errors import ActorDiedError, DeathCause, KtError, PodLostError
+from kt.core.errors import ActorDiedError, DeathCause, KtError, PodLostError, SyncFileChanged
 from kt.core.methods import MethodKind
 from kt.core.protocol import FrameKind
 from kt.core.provider import PodState, Provider, get_provider, resolve_backend
 from kt.core.ref import Ref
 from kt.core.runtime import Address, Runtime, shared_runtime
 from kt.core.serialization import parts_size
+from kt.core.sync import manifest
 
 logger = logging.getLogger(__name__)
 
@@ -252,7 +255,7 @@ class Driver:
             return
         try:
             if spec.sync is not None:
-                await self.pusher.ensure(slot.pod.name, slot.pod.address, pool.token, spec.sync)
+                spec = await self._sync(actor, slot, pool)
             if spec.image is not None:
                 key, steps = spec.image
                 await self.imager.ensure(slot.pod.name, slot.pod.address, pool.token, key, steps)
@@ -262,6 +265,24 @@ class Driver:
             return
         actor.pool, actor.slot = pool, slot
         self.apply(ActorPlaced(spec.actor_id, slot.pod.name))
+
+    async def _sync(self, actor: Actor, slot: PodSlot, pool: Pool) -> ActorSpec:
+        """Bring the actor's project version to its pod. A file that changed since the
+        manifest: once more with a new manifest (the actor then runs that version)."""
+        spec = actor.spec
+        assert spec.sync is not None
+        pod = slot.pod
+        try:
+            await self.pusher.ensure(pod.name, pod.address, pool.token, spec.sync)
+            return spec
+        except SyncFileChanged as exc:
+            logger.warning("%s; syncing again with a new manifest", exc)
+        loop = asyncio.get_running_loop()
+        fresh = await loop.run_in_executor(None, manifest, Path(spec.sync.root))
+        header = {**spec.header, "sync": fresh.header()}
+        actor.spec = spec = dataclasses.replace(spec, sync=fresh, header=header)
+        await self.pusher.ensure(pod.name, pod.address, pool.token, fresh)
+        return spec
 
     def _send_create(self, actor: Actor, pod: str) -> None:
         spec, pool, slot = actor.spec, actor.pool, actor.slot

@@ -29,7 +29,7 @@ import orjson
 
 from kt.core import protocol
 from kt.core.config import config
-from kt.core.errors import KtError, SyncError
+from kt.core.errors import KtError, SyncError, SyncFileChanged
 from kt.core.protocol import FrameKind
 from kt.core.ref import Ref
 from kt.core.runtime import Address, Runtime
@@ -175,7 +175,7 @@ def _batches(root: str, wanted: list[tuple[str, str]]) -> Iterator[list[tuple[st
         except OSError as exc:
             raise SyncError(f"{path} could not be read for the sync: {exc}") from None
         if hashlib.sha256(data).hexdigest() != digest:
-            raise SyncError(
+            raise SyncFileChanged(
                 f"{path} changed after the manifest was made; the pods keep the version "
                 "they had. Deploy again once it is written, or list it in .ktignore"
             )

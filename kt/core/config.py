@@ -21,6 +21,10 @@ class Config:
     idle_timeout: float = 60.0
     sync: bool = field(default_factory=lambda: os.environ.get("KT_SYNC", "1") != "0")
     """Bring the caller's project to the pods (`kt.core.sync`); KT_SYNC=0 turns it off."""
+    sync_max_files: int = 200_000
+    """A project with more files is refused (raise it, or list what to skip in .ktignore)."""
+    sync_max_bytes: int = 5 * 2**30
+    """A project larger than this is refused."""
     sync_fanout: int = 4
     """How many pods one pod that holds a version serves at once (`kt.actors.push`)."""
 

@@ -54,6 +54,11 @@ class SyncError(ConfigError):
     version."""
 
 
+class SyncFileChanged(SyncError):
+    """A file changed between the manifest and its upload (kt retries with a new
+    manifest once, then raises it)."""
+
+
 class ImageError(KtError):
     """A step of a kt.Image failed on a pod; no actor of that image started there."""
 

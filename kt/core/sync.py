@@ -30,6 +30,7 @@ from pathlib import Path
 import orjson
 import pathspec
 
+from kt.core.config import config
 from kt.core.errors import ConfigError, SyncError
 
 MARKERS = (".git", "pyproject.toml", "setup.py")
@@ -47,8 +48,6 @@ DEFAULT_IGNORES = (
     "node_modules/",
     "*.egg-info/",
 )
-MAX_FILES = 200_000
-MAX_BYTES = 5 * 2**30
 
 
 @dataclass(frozen=True)
@@ -193,8 +192,9 @@ def walk(root: Path, dirs: dict[str, int] | None = None) -> list[tuple[str, os.s
 
 
 def _check_limits(root: Path, listing: list[tuple[str, os.stat_result]]) -> None:
+    max_files, max_bytes = config.sync_max_files, config.sync_max_bytes
     total = sum(st.st_size for _, st in listing)
-    if len(listing) <= MAX_FILES and total <= MAX_BYTES:
+    if len(listing) <= max_files and total <= max_bytes:
         return
     largest = sorted(listing, key=lambda item: -item[1].st_size)[:5]
     shown = ", ".join(f"{rel} ({st.st_size / 2**20:.0f} MiB)" for rel, st in largest)
@@ -207,10 +207,11 @@ def _check_limits(root: Path, listing: list[tuple[str, os.stat_result]]) -> None
     )
     raise SyncError(
         f"the project at {root} is too large to sync: {len(listing)} files, "
-        f"{total / 2**30:.1f} GiB (limits: {MAX_FILES} files, {MAX_BYTES / 2**30:.0f} GiB). "
+        f"{total / 2**30:.1f} GiB (limits: {max_files} files, {max_bytes / 2**30:g} GiB). "
         f"Largest files: {shown}; most files under: {crowded}. List what the pods do not "
         "need in a .ktignore at the project root (gitignore syntax), pass sync_dir= a "
-        "smaller directory, or sync_dir=False."
+        "smaller directory, sync_dir=False, or raise kt.config.sync_max_files / "
+        "sync_max_bytes."
     )
 
 

@@ -9,7 +9,10 @@ Behaviours covered (one pool of its own, bytes counted at the supervisor's /stat
   the edit runs the new code, the one created before still the old; the supervisor and
   the zygote are the same processes;
 - a module the pod cannot import names itself and the synced root;
-- sync_dir=False sends nothing.
+- sync_dir=False sends nothing;
+- a file edited between the manifest and its upload is synced again with a new
+  manifest (the actor runs the edited code); one that differs from its manifest fails
+  naming the file.
 """
 
 from __future__ import annotations
@@ -157,3 +160,32 @@ def test_sync_dir_false_sends_nothing(project: tuple[pathlib.Path, str]) -> None
         }
     finally:
         kt.kill(handle)
+
+
+def test_a_file_changed_before_its_upload_is_synced_again(
+    project: tuple[pathlib.Path, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    root, name = project
+    probe = importlib.import_module(f"{name}.probe")
+    compute = kt.Compute(cpus=1, replicas=1, name=f"sync-{uuid.uuid4().hex[:6]}", backend="local")
+    handle = kt.cls(probe.Probe).options(compute=compute, cpus=0, sync_dir=str(root)).remote()
+    # The manifest was made in .remote(); the pod is still starting, so the upload that
+    # follows reads the file after this edit: its hash no longer matches the manifest.
+    (root / name / "probe.py").write_text(PROBE.format(value=3))
+    try:
+        assert handle.value() == 3  # synced again with a new manifest, and created on it
+        assert "syncing again with a new manifest" in caplog.text
+    finally:
+        kt.kill(handle)
+
+
+def test_a_file_that_keeps_changing_fails_naming_it(tmp_path: pathlib.Path) -> None:
+    from kt.actors.push import _batches
+    from kt.core import sync
+
+    (tmp_path / "pyproject.toml").write_text("")
+    made = sync.manifest(tmp_path)
+    (tmp_path / "pyproject.toml").write_text("changed")
+    wanted = [(digest, rel) for rel, (_, digest) in made.files.items()]
+    with pytest.raises(kt.SyncError, match=r"pyproject\.toml changed after the manifest"):
+        list(_batches(str(tmp_path), wanted))

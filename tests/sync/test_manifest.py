@@ -9,7 +9,9 @@ Behaviours covered:
   was too recent to trust (a same-size edit within one timestamp tick);
 - a project over the limits is refused naming its largest files and .ktignore;
 - the pod's store refuses paths that leave the tree and blobs whose bytes do not match
-  their hash, and builds a version's tree from hardlinks only once every blob is there.
+  their hash, and builds a version's tree from hardlinks only once every blob is there;
+- a sync cut off midway leaves the previous tree as it was and no half tree, keeps the
+  blobs that arrived, and the next offer asks only for the rest.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pathlib
 
 import pytest
 
+import kt
 from kt.core import sync
 from kt.core.errors import SyncError
 from kt.supervisor.store import Store, SyncRefused
@@ -113,11 +116,12 @@ def test_a_project_over_the_limits_is_refused_naming_the_largest(
 ) -> None:
     root = _project(tmp_path / "p")
     (root / "data" / "huge.csv").write_bytes(b"1" * 5000)
-    monkeypatch.setattr(sync, "MAX_BYTES", 4096)
-    with pytest.raises(SyncError, match=r"data/huge.csv.*\.ktignore"):
+    monkeypatch.setattr(kt.config, "sync_max_bytes", 4096)
+    with pytest.raises(SyncError, match=r"data/huge.csv.*\.ktignore.*sync_max_bytes"):
         sync.manifest(root)
-    monkeypatch.setattr(sync, "MAX_BYTES", 10**9)
-    monkeypatch.setattr(sync, "MAX_FILES", 3)
+    monkeypatch.setattr(kt.config, "sync_max_bytes", 10**9)  # the user raised it
+    assert "data/huge.csv" in sync.manifest(root).files
+    monkeypatch.setattr(kt.config, "sync_max_files", 3)
     with pytest.raises(SyncError, match="8 files"):
         sync.manifest(root)
 
@@ -142,3 +146,26 @@ def test_the_store_checks_what_it_is_given(tmp_path: pathlib.Path) -> None:
     evil = m.encode().replace(b'"pkg/mod.py"', b'"../../escape.py"')
     with pytest.raises(SyncRefused, match="leaves the tree"):
         store.offer(evil)
+
+
+def test_a_sync_cut_off_midway_keeps_the_old_tree_and_resumes(tmp_path: pathlib.Path) -> None:
+    root = _project(tmp_path / "p")
+    store = Store(str(tmp_path / "store"))
+    old = sync.manifest(root)
+    for rel, (_, digest) in old.files.items():
+        store.offer(old.encode())
+        store.put(digest, memoryview((root / rel).read_bytes()))
+    old_tree = pathlib.Path(store.commit(old.version))
+    (root / "pkg" / "mod.py").write_text("VALUE = 2\n")
+    (root / "pkg" / "more.py").write_text("MORE = 1\n")
+    new = sync.manifest(root)
+    missing = store.offer(new.encode())
+    assert len(missing) == 2
+    by_digest = {d: rel for rel, (_, d) in new.files.items()}
+    store.put(missing[0], memoryview((root / by_digest[missing[0]]).read_bytes()))
+    # ... and here the connection is lost: no more blobs, no commit
+    assert store.versions() == [old.version]  # no half-built tree of the new version
+    assert (old_tree / "pkg" / "mod.py").read_text() == "VALUE = 1\n"
+    assert store.offer(new.encode()) == missing[1:]  # the next sync sends only the rest
+    store.put(missing[1], memoryview((root / by_digest[missing[1]]).read_bytes()))
+    assert (pathlib.Path(store.commit(new.version)) / "pkg" / "more.py").exists()
