@@ -32,7 +32,7 @@ from kt.core.methods import MethodKind, method_kind, public_methods
 from kt.core.protocol import FrameKind
 from kt.core.ref import PendingRefError, Ref, StreamRef
 from kt.core.serialization import dumps_bytes, dumps_value
-from kt.core.sync import manifest, resolve_root
+from kt.core.sync import Manifest, manifest, resolve_root
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -118,10 +118,22 @@ class RemoteClass(Generic[T]):
 
     def remote(self, *args: Any, **kwargs: Any) -> ActorHandle[T]:
         """Create one actor; returns at once, calls queue until it is placed."""
-        return self._create(self._options, args, kwargs)
+        return self._create(self._options, args, kwargs, self._manifest(self._options))
+
+    def _manifest(self, opts: ActorOptions) -> Manifest | None:
+        """The project version actors made now get (None: no sync). Call it from the
+        user's thread: the project is found from the caller's file."""
+        if not config.sync:
+            return None
+        root = resolve_root(opts.sync_dir)
+        return manifest(root) if root is not None else None
 
     def _create(
-        self, opts: ActorOptions, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        opts: ActorOptions,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        synced: Manifest | None,
     ) -> ActorHandle[T]:
         driver = get_driver()
         if opts.name is not None:
@@ -153,10 +165,6 @@ class RemoteClass(Generic[T]):
             "max_concurrency": opts.max_concurrency,
             "env": opts.env or {},
         }
-        synced = None
-        if config.sync:
-            root = resolve_root(opts.sync_dir)
-            synced = manifest(root) if root is not None else None
         if synced is not None:
             header["sync"] = synced.header()
         compute = opts.compute or config.default_compute
@@ -201,33 +209,40 @@ class RemoteClass(Generic[T]):
             )
         kwargs = init_kwargs or {}
         return self._deployed(
-            compute, lambda: self._make(compute, init_args, kwargs), init_args, kwargs
+            compute, lambda m: self._make(compute, init_args, kwargs, m), init_args, kwargs
         )
 
     def _deployed(
         self,
         compute: Compute,
-        make: Callable[[], Any],
+        make: Callable[[Manifest | None], Any],
         init_args: tuple[Any, ...],
         init_kwargs: dict[str, Any],
     ) -> Any:
-        """`make()` once per code version and arguments (`kt.actors.deploy`)."""
+        """`make(manifest)` once per code version and arguments (`kt.actors.deploy`);
+        the manifest is made once, so every replica runs the same version."""
         driver = get_driver()
         pool = driver.pool_name(compute, self._options.lifetime == "detached")
         key = deploy.key_of(self._identity, pool, compute.distribution)
-        root = resolve_root(self._options.sync_dir) if config.sync else None
-        version = manifest(root).version if root is not None else None
+        synced = self._manifest(self._options)
+        version = synced.version if synced is not None else None
         init = dumps_bytes((init_args, init_kwargs)) + repr((self._options, compute)).encode()
         what = f"{self.__name__} on pool {pool}"
-        return driver.deployments.deploy(key, version, init, make, what)
+        return driver.deployments.deploy(key, version, init, lambda: make(synced), what)
 
     def _make(
-        self, compute: Compute, init_args: tuple[Any, ...], init_kwargs: dict[str, Any]
+        self,
+        compute: Compute,
+        init_args: tuple[Any, ...],
+        init_kwargs: dict[str, Any],
+        synced: Manifest | None,
     ) -> Any:
         if compute.distribution is not None:
             return _spmd(self, compute, init_args, init_kwargs)
         count = max(compute.replica_range[0], 1)
-        service = self._service(compute, count, init_args, init_kwargs, placement="spread")
+        service = self._service(
+            compute, count, init_args, init_kwargs, placement="spread", synced=synced
+        )
         if compute.image.steps:  # .to() fails with the step that failed, as a build would
             wait = compute.launch_timeout + config.placement_timeout + IMAGE_TIMEOUT_S
             try:
@@ -246,10 +261,11 @@ class RemoteClass(Generic[T]):
         init_kwargs: dict[str, Any],
         *,
         placement: str,
+        synced: Manifest | None,
     ) -> Service:
         opts = dataclasses.replace(self._options, compute=compute, placement=placement)
         opts = dataclasses.replace(opts, cpus=min(parse_cpus(opts.cpus), compute.cpu_count))
-        handles = [self._create(opts, init_args, init_kwargs) for _ in range(count)]
+        handles = [self._create(opts, init_args, init_kwargs, synced) for _ in range(count)]
         return Service(self.__name__, handles, self._methods)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -400,12 +416,14 @@ class RemoteFunction(Generic[P, R]):
         cls = self._class(options)
         if per_cpu:
             count = max(int(target.cpu_count), 1)
-            return DeployedFunction(cls._service(target, count, (self._fn,), {}, placement="pack"))
+            synced = cls._manifest(cls.actor_options)
+            service = cls._service(target, count, (self._fn,), {}, placement="pack", synced=synced)
+            return DeployedFunction(service)
 
-        def make() -> Any:
+        def make(synced: Manifest | None) -> Any:
             if target.distribution is not None:
                 return _spmd(cls, target, (self._fn,), {}, function=True)
-            return DeployedFunction(cls._make(target, (self._fn,), {}))
+            return DeployedFunction(cls._make(target, (self._fn,), {}, synced))
 
         return cls._deployed(target, make, (self._fn,), {})
 

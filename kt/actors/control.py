@@ -83,6 +83,15 @@ class ActorSubmitted(Event):
 
 
 @dataclass(frozen=True)
+class ActorReserved(Event):
+    """The scheduler holds room for the actor on `pod`; its code and image are being
+    brought there (the pod is busy, not idle)."""
+
+    actor: str
+    pod: str
+
+
+@dataclass(frozen=True)
 class ActorPlaced(Event):
     actor: str
     pod: str
@@ -251,8 +260,10 @@ class PodRecord:
     pool: str = ""
     phase: PodPhase = PodPhase.LAUNCHING
     actors: set[str] = field(default_factory=set)
+    reserved: set[str] = field(default_factory=set)
+    """Actors PLACING with room held here (their code or image on its way)."""
     idle_since: float | None = None
-    """The first tick that saw it READY with no actors; None while it has any."""
+    """The first tick that saw it READY with no actors or reservations; None while it has."""
 
 
 @dataclass
@@ -325,6 +336,7 @@ class ControlPlane:
 
     def _pod_gone(self, pod: PodRecord, to: PodPhase, reason: str) -> None:
         self._move_pod(pod, to)
+        pod.reserved.clear()  # their placements fail on the pod and are placed again
         if to is PodPhase.LOST:
             self._emit(FailLink, pod=pod.name, reason=reason)
             self._emit(DeletePod, pod=pod.name, reason=f"lost: {reason}")  # make sure of it
@@ -341,7 +353,20 @@ class ControlPlane:
         self.actors[e.actor] = ActorRecord(e.actor, e.max_restarts)
         self._emit(Place, actor=e.actor)
 
+    def _unreserve(self, actor: str) -> None:
+        for pod in self.pods.values():
+            pod.reserved.discard(actor)
+
+    def _on_ActorReserved(self, e: ActorReserved) -> None:
+        rec = self.actors.get(e.actor)
+        pod = self.pods.get(e.pod)
+        if rec is not None and rec.phase is ActorPhase.PLACING and pod is not None:
+            if pod.phase is PodPhase.READY:
+                pod.reserved.add(e.actor)
+                pod.idle_since = None
+
     def _on_ActorPlaced(self, e: ActorPlaced) -> None:
+        self._unreserve(e.actor)
         rec = self.actors.get(e.actor)
         pod = self.pods.get(e.pod)
         if rec is None or rec.phase is not ActorPhase.PLACING:
@@ -359,6 +384,7 @@ class ControlPlane:
         self._emit(BindHandle, actor=e.actor, pod=e.pod)  # calls queue behind CREATE
 
     def _on_PlacementFailed(self, e: PlacementFailed) -> None:
+        self._unreserve(e.actor)
         rec = self.actors.get(e.actor)
         if rec is None or rec.phase is not ActorPhase.PLACING:
             return
@@ -378,6 +404,7 @@ class ControlPlane:
         self._died(rec, e.error)
 
     def _on_KillRequested(self, e: KillRequested) -> None:
+        self._unreserve(e.actor)
         rec = self.actors.get(e.actor)
         if rec is None or rec.phase is ActorPhase.DEAD:
             return
@@ -442,7 +469,7 @@ class ControlPlane:
             pods = [p for p in self.pods.values() if p.pool == pool.name and p.phase in _LIVE]
             idle: list[PodRecord] = []
             for pod in pods:
-                if pod.phase is not PodPhase.READY or pod.actors:
+                if pod.phase is not PodPhase.READY or pod.actors or pod.reserved:
                     pod.idle_since = None
                 elif pod.idle_since is None:
                     pod.idle_since = e.now
@@ -473,7 +500,10 @@ class ControlPlane:
         for pod in self.pods.values():
             if pod.phase in _GONE or pod.phase is PodPhase.LAUNCHING:
                 assert not pod.actors, f"{pod.phase.value} pod {pod.name} holds {pod.actors}"
-            if pod.actors:
-                assert pod.idle_since is None, f"{pod.name} has actors but counts as idle"
+            if pod.actors or pod.reserved:
+                assert pod.idle_since is None, f"{pod.name} is busy but counts as idle"
+            for actor in pod.reserved:
+                assert self.actors[actor].phase is ActorPhase.PLACING, (actor, pod.name)
+                assert pod.phase in (PodPhase.READY, PodPhase.SUSPECT), (pod.name, pod.phase)
             for actor in pod.actors:
                 assert self.actors[actor].pod == pod.name, (actor, pod.name)

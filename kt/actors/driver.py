@@ -29,6 +29,7 @@ from kt.actors.control import (
     ActorDied,
     ActorPhase,
     ActorPlaced,
+    ActorReserved,
     ActorSubmitted,
     BindHandle,
     CheckPod,
@@ -236,7 +237,7 @@ class Driver:
         self.actors[spec.actor_id] = Actor(spec, handle)
         self.apply(ActorSubmitted(spec.actor_id, spec.max_restarts))
 
-    async def _place(self, actor: Actor) -> None:
+    async def _place(self, actor: Actor, lost_pods: int = 0) -> None:
         """Find room for the actor (the pool may launch a pod); the plane decides the rest."""
         spec = actor.spec
         record = self.plane.actors[spec.actor_id]
@@ -253,16 +254,24 @@ class Driver:
         except BaseException as exc:
             self.apply(PlacementFailed(spec.actor_id, exc))
             return
-        try:
-            if spec.sync is not None:
-                spec = await self._sync(actor, slot, pool)
-            if spec.image is not None:
-                key, steps = spec.image
-                await self.imager.ensure(slot.pod.name, slot.pod.address, pool.token, key, steps)
-        except BaseException as exc:
-            pool.release(spec.actor_id, spec.request)
-            self.apply(PlacementFailed(spec.actor_id, exc))
-            return
+        if spec.sync is not None or spec.image is not None:
+            self.apply(ActorReserved(spec.actor_id, slot.pod.name))  # busy, not idle
+            try:
+                if spec.sync is not None:
+                    spec = await self._sync(actor, slot, pool)
+                if spec.image is not None:
+                    key, steps = spec.image
+                    await self.imager.ensure(
+                        slot.pod.name, slot.pod.address, pool.token, key, steps
+                    )
+            except BaseException as exc:
+                pool.release(spec.actor_id, spec.request)
+                if isinstance(exc, PodLostError) and lost_pods < 3:  # another pod, then
+                    logger.warning("actor %s: %s; placing it again", spec.actor_id, exc)
+                    await self._place(actor, lost_pods + 1)
+                    return
+                self.apply(PlacementFailed(spec.actor_id, exc))
+                return
         actor.pool, actor.slot = pool, slot
         self.apply(ActorPlaced(spec.actor_id, slot.pod.name))
 

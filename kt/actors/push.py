@@ -29,7 +29,7 @@ import orjson
 
 from kt.core import protocol
 from kt.core.config import config
-from kt.core.errors import KtError, SyncError, SyncFileChanged
+from kt.core.errors import SyncError, SyncFileChanged, SyncSourceFailed
 from kt.core.protocol import FrameKind
 from kt.core.ref import Ref
 from kt.core.runtime import Address, Runtime
@@ -145,7 +145,7 @@ class Pusher:
             try:
                 await self._request(address, token, pull, [wanted])
                 return False
-            except KtError as exc:  # that source is gone or broken: not again
+            except SyncSourceFailed as exc:  # that source is gone or broken: not again
                 logger.warning("pulling version %s from %s failed: %s", m.version, source, exc)
                 async with spread.changed:
                     spread.done.pop(source, None)

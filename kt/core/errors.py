@@ -54,6 +54,11 @@ class SyncError(ConfigError):
     version."""
 
 
+class SyncSourceFailed(SyncError):
+    """A pod could not fetch blobs from the pod it was told to pull from (that source
+    refused or went away); the driver tries another source."""
+
+
 class SyncFileChanged(SyncError):
     """A file changed between the manifest and its upload (kt retries with a new
     manifest once, then raises it)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import orjson
 
@@ -56,7 +56,7 @@ def join_blobs(blobs: list[tuple[str, bytes]]) -> list[bytes]:
 
 async def fetch(
     address: tuple[str, int], token: str, wanted: list[tuple[str, int]], caller: str
-) -> AsyncIterator[list[tuple[str, memoryview]]]:
+) -> AsyncGenerator[list[tuple[str, memoryview]], None]:
     """The wanted blobs ((sha256, size) pairs), batch by batch, from the pod at `address`.
 
     Raises:

@@ -3,12 +3,14 @@
 Who calls it: `kt.supervisor.server.Supervisor`, for an IMAGE frame (`kt.core.protocol`).
 Steps run in order as subprocesses of the supervisor, their output streamed to the
 caller line by line. A step whose key (`kt.core.image.keys`) has a marker in the cache
-is skipped, with the environment it left; so is every step before it. pip steps install
-into one virtual environment per cache, layered on the pod's own environment (a .pth
-file lists its site-packages), so the pod's (on the local backend: the driver's)
-environment is never touched. What the last step leaves -- the environment and the
-venv's site-packages -- is written to `images/<key>.json`, which a worker reads before
-unpickling its class.
+is skipped, with the environment it left (a key covers the step and every step before
+it). pip steps install into a virtual environment per pip chain (named by the key of
+the last pip step, holding the packages of every pip step so far), layered on the pod's
+own environment (a .pth file lists its site-packages): the pod's (on the local backend,
+the driver's) environment is never touched, and two images share a venv only when
+their steps up to the last pip step agree. What the last step leaves -- the environment
+and the venv's site-packages -- is written to `images/<key>.json`, which a worker reads
+before unpickling its class.
 
 The cache is `KT_IMAGE_CACHE` (the local backend gives every pod of a pool the same
 one, so a pool builds its venv once) or the pod's own directory; pods sharing it take
@@ -23,6 +25,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import site
 import sys
 from collections import deque
@@ -47,13 +50,13 @@ class ImageCache:
     def result(self, key: str) -> str:
         return os.path.join(self.root, "images", f"{key}.json")
 
-    @property
-    def venv(self) -> str:
-        return os.path.join(self.root, "venv")
+    def venv(self, key: str) -> str:
+        """The venv of the pip steps up to the one whose key this is."""
+        return os.path.join(self.root, "venvs", key)
 
-    def _site(self) -> str:
+    def _site(self, key: str) -> str:
         version = f"python{sys.version_info.major}.{sys.version_info.minor}"
-        return os.path.join(self.venv, "lib", version, "site-packages")
+        return os.path.join(self.venv(key), "lib", version, "site-packages")
 
     async def prepare(self, steps: list[dict[str, Any]], log: Callable[[bytes], None]) -> str:
         """Run what is not cached yet; returns the final key.
@@ -69,9 +72,12 @@ class ImageCache:
             if os.path.exists(self.result(final)):
                 return final
             env: dict[str, str] = {}
-            uses_venv = False
+            packages: list[str] = []  # of every pip step so far
+            venv: str | None = None  # the key of the last pip step so far
             for number, (step, key) in enumerate(zip(steps, chain, strict=True), start=1):
-                uses_venv = uses_venv or step["kind"] == "pip"
+                if step["kind"] == "pip":
+                    packages += [str(a) for a in step["args"]]
+                    venv = key
                 marker = os.path.join(self.root, "steps", f"{key}.json")
                 if os.path.exists(marker):
                     with open(marker) as f:
@@ -80,11 +86,11 @@ class ImageCache:
                 described = ImageStep(str(step["kind"]), tuple(map(str, step["args"])))
                 what = f"{number} of {len(steps)} ({described})"
                 log(f"image step {what}\n".encode())
-                env = await self._run(step, env, what, log)
+                env = await self._run(step, env, what, log, packages, key)
                 self.steps_run += 1
                 with open(marker, "w") as f:
                     json.dump(env, f)
-            outcome = {"env": env, "site": self._site() if uses_venv else None}
+            outcome = {"env": env, "site": self._site(venv) if venv else None}
             with open(self.result(final) + ".tmp", "w") as f:
                 json.dump(outcome, f)
             os.replace(self.result(final) + ".tmp", self.result(final))
@@ -93,7 +99,13 @@ class ImageCache:
             os.close(lock)  # and the flock with it
 
     async def _run(
-        self, step: dict[str, Any], env: dict[str, str], what: str, log: Callable[[bytes], None]
+        self,
+        step: dict[str, Any],
+        env: dict[str, str],
+        what: str,
+        log: Callable[[bytes], None],
+        packages: list[str],
+        key: str,
     ) -> dict[str, str]:
         kind, args = step["kind"], [str(a) for a in step["args"]]
         if kind == "env":
@@ -102,24 +114,30 @@ class ImageCache:
             data = base64.b64decode(step["data"])
             if hashlib.sha256(data).hexdigest() != step["sha256"]:
                 raise ImageError(what, self.pod, None, "the file arrived damaged")
-            dest = os.path.join(self.root, "files", args[1].lstrip("/"))
+            files = os.path.realpath(os.path.join(self.root, "files"))
+            dest = os.path.realpath(os.path.join(files, args[1].lstrip("/")))
+            if not dest.startswith(files + os.sep):
+                raise ImageError(what, self.pod, None, f"{args[1]!r} leaves the image's files")
             os.makedirs(os.path.dirname(dest), exist_ok=True)
             with open(dest, "wb") as f:
                 f.write(data)
             return env
         if kind == "pip":
-            if not os.path.exists(os.path.join(self.venv, "bin", "python")):
-                await self._process([sys.executable, "-m", "venv", self.venv], env, what, log)
-                # Layered on the pod's own environment (on the local backend, the
-                # driver's, which is often itself a venv, so --system-site-packages
-                # would show the wrong one): its site-packages, through a .pth file, so
-                # pip counts what is there as installed and the venv holds only what
-                # the image adds.
-                os.makedirs(self._site(), exist_ok=True)
-                with open(os.path.join(self._site(), "kt-layer.pth"), "w") as f:
-                    f.write("".join(f"{p}\n" for p in site.getsitepackages()))
-            command = [os.path.join(self.venv, "bin", "python"), "-m", "pip", "install", *args]
-            await self._process(command, env, what, log)
+            # A venv of its own per pip chain (this step's key), with every package of
+            # the chain so far: images that differ in a pip step, or before one, never
+            # share one (going back to an earlier image finds its venv as it was).
+            venv = self.venv(key)
+            shutil.rmtree(venv, ignore_errors=True)  # a half-made one from a failed run
+            await self._process([sys.executable, "-m", "venv", venv], env, what, log)
+            # Layered on the pod's own environment (on the local backend, the driver's,
+            # which is often itself a venv, so --system-site-packages would show the
+            # wrong one): its site-packages, through a .pth file, so pip counts what is
+            # there as installed and the venv holds only what the image adds.
+            os.makedirs(self._site(key), exist_ok=True)
+            with open(os.path.join(self._site(key), "kt-layer.pth"), "w") as f:
+                f.write("".join(f"{p}\n" for p in site.getsitepackages()))
+            python = os.path.join(venv, "bin", "python")
+            await self._process([python, "-m", "pip", "install", *packages], env, what, log)
             return env
         if kind == "bash":
             await self._process(["bash", "-c", args[0]], env, what, log)

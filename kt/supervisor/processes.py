@@ -11,6 +11,7 @@ table (`WorkerState`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import itertools
 import logging
@@ -99,6 +100,8 @@ class WorkerProcess:
         """The exit code (negative: killed by that signal; None: unknown)."""
         self._backlog: list[bytes | bytearray | memoryview] = []
         self._oom_before = _oom_kills()
+        self.fork_given_up = False
+        """The zygote did not report its fork in time: it is spawned instead."""
 
     def __repr__(self) -> str:
         return f"<WorkerProcess {self.id} pid={self.pid} {self.state.value}>"
@@ -115,14 +118,18 @@ class WorkerProcess:
         if self.state is _W.STARTING and self.channel is not None:
             self._move(_W.IDLE)
 
-    def started(self, pid: int) -> None:
-        """Its process exists (the zygote's report, or a spawn)."""
+    def started(self, pid: int, *, forked: bool = False) -> bool:
+        """Its process exists (the zygote's report, or a spawn). False, and nothing
+        changed, for a fork reported after it was given up (it is spawned instead)."""
+        if forked and self.fork_given_up:
+            return False
         self.pid = pid
         if not self.spawned.done():
             self.spawned.set_result(pid)
         if self.state is _W.SPAWNING:
             self._move(_W.STARTING)
         self._ready_if_connected()
+        return True
 
     def attach(self, channel: FrameChannel) -> None:
         """Its HELLO arrived on `channel`: send what waited, watch for the socket's end."""
@@ -304,8 +311,10 @@ class ProcessManager:
     def _zygote_said(self, event: dict[str, Any]) -> None:
         if "spawned" in event:
             worker = self.workers.get(int(event["spawned"]))
-            if worker is not None:
-                worker.started(int(event["pid"]))
+            pid = int(event["pid"])
+            if worker is None or not worker.started(pid, forked=True):  # too late: spawned
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         elif "exited" in event:
             pid, code = int(event["exited"]), int(event["code"])
             worker = next((w for w in self.workers.values() if w.pid == pid), None)
@@ -330,6 +339,7 @@ class ProcessManager:
             gone.cancel()
         if not worker.spawned.done():
             os.close(read_fd)
+            worker.fork_given_up = True
             raise OSError(
                 "the zygote exited"
                 if self._zygote_gone.is_set()
@@ -354,6 +364,7 @@ class ProcessManager:
             env=self._env(),
         )
         assert proc.stdout is not None
+        worker.started(proc.pid)
 
         async def wait() -> None:
             code = await proc.wait()
@@ -361,7 +372,6 @@ class ProcessManager:
                 worker.exited.set_result(code)
 
         self._task(wait())
-        worker.started(proc.pid)
         return proc.stdout
 
     # -- workers -------------------------------------------------------------------------

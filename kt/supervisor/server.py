@@ -22,6 +22,7 @@ Who runs it: `python -m kt.supervisor` (the pod's command). Theory of operation:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import hmac
 import logging
@@ -47,6 +48,7 @@ from kt.core.errors import (
     ImageError,
     OwnerDiedError,
     SyncError,
+    SyncSourceFailed,
     check_move,
 )
 from kt.core.liveness import pid_alive
@@ -535,7 +537,7 @@ class Supervisor:
             except ImageError as exc:
                 self.reply_error(peer.route, req_id, exc, self.pod)
                 return
-            except (OSError, KeyError, TypeError, ValueError) as exc:
+            except Exception as exc:  # steps that are not what the driver sends: this call only
                 error = ImageError("?", self.pod, None, f"{type(exc).__name__}: {exc}")
                 self.reply_error(peer.route, req_id, error, self.pod)
                 return
@@ -553,12 +555,18 @@ class Supervisor:
         self, peer: Peer, req_id: int, source: str, wanted: list[tuple[str, int]]
     ) -> None:
         host, _, port = source.rpartition(":")
+        error: SyncError | None = None
         try:
-            async for batch in fetch((host, int(port)), self.token.decode(), wanted, self.pod):
-                for digest, data in batch:
-                    self.store.put(digest, data, from_peer=True)
-        except (FetchError, SyncRefused, OSError, ValueError) as exc:
-            error = SyncError(f"pod {self.pod} could not pull from {source}: {exc}")
+            blobs = fetch((host, int(port)), self.token.decode(), wanted, self.pod)
+            async with contextlib.aclosing(blobs):
+                async for batch in blobs:
+                    for digest, data in batch:
+                        self.store.put(digest, data, from_peer=True)
+        except (FetchError, ValueError, struct.error, TypeError) as exc:  # the source's fault
+            error = SyncSourceFailed(f"pod {self.pod} could not pull from {source}: {exc}")
+        except (SyncRefused, OSError) as exc:  # a blob that does not hash, our own disk
+            error = SyncError(f"pod {self.pod} could not store what {source} sent: {exc}")
+        if error is not None:
             self.reply_error(peer.route, req_id, error, self.pod)
             return
         self._answer(peer, req_id, None)

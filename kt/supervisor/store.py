@@ -40,6 +40,10 @@ class Store:
     bytes_from_pods: int = 0  # pulled from other pods of the pool
     blobs_received: int = 0
     pending: dict[str, Pending] = field(default_factory=dict)
+    written: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """sha256 -> (size, mtime_ns) of each blob as written: trees are hardlinks to blobs,
+    so a process that writes a file of its tree writes the blob; such a blob no longer
+    counts as held."""
 
     def __post_init__(self) -> None:
         os.makedirs(os.path.join(self.root, "blobs"), exist_ok=True)
@@ -52,7 +56,7 @@ class Store:
         return os.path.join(self.root, "blobs", digest[:2], digest)
 
     def versions(self) -> list[str]:
-        return sorted(os.listdir(os.path.join(self.root, "trees")))
+        return sorted(v for v in os.listdir(os.path.join(self.root, "trees")) if v[0] != ".")
 
     def offer(self, data: bytes) -> list[str]:
         """A manifest: the hashes this pod lacks for it ([] when the tree exists or is
@@ -78,12 +82,32 @@ class Store:
             if rel != ".":
                 _check_path(rel)
         if os.path.isdir(self.tree(version)):
-            return []
+            if all(self._intact(d) for _, d in files.values()):
+                return []
+            self._set_aside(version)  # a file of it was written to: build it again
         self.pending[version] = Pending(files, paths)
-        missing = sorted({d for _, d in files.values() if not os.path.exists(self._blob(d))})
+        missing = sorted({d for _, d in files.values() if not self._intact(d)})
         if not missing:
             self.commit(version)
         return missing
+
+    def _intact(self, digest: str) -> bool:
+        """The blob is here as it was written (an unknown one is trusted by its name)."""
+        try:
+            st = os.stat(self._blob(digest))
+        except FileNotFoundError:
+            return False
+        known = self.written.get(digest)
+        if known is None or known == (st.st_size, st.st_mtime_ns):
+            return True
+        os.unlink(self._blob(digest))  # trees holding it keep their (changed) inode
+        del self.written[digest]
+        return False
+
+    def _set_aside(self, version: str) -> None:
+        """Rename a damaged tree out of the way: processes running in it keep it."""
+        aside = tempfile.mkdtemp(dir=os.path.join(self.root, "trees"), prefix=".damaged-")
+        os.rename(self.tree(version), os.path.join(aside, version))
 
     def read(self, digest: str) -> bytes:
         """A blob this pod holds, for a pod that pulls it.
@@ -93,6 +117,8 @@ class Store:
         """
         if not _HEX.fullmatch(digest):
             raise SyncRefused(f"bad hash {digest!r}")
+        if not self._intact(digest):
+            raise SyncRefused(f"blob {digest[:12]} is not on this pod (or was written to)")
         try:
             with open(self._blob(digest), "rb") as f:
                 return f.read()
@@ -111,7 +137,7 @@ class Store:
         if hashlib.sha256(data).hexdigest() != digest:
             raise SyncRefused(f"blob {digest[:12]} does not match its hash")
         path = self._blob(digest)
-        if os.path.exists(path):
+        if self._intact(digest):
             return
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".in-")
@@ -119,6 +145,8 @@ class Store:
             f.write(data)
         os.chmod(tmp, 0o444)
         os.replace(tmp, path)
+        st = os.stat(path)
+        self.written[digest] = (st.st_size, st.st_mtime_ns)
 
     def commit(self, version: str) -> str:
         """Build the tree of a pending version from its blobs; returns its path.

@@ -26,6 +26,7 @@ import concurrent.futures
 import contextlib
 import json
 import os
+import re
 import site
 import socket
 import sys
@@ -378,6 +379,8 @@ def use_image(key: str) -> None:
     Raises:
         ImageError: the image was never prepared on this pod.
     """
+    if not re.fullmatch(r"[0-9a-f]{32}", key):
+        raise ImageError(key[:40], os.environ.get("KT_POD", "?"), None, "not an image key")
     path = os.path.join(os.environ.get("KT_IMAGE_ROOT", ""), "images", f"{key}.json")
     try:
         with open(path) as f:

@@ -24,6 +24,7 @@ from kt.actors.control import (
     ActorDied,
     ActorPhase,
     ActorPlaced,
+    ActorReserved,
     ActorSubmitted,
     BindHandle,
     CheckPod,
@@ -172,6 +173,22 @@ def test_idle_pods_go_after_the_timeout_longest_idle_first_down_to_min_replicas(
     plane.validate()
 
 
+def test_a_pod_whose_actor_is_still_being_synced_is_not_idle() -> None:
+    plane = ControlPlane()
+    plane.handle(PoolOpened("pool", min_replicas=0, idle_timeout=10.0))
+    plane.handle(PodStarted("p", "pool"))
+    plane.handle(PodReady("p"))
+    plane.handle(ActorSubmitted("a"))
+    plane.handle(ActorReserved("a", "p"))  # its code and image on their way, for minutes
+    assert plane.handle(IdleTick(0.0)) == []
+    assert plane.handle(IdleTick(100.0)) == []
+    plane.handle(ActorPlaced("a", "p"))
+    plane.handle(KillRequested("a"))
+    plane.handle(IdleTick(200.0))
+    assert [i.pod for i in plane.handle(IdleTick(210.0))] == ["p"]
+    plane.validate()
+
+
 def test_a_pod_that_had_an_actor_is_idle_again_from_the_next_tick() -> None:
     plane = ControlPlane()
     plane.handle(PoolOpened("pool", min_replicas=0, idle_timeout=10.0))
@@ -201,6 +218,7 @@ cause = st.sampled_from(list(DeathCause))
 events = st.one_of(
     st.builds(ActorSubmitted, actor, st.sampled_from([0, 1, 2, -1])),
     st.builds(ActorPlaced, actor, pod),
+    st.builds(ActorReserved, actor, pod),
     st.builds(PlacementFailed, actor, st.just(PlacementError("no room"))),
     st.builds(ActorCreated, actor, pod),
     st.builds(lambda a, p, c: _died(a, p, c), actor, pod, cause),

@@ -17,6 +17,7 @@ import importlib.util
 import os
 import pathlib
 import uuid
+from typing import Any
 
 import pytest
 
@@ -66,7 +67,7 @@ def test_image_steps_run_once_and_again_from_the_changed_step(
             cpus=1, replicas=1, name=name, backend="local", image=_image(before, after, "1", note)
         )
     )
-    assert "/image/venv/" in first.six_file()
+    assert "/image/venvs/" in first.six_file()
     assert first.env("KT_TEST_VALUE") == "1"
     assert first.read("data/note.txt") == "copied"
     assert (_runs(before), _runs(after)) == (1, 1)
@@ -104,3 +105,27 @@ def test_a_failing_step_fails_to_with_its_exit_code_and_output(tmp_path: pathlib
     assert "2 of 2" in error.step and "run_bash" in error.step
     assert "broken" in error.output and "preparing" in error.output
     assert "exit code 3" in str(error)
+
+
+class Imports:
+    def has(self, module: str) -> bool:
+        return importlib.util.find_spec(module) is not None
+
+
+def test_images_that_differ_in_a_pip_step_never_share_a_venv() -> None:
+    name = f"image-{uuid.uuid4().hex[:6]}"
+    with_six = kt.Image().pip_install(["six==1.17.0"])
+    with_toml = kt.Image().pip_install(["toml"])
+
+    def deploy(image: kt.Image) -> Any:
+        return kt.cls(Imports).to(
+            kt.Compute(cpus=1, replicas=1, name=name, backend="local", image=image)
+        )
+
+    a = deploy(with_six)
+    assert a.has("six") and not a.has("toml")
+    b = deploy(with_toml)
+    assert b.has("toml") and not b.has("six")
+    again = deploy(with_six)  # back to the first image: its venv as it was
+    assert again.has("six") and not again.has("toml")
+    again.teardown()

@@ -10,6 +10,8 @@ Behaviours covered:
 - a project over the limits is refused naming its largest files and .ktignore;
 - the pod's store refuses paths that leave the tree and blobs whose bytes do not match
   their hash, and builds a version's tree from hardlinks only once every blob is there;
+- a file of a tree written to (it is a hardlink to its blob) is never served to another
+  pod, and the next offer sets that tree aside and asks for the blob again;
 - a sync cut off midway leaves the previous tree as it was and no half tree, keeps the
   blobs that arrived, and the next offer asks only for the rest.
 """
@@ -169,3 +171,26 @@ def test_a_sync_cut_off_midway_keeps_the_old_tree_and_resumes(tmp_path: pathlib.
     assert store.offer(new.encode()) == missing[1:]  # the next sync sends only the rest
     store.put(missing[1], memoryview((root / by_digest[missing[1]]).read_bytes()))
     assert (pathlib.Path(store.commit(new.version)) / "pkg" / "more.py").exists()
+
+
+def test_a_tree_file_written_to_is_not_served_and_its_version_is_built_again(
+    tmp_path: pathlib.Path,
+) -> None:
+    root = _project(tmp_path / "p")
+    store = Store(str(tmp_path / "store"))
+    m = sync.manifest(root)
+    for rel, (_, digest) in m.files.items():
+        store.offer(m.encode())
+        store.put(digest, memoryview((root / rel).read_bytes()))
+    tree = pathlib.Path(store.commit(m.version))
+    written = tree / "pkg" / "mod.py"
+    os.chmod(written, 0o644)  # as root in a container could, whatever the mode
+    written.write_text("VALUE = 666\n")  # through the hardlink: the blob itself
+    digest = m.files["pkg/mod.py"][1]
+    with pytest.raises(SyncRefused, match="written to"):
+        store.read(digest)  # never passed on to another pod
+    assert store.offer(m.encode()) == [digest]  # the tree is set aside, the blob missing
+    store.put(digest, memoryview((root / "pkg" / "mod.py").read_bytes()))
+    rebuilt = pathlib.Path(store.commit(m.version))
+    assert (rebuilt / "pkg" / "mod.py").read_text() == "VALUE = 1\n"
+    assert store.versions() == [m.version]
