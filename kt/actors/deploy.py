@@ -56,12 +56,17 @@ class Deployments:
 
     def __init__(self) -> None:
         self._known: dict[Key, Deployment] = {}
-        self._lock = threading.Lock()
+        self._locks: dict[Key, threading.Lock] = {}
+        self._lock = threading.Lock()  # guards _locks only
 
     def deploy(
         self, key: Key, version: str | None, init: bytes, make: Callable[[], Any], what: str
     ) -> Any:
+        """One `.to()` of `key` at a time (making one may wait for image steps); other
+        deployments go on meanwhile."""
         with self._lock:
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:
             old = self._known.get(key)
             if old is not None and reusable(old, version, init, is_alive(old.obj)):
                 return old.obj
@@ -74,7 +79,3 @@ class Deployments:
             obj = make()
             self._known[key] = Deployment(version, init, obj)
             return obj
-
-    def clear(self) -> None:
-        with self._lock:
-            self._known.clear()

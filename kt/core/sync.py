@@ -127,6 +127,7 @@ def resolve_root(sync_dir: str | os.PathLike[str] | bool | None) -> Path | None:
     return find_root(caller) if caller else None
 
 
+MAX_FILE = 2**31  # bytes in one synced file: a blob travels in one frame
 RACY_NS = 1_000_000_000
 """A file or directory whose mtime is this close to when it was read may change again
 within the same timestamp tick (git's "racy clean" problem): it is not trusted."""
@@ -194,6 +195,13 @@ def walk(root: Path, dirs: dict[str, int] | None = None) -> list[tuple[str, os.s
 def _check_limits(root: Path, listing: list[tuple[str, os.stat_result]]) -> None:
     max_files, max_bytes = config.sync_max_files, config.sync_max_bytes
     total = sum(st.st_size for _, st in listing)
+    huge = [(rel, st.st_size) for rel, st in listing if st.st_size > MAX_FILE]
+    if huge:  # a blob travels in one frame, whose length is a u32
+        shown = ", ".join(f"{rel} ({size / 2**30:.1f} GiB)" for rel, size in huge[:5])
+        raise SyncError(
+            f"{shown} under {root}: a synced file may have at most {MAX_FILE / 2**30:g} GiB. "
+            "List it in .ktignore and move it with kt.put/kt.get or a volume"
+        )
     if len(listing) <= max_files and total <= max_bytes:
         return
     largest = sorted(listing, key=lambda item: -item[1].st_size)[:5]

@@ -126,6 +126,9 @@ def test_a_project_over_the_limits_is_refused_naming_the_largest(
     monkeypatch.setattr(kt.config, "sync_max_files", 3)
     with pytest.raises(SyncError, match="8 files"):
         sync.manifest(root)
+    monkeypatch.setattr(sync, "MAX_FILE", 4096)  # one file over what one frame carries
+    with pytest.raises(SyncError, match=r"data/huge.csv .* may have at most"):
+        sync.manifest(root)
 
 
 def test_the_store_checks_what_it_is_given(tmp_path: pathlib.Path) -> None:
