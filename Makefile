@@ -44,7 +44,7 @@ lock:
 		.venv-lock/bin/python -m pip install -q $(PIP_TOOLS))
 	.venv-lock/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras \
 		--no-emit-find-links --no-emit-index-url \
-		--extra dev --extra torch --extra examples -o $(LOCK) pyproject.toml
+		--extra dev --extra torch --extra examples --extra k8s -o $(LOCK) pyproject.toml
 	cd bench && ../.venv-lock/bin/pip-compile --quiet --generate-hashes --allow-unsafe \
 		--strip-extras --no-emit-find-links --no-emit-index-url -o ray.lock ray.in
 

@@ -29,7 +29,7 @@ from bench.ray_venv import LOCK as RAY_LOCK
 from bench.ray_venv import RAY_VERSION
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-LOCKED_EXTRAS = ("dev", "torch", "examples")
+LOCKED_EXTRAS = ("dev", "torch", "examples", "k8s")
 _PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)")
 
 

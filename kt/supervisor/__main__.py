@@ -24,6 +24,12 @@ def main() -> None:
     parser.add_argument("--no-control", action="store_true", help="do not serve control HTTP")
     args = parser.parse_args()
     token = os.environ.get("KT_TOKEN", "")
+    token_file = os.environ.get("KT_TOKEN_FILE")
+    if not token and token_file:  # on Kubernetes: the pool's Secret, mounted
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as exc:
+            parser.error(f"KT_TOKEN_FILE={token_file} cannot be read: {exc}")
     if not token:
         parser.error("KT_TOKEN is not set: a supervisor never runs without a token")
     logging.basicConfig(

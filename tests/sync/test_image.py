@@ -27,10 +27,10 @@ pytestmark = pytest.mark.timeout(300)
 
 
 class Probe:
-    def six_file(self) -> str:
-        import six
+    def package_file(self) -> str:
+        import termcolor
 
-        return str(six.__file__)
+        return str(termcolor.__file__)
 
     def env(self, name: str) -> str | None:
         return os.environ.get(name)
@@ -42,7 +42,7 @@ class Probe:
 def _image(before: pathlib.Path, after: pathlib.Path, value: str, note: pathlib.Path) -> kt.Image:
     return (
         kt.Image()
-        .pip_install(["six==1.17.0"])
+        .pip_install(["termcolor"])
         .run_bash(f"echo ran >> {before}")
         .copy(str(note), "/data/note.txt")
         .set_env(KT_TEST_VALUE=value)
@@ -57,7 +57,9 @@ def _runs(path: pathlib.Path) -> int:
 def test_image_steps_run_once_and_again_from_the_changed_step(
     tmp_path: pathlib.Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    assert importlib.util.find_spec("six") is None, "the driver's environment must lack six"
+    assert importlib.util.find_spec("termcolor") is None, (
+        "the driver's environment must lack termcolor"
+    )
     before, after, note = tmp_path / "before", tmp_path / "after", tmp_path / "note.txt"
     note.write_text("copied")
     name = f"image-{uuid.uuid4().hex[:6]}"
@@ -67,14 +69,14 @@ def test_image_steps_run_once_and_again_from_the_changed_step(
             cpus=1, replicas=1, name=name, backend="local", image=_image(before, after, "1", note)
         )
     )
-    assert "/image/venvs/" in first.six_file()
+    assert "/image/venvs/" in first.package_file()
     assert first.env("KT_TEST_VALUE") == "1"
     assert first.read("data/note.txt") == "copied"
     assert (_runs(before), _runs(after)) == (1, 1)
-    assert importlib.util.find_spec("six") is None  # still: the pool's venv, not ours
+    assert importlib.util.find_spec("termcolor") is None  # still: the pool's venv, not ours
     shown = capfd.readouterr()
     out = shown.out + shown.err
-    assert "(image pod=" in out and "image step 1 of 5 (pip_install(['six==1.17.0']))" in out
+    assert "(image pod=" in out and "image step 1 of 5 (pip_install(['termcolor']))" in out
 
     same = kt.cls(Probe).to(
         kt.Compute(
@@ -114,7 +116,7 @@ class Imports:
 
 def test_images_that_differ_in_a_pip_step_never_share_a_venv() -> None:
     name = f"image-{uuid.uuid4().hex[:6]}"
-    with_six = kt.Image().pip_install(["six==1.17.0"])
+    with_termcolor = kt.Image().pip_install(["termcolor"])
     with_toml = kt.Image().pip_install(["toml"])
 
     def deploy(image: kt.Image) -> Any:
@@ -122,10 +124,10 @@ def test_images_that_differ_in_a_pip_step_never_share_a_venv() -> None:
             kt.Compute(cpus=1, replicas=1, name=name, backend="local", image=image)
         )
 
-    a = deploy(with_six)
-    assert a.has("six") and not a.has("toml")
+    a = deploy(with_termcolor)
+    assert a.has("termcolor") and not a.has("toml")
     b = deploy(with_toml)
-    assert b.has("toml") and not b.has("six")
-    again = deploy(with_six)  # back to the first image: its venv as it was
-    assert again.has("six") and not again.has("toml")
+    assert b.has("toml") and not b.has("termcolor")
+    again = deploy(with_termcolor)  # back to the first image: its venv as it was
+    assert again.has("termcolor") and not again.has("toml")
     again.teardown()

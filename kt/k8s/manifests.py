@@ -1,0 +1,282 @@
+"""The Kubernetes objects of a pool, as plain dicts: pure functions, no I/O.
+
+Who calls it: `kt.k8s.provider` (it applies them through kubernetes_asyncio), and
+`compute.manifest`-style inspection. Per pool:
+
+- an **owner** ConfigMap `kt-<pool>` holding the pool's record; every other object of
+  the pool names it in `ownerReferences`, so `kubectl delete configmap kt-<pool>` (or
+  kt teardown) removes the pool through the garbage collector;
+- a **token** Secret `kt-<pool>-token`: the pool's call-channel token, mounted into the
+  pods (so RBAC on Secrets decides who may run code on them);
+- a **headless Service** `kt-<pool>`: stable DNS (`<pod>.kt-<pool>`) for ranks and
+  KT_POD_IPS, published before the pods are ready;
+- bare **Pods**, one per replica (not a Deployment: kt's scheduler chooses which pod to
+  delete), `restartPolicy: Never`, running `python -m kt.supervisor`.
+
+Every object carries `kt.dev/pool`, `kt.dev/driver` and `app.kubernetes.io/managed-by:
+kt`. Names are DNS-1123 labels (`dns_label`).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+import shlex
+from typing import Any
+
+from kt.core.compute import Compute, parse_memory
+from kt.core.errors import ConfigError
+from kt.core.provider import SUPERVISOR_PORT, PodSpec
+
+MANAGED_BY = {"app.kubernetes.io/managed-by": "kt", "app.kubernetes.io/name": "kt"}
+POOL_LABEL = "kt.dev/pool"
+DRIVER_LABEL = "kt.dev/driver"
+TOKEN_DIR = "/var/run/secrets/kt"
+UID = 1000  # the supervisor runs as this user: never root
+
+
+def dns_label(name: str, limit: int = 63) -> str:
+    """`name` as a DNS-1123 label: lowercase alphanumerics and '-', at most `limit`
+    characters (a hash suffix keeps shortened names distinct)."""
+    label = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-") or "kt"
+    if len(label) > limit:
+        digest = hashlib.sha1(name.encode()).hexdigest()[:6]
+        label = f"{label[: limit - 7].rstrip('-')}-{digest}"
+    return label
+
+
+def owner_name(pool: str) -> str:
+    return dns_label(f"kt-{pool}")
+
+
+def service_name(pool: str) -> str:
+    return dns_label(f"kt-{pool}")
+
+
+def token_secret_name(pool: str) -> str:
+    return dns_label(f"kt-{pool}-token")
+
+
+def labels(pool: str, driver: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    return {
+        **(extra or {}),
+        **MANAGED_BY,
+        POOL_LABEL: dns_label(pool),
+        DRIVER_LABEL: dns_label(driver),
+    }
+
+
+def _meta(
+    name: str, namespace: str, pool: str, driver: str, owner_uid: str | None
+) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "name": name,
+        "namespace": namespace,
+        "labels": labels(pool, driver),
+    }
+    if owner_uid is not None:
+        meta["ownerReferences"] = [
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "name": owner_name(pool),
+                "uid": owner_uid,
+                "blockOwnerDeletion": True,
+            }
+        ]
+    return meta
+
+
+def owner(pool: str, namespace: str, driver: str, record: str) -> dict[str, Any]:
+    """The object every other object of the pool belongs to; `record` describes the pool
+    (for `kt list` and people reading `kubectl get configmap -o yaml`)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(owner_name(pool), namespace, pool, driver, None),
+        "data": {"pool": pool, "record": record},
+    }
+
+
+def token_secret(
+    pool: str, namespace: str, driver: str, token: str, owner_uid: str
+) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": _meta(token_secret_name(pool), namespace, pool, driver, owner_uid),
+        "data": {"token": base64.b64encode(token.encode()).decode()},
+    }
+
+
+def service(pool: str, namespace: str, driver: str, owner_uid: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(service_name(pool), namespace, pool, driver, owner_uid),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {POOL_LABEL: dns_label(pool)},
+            "ports": [
+                {"name": "kt", "port": SUPERVISOR_PORT, "targetPort": SUPERVISOR_PORT},
+                {"name": "control", "port": SUPERVISOR_PORT + 1, "targetPort": SUPERVISOR_PORT + 1},
+            ],
+        },
+    }
+
+
+def _quantity_cpus(cpus: float) -> str:
+    return f"{round(cpus * 1000)}m"
+
+
+def _secret_mounts(
+    compute: Compute,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """(envFrom, volumes, volumeMounts) for `secrets`: "name" is every key as an
+    environment variable, "name:/path" the Secret's files at /path."""
+    env_from, volumes, mounts = [], [], []
+    for item in compute.secrets:
+        name, _, path = item.partition(":")
+        if not name:
+            raise ConfigError(f"secrets entry {item!r}: give a Secret's name, or name:/path")
+        if path:
+            vol = dns_label(f"secret-{name}")
+            volumes.append({"name": vol, "secret": {"secretName": name}})
+            mounts.append({"name": vol, "mountPath": path, "readOnly": True})
+        else:
+            env_from.append({"secretRef": {"name": name}})
+    return env_from, volumes, mounts
+
+
+def _volume_mounts(compute: Compute) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """`volumes`: "claim:/path" mounts a PersistentVolumeClaim, "emptyDir:/path" scratch
+    space of the pod's own."""
+    volumes, mounts = [], []
+    for i, item in enumerate(compute.volumes):
+        source, _, path = item.partition(":")
+        if not source or not path.startswith("/"):
+            raise ConfigError(
+                f"volumes entry {item!r}: write 'claim-name:/mount/path' or 'emptyDir:/path'"
+            )
+        vol = dns_label(f"vol-{i}-{source}")
+        if source == "emptyDir":
+            volumes.append({"name": vol, "emptyDir": {}})
+        else:
+            volumes.append({"name": vol, "persistentVolumeClaim": {"claimName": source}})
+        mounts.append({"name": vol, "mountPath": path})
+    return volumes, mounts
+
+
+def command(kt_version: str) -> list[str]:
+    """The container's command: the supervisor, after installing the driver's exact kt
+    when the image has none."""
+    pip = f"kt-runtime=={kt_version}"
+    script = (
+        'python -c "import kt" 2>/dev/null || '
+        f"python -m pip install --user --quiet {shlex.quote(pip)} "
+        f'|| {{ echo "kt: this image has no kt and pip could not install {pip}" >&2; exit 3; }}; '
+        "exec python -m kt.supervisor"
+    )
+    return ["sh", "-c", script]
+
+
+def pod(
+    spec: PodSpec,
+    compute: Compute,
+    *,
+    namespace: str,
+    driver: str,
+    owner_uid: str,
+    kt_version: str,
+) -> dict[str, Any]:
+    """One pod of the pool, as kt's scheduler asked for it."""
+    requests: dict[str, str] = {"cpu": _quantity_cpus(spec.cpus)}
+    limits: dict[str, str] = {}
+    memory = spec.memory or parse_memory(compute.memory)
+    if memory:
+        requests["memory"] = limits["memory"] = str(memory)
+    if spec.gpus:
+        requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = str(spec.gpus)
+    for name, amount in compute.resources.items():
+        whole = f"{amount:g}"
+        requests[name] = limits[name] = whole  # extended resources: request == limit
+    env_from, secret_volumes, secret_mounts = _secret_mounts(compute)
+    pvc_volumes, pvc_mounts = _volume_mounts(compute)
+    env = [
+        {"name": "KT_POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "KT_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        {"name": "KT_POOL", "value": spec.pool},
+        {"name": "KT_TOKEN_FILE", "value": f"{TOKEN_DIR}/token"},
+        *({"name": k, "value": v} for k, v in sorted({**compute.env, **spec.env}.items())),
+    ]
+    if spec.inactivity_ttl is not None:
+        env.append({"name": "KT_INACTIVITY_TTL", "value": f"{spec.inactivity_ttl:g}"})
+    container: dict[str, Any] = {
+        "name": "kt",
+        "image": spec.image,
+        "command": command(kt_version),
+        "ports": [
+            {"name": "kt", "containerPort": SUPERVISOR_PORT},
+            {"name": "control", "containerPort": SUPERVISOR_PORT + 1},
+        ],
+        "env": env,
+        "resources": {"requests": requests, **({"limits": limits} if limits else {})},
+        "readinessProbe": {
+            "httpGet": {"path": "/healthz", "port": SUPERVISOR_PORT + 1},
+            "periodSeconds": 2,
+            "failureThreshold": 3,
+        },
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": [
+            {"name": "kt-token", "mountPath": TOKEN_DIR, "readOnly": True},
+            *secret_mounts,
+            *pvc_mounts,
+        ],
+    }
+    if env_from:
+        container["envFrom"] = env_from
+    pool_labels = labels(spec.pool, driver, {**compute.labels, **spec.labels})
+    body: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            **_meta(dns_label(spec.name), namespace, spec.pool, driver, owner_uid),
+            "labels": pool_labels,
+            **({"annotations": dict(compute.annotations)} if compute.annotations else {}),
+        },
+        "spec": {
+            "restartPolicy": "Never",
+            "hostname": dns_label(spec.name),
+            "subdomain": service_name(spec.pool),
+            "securityContext": {
+                "runAsNonRoot": True,
+                "runAsUser": UID,
+                "runAsGroup": UID,
+                "fsGroup": UID,
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
+            "containers": [container],
+            "volumes": [
+                {"name": "kt-token", "secret": {"secretName": token_secret_name(spec.pool)}},
+                *secret_volumes,
+                *pvc_volumes,
+            ],
+        },
+    }
+    pod_spec = body["spec"]
+    if compute.node_selector:
+        pod_spec["nodeSelector"] = dict(compute.node_selector)
+    if compute.tolerations:
+        pod_spec["tolerations"] = [dict(t) for t in compute.tolerations]
+    if compute.priority_class:
+        pod_spec["priorityClassName"] = compute.priority_class
+    if compute.service_account:
+        pod_spec["serviceAccountName"] = compute.service_account
+    return body
