@@ -187,6 +187,8 @@ class Driver:
         self._start(self._check_pod(ins.pod))
 
     def _do_delete_pod(self, ins: DeletePod) -> None:
+        self.pusher.forget(ins.pod)  # not a source of code for other pods any more
+        self.imager.forget(ins.pod)
         found = self._slot_of(ins.pod)
         if found is None:
             return

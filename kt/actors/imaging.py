@@ -26,6 +26,10 @@ class Imager:
         self.runtime = runtime
         self._ready: dict[tuple[str, str], asyncio.Future[Any]] = {}
 
+    def forget(self, pod: str) -> None:
+        for key in [k for k in self._ready if k[0] == pod]:
+            del self._ready[key]
+
     async def ensure(
         self, pod: str, address: Address, token: str, key: str, steps: list[dict[str, Any]]
     ) -> None:

@@ -47,6 +47,7 @@ class _Spread:
     done: dict[str, Address] = field(default_factory=dict)  # pods that hold it
     serving: dict[str, int] = field(default_factory=dict)  # pulls each is serving now
     pushing: int = 0  # pushes from the driver under way
+    stale: SyncFileChanged | None = None  # a file changed since this version's manifest
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
     def source(self, fanout: int) -> str | None:
@@ -63,6 +64,13 @@ class Pusher:
         self._pushes: dict[tuple[str, str], asyncio.Future[None]] = {}
         self._spreads: dict[str, _Spread] = {}
         self.bytes_sent = 0  # blob bytes this driver sent
+
+    def forget(self, pod: str) -> None:
+        """The pod is gone: no longer a source, and a pod of that name starts afresh."""
+        for key in [k for k in self._pushes if k[0] == pod]:
+            del self._pushes[key]
+        for spread in self._spreads.values():
+            spread.done.pop(pod, None)
 
     async def ensure(self, pod: str, address: Address, token: str, manifest: Manifest) -> None:
         """Return once `pod` (at `address`) has `manifest`'s tree.
@@ -94,6 +102,8 @@ class Pusher:
     async def _bring(self, pod: str, address: Address, token: str, manifest: Manifest) -> None:
         version = manifest.version
         spread = self._spreads.setdefault(version, _Spread())
+        if spread.stale is not None and spread.pushing == 0:
+            spread.stale = None  # asked again (its files may be as listed again): try once more
         offer = {"op": "offer", "v": version}
         missing: list[str] = await self._request(address, token, offer, [manifest.encode()])
         pushed = brought = False
@@ -121,10 +131,12 @@ class Pusher:
                 await spread.changed.wait_for(  # the driver sends only while no pod has it
                     lambda: (
                         spread.source(fanout) is not None
-                        or (not spread.done and spread.pushing == 0)
+                        or (not spread.done and (spread.pushing == 0 or spread.stale is not None))
                     )
                 )
                 source = spread.source(fanout)
+                if source is None and spread.stale is not None:
+                    raise spread.stale  # this version can never be sent: a newer one will
                 if source is None:
                     spread.pushing += 1
                 else:
@@ -132,9 +144,11 @@ class Pusher:
             if source is None:
                 try:
                     await self._push(address, token, m, missing)
-                except BaseException:
+                except BaseException as exc:
                     async with spread.changed:
                         spread.pushing -= 1
+                        if isinstance(exc, SyncFileChanged):
+                            spread.stale = exc
                         spread.changed.notify_all()
                     raise
                 return True

@@ -77,3 +77,16 @@ def test_pods_pass_the_blobs_on(project: Any, fanout: int, monkeypatch: pytest.M
         assert sum(s["bytes_from_pods"] for s in stats) == (PODS - 1) * total
     finally:
         svc.teardown()
+
+
+def test_a_deleted_pod_is_no_longer_a_source() -> None:
+    from kt.actors.push import Pusher, _Spread
+    from kt.core.runtime import shared_runtime
+
+    pusher = Pusher(shared_runtime(caller="test", stream_logs=False))
+    spread = _Spread(done={"gone": ("127.0.0.9", 7170), "kept": ("127.0.0.8", 7170)})
+    pusher._spreads["v1"] = spread
+    pusher._pushes[("gone", "v1")] = pusher._pushes[("kept", "v1")] = None  # type: ignore[assignment]
+    pusher.forget("gone")
+    assert list(spread.done) == ["kept"] and list(pusher._pushes) == [("kept", "v1")]
+    assert spread.source(4) == "kept"
