@@ -1,8 +1,9 @@
 """Imports point down (DESIGN.md's table): a kt package never imports one above it.
 
 core imports no other kt package; actors, supervisor, local and k8s import only core;
-distributed may also import actors. Checked on the source with `ast`, including imports
-inside functions.
+distributed may also import actors; testing imports no other kt package, and nothing
+imports it. kubernetes_asyncio is imported only in kt/k8s. Checked on the source with
+`ast`, including imports inside functions.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ ALLOWED = {
     "local": {"core", "local"},
     "k8s": {"core", "k8s"},
     "distributed": {"core", "actors", "distributed"},
+    "testing": {"testing"},  # the test cluster: a client of the Kubernetes API, not of kt
 }
 
 
@@ -43,6 +45,25 @@ def test_no_upward_imports() -> None:
         for path in (ROOT / package).rglob("*.py"):
             for target in _kt_imports(path) - allowed:
                 bad.append(f"{path.relative_to(ROOT.parent)} imports kt.{target}")
+    assert not bad, "\n".join(bad)
+
+
+def test_kubernetes_asyncio_only_in_k8s() -> None:
+    bad = []
+    for path in ROOT.rglob("*.py"):
+        if path.relative_to(ROOT).parts[0] == "k8s":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            bad += [
+                f"{path.relative_to(ROOT.parent)}: {n}" for n in names if n.startswith("kubernetes")
+            ]
     assert not bad, "\n".join(bad)
 
 

@@ -1,0 +1,234 @@
+"""The test cluster's API server, driven by real clients: kubernetes_asyncio and kubectl.
+
+Behaviours covered:
+- create, get, list with label and field selectors, merge patch, replace (409 Conflict
+  on a stale resourceVersion), delete, then 404 -- each answered with a Status body the
+  client turns into its ApiException;
+- a watch from a list's resourceVersion sees ADDED, MODIFIED (a status update) and
+  DELETED in order; a version older than the kept history gets 410 Gone;
+- deleting an owner removes what names it in ownerReferences (cascade); a pod bound to a
+  node is deleted gracefully (deletionTimestamp first, gone after a delete with grace 0);
+- a wrong bearer token gets 401;
+- kubectl 1.27 and 1.33 (two independent clients) list and delete pods against it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pathlib
+import shutil
+import socket
+import tempfile
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from kubernetes_asyncio import client, watch
+from kubernetes_asyncio.client.rest import ApiException
+
+from kt.testing import apiserver
+
+pytestmark = pytest.mark.timeout(120)
+TOKEN = "test-token"
+KUBECTL_DIR = pathlib.Path("/usr/lib/google-cloud-sdk/bin")
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def _api(token: str = TOKEN) -> AsyncIterator[tuple[client.CoreV1Api, str, bytes]]:
+    port = _port()
+    tls = apiserver.make_tls()
+    runner, _ = await apiserver.serve("127.0.0.1", port, TOKEN, tls)
+    url = f"https://127.0.0.1:{port}"
+    ca = tempfile.NamedTemporaryFile(suffix=".pem", delete=False)
+    ca.write(tls.ca_pem)
+    ca.close()
+    config = client.Configuration(host=url)
+    config.ssl_ca_cert = ca.name
+    config.api_key = {"BearerToken": f"Bearer {token}"}
+    api_client = client.ApiClient(config)
+    try:
+        yield client.CoreV1Api(api_client), url, tls.ca_pem
+    finally:
+        await api_client.close()
+        await runner.cleanup()
+        os.unlink(ca.name)
+
+
+def _run(body: Any) -> None:
+    async def main() -> None:
+        async for api, url, ca in _api():
+            await body(api, url, ca)
+
+    asyncio.run(main())
+
+
+def _pod(name: str, labels: dict[str, str] | None = None) -> client.V1Pod:
+    return client.V1Pod(
+        metadata=client.V1ObjectMeta(name=name, labels=labels or {}),
+        spec=client.V1PodSpec(containers=[client.V1Container(name="c", image="python:3.11")]),
+    )
+
+
+def test_crud_selectors_conflicts_and_status_codes() -> None:
+    async def body(api: client.CoreV1Api, url: str, ca: bytes) -> None:
+        cm = client.V1ConfigMap(
+            metadata=client.V1ObjectMeta(name="a", labels={"app": "kt", "tier": "x"}),
+            data={"k": "1"},
+        )
+        made = await api.create_namespaced_config_map("default", cm)
+        assert made.metadata.uid and made.metadata.resource_version
+        await api.create_namespaced_config_map(
+            "default",
+            client.V1ConfigMap(metadata=client.V1ObjectMeta(name="b", labels={"app": "other"})),
+        )
+        with pytest.raises(ApiException) as info:
+            await api.create_namespaced_config_map("default", cm)
+        assert info.value.status == 409 and json.loads(info.value.body)["reason"] == "AlreadyExists"
+        for selector, names in (
+            ("app=kt", ["a"]),
+            ("app!=kt", ["b"]),
+            ("app in (kt,other)", ["a", "b"]),
+            ("tier", ["a"]),
+            ("!tier", ["b"]),
+        ):
+            listed = await api.list_namespaced_config_map("default", label_selector=selector)
+            assert [i.metadata.name for i in listed.items] == names, selector
+        by_field = await api.list_namespaced_config_map("default", field_selector="metadata.name=b")
+        assert [i.metadata.name for i in by_field.items] == ["b"]
+        patched = await api.patch_namespaced_config_map("a", "default", {"data": {"k": "2"}})
+        assert patched.data == {"k": "2"}
+        made.data = {"k": "stale"}
+        with pytest.raises(ApiException) as info:
+            await api.replace_namespaced_config_map("a", "default", made)  # old version
+        assert info.value.status == 409 and json.loads(info.value.body)["reason"] == "Conflict"
+        await api.delete_namespaced_config_map("a", "default")
+        with pytest.raises(ApiException) as info:
+            await api.read_namespaced_config_map("a", "default")
+        assert info.value.status == 404
+
+    _run(body)
+
+
+def test_watch_sees_changes_in_order_and_old_versions_are_gone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(apiserver, "HISTORY", 20)
+
+    async def body(api: client.CoreV1Api, url: str, ca: bytes) -> None:
+        start = (await api.list_namespaced_pod("default")).metadata.resource_version
+        seen: list[tuple[str, str]] = []
+
+        async def follow() -> None:
+            async with watch.Watch().stream(
+                api.list_namespaced_pod, "default", resource_version=start, timeout_seconds=10
+            ) as stream:
+                async for event in stream:
+                    seen.append((event["type"], event["object"].status.phase))
+                    if event["type"] == "DELETED":
+                        return
+
+        watcher = asyncio.get_running_loop().create_task(follow())
+        await asyncio.sleep(0.2)
+        await api.create_namespaced_pod("default", _pod("p"))
+        await api.patch_namespaced_pod_status("p", "default", {"status": {"phase": "Running"}})
+        await api.delete_namespaced_pod("p", "default")
+        await asyncio.wait_for(watcher, 10)
+        assert seen == [("ADDED", "Pending"), ("MODIFIED", "Running"), ("DELETED", "Running")]
+        for i in range(30):  # push the start out of the kept history
+            await api.create_namespaced_config_map(
+                "default", client.V1ConfigMap(metadata=client.V1ObjectMeta(name=f"c{i}"))
+            )
+        raw = await api.list_namespaced_pod(
+            "default", watch=True, resource_version=start, _preload_content=False
+        )
+        first = json.loads((await raw.content.readline()).decode())
+        assert first["type"] == "ERROR" and first["object"]["code"] == 410
+
+    _run(body)
+
+
+def test_cascade_graceful_pods_and_auth() -> None:
+    async def body(api: client.CoreV1Api, url: str, ca: bytes) -> None:
+        owner = await api.create_namespaced_config_map(
+            "default", client.V1ConfigMap(metadata=client.V1ObjectMeta(name="owner"))
+        )
+        ref = client.V1OwnerReference(
+            api_version="v1", kind="ConfigMap", name="owner", uid=owner.metadata.uid
+        )
+        pod = _pod("owned")
+        pod.metadata.owner_references = [ref]
+        await api.create_namespaced_pod("default", pod)
+        await api.delete_namespaced_config_map("owner", "default")
+        assert (await api.list_namespaced_pod("default")).items == []
+
+        await api.create_namespaced_pod("default", _pod("bound"))
+        binding = client.V1Binding(
+            metadata=client.V1ObjectMeta(name="bound"),
+            target=client.V1ObjectReference(kind="Node", name="node-1"),
+        )
+        await api.create_namespaced_pod_binding("bound", "default", binding, _preload_content=False)
+        await api.delete_namespaced_pod("bound", "default")
+        still = await api.read_namespaced_pod("bound", "default")
+        assert still.metadata.deletion_timestamp is not None and still.spec.node_name == "node-1"
+        await api.delete_namespaced_pod("bound", "default", grace_period_seconds=0)
+        with pytest.raises(ApiException):
+            await api.read_namespaced_pod("bound", "default")
+
+    _run(body)
+
+    async def wrong() -> None:
+        async for api, _, _ in _api(token="nope"):
+            with pytest.raises(ApiException) as info:
+                await api.list_namespaced_pod("default")
+            assert info.value.status == 401
+
+    asyncio.run(wrong())
+
+
+def _kubectl(version: str) -> str:
+    path = KUBECTL_DIR / f"kubectl.{version}"
+    found = shutil.which(str(path)) or shutil.which(f"kubectl.{version}")
+    assert found, f"kubectl {version} is not on this machine (looked in {KUBECTL_DIR} and PATH)"
+    return found
+
+
+@pytest.mark.parametrize("version", ["1.27", "1.33"])
+def test_kubectl_lists_and_deletes_pods(version: str, tmp_path: pathlib.Path) -> None:
+    kubectl = _kubectl(version)
+
+    async def body(api: client.CoreV1Api, url: str, ca: bytes) -> None:
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(json.dumps(apiserver.kubeconfig(url, TOKEN, ca)))
+        await api.create_namespaced_pod("default", _pod("one", {"kt.dev/pool": "p"}))
+        await api.create_namespaced_pod("default", _pod("two", {"kt.dev/pool": "q"}))
+
+        async def run(*args: str) -> str:
+            proc = await asyncio.create_subprocess_exec(
+                kubectl,
+                f"--kubeconfig={kubeconfig}",
+                *args,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env={**os.environ, "HOME": str(tmp_path)},
+            )
+            out, err = await asyncio.wait_for(proc.communicate(), 60)
+            assert proc.returncode == 0, f"kubectl {' '.join(args)}: {err.decode()}"
+            return out.decode()
+
+        listed = json.loads(await run("get", "pods", "-l", "kt.dev/pool=p", "-o", "json"))
+        assert [i["metadata"]["name"] for i in listed["items"]] == ["one"]
+        table = await run("get", "pods")
+        assert "one" in table and "two" in table
+        await run("delete", "pod", "two", "--wait=false")
+        names = [p.metadata.name for p in (await api.list_namespaced_pod("default")).items]
+        assert names == ["one"]
+
+    _run(body)
