@@ -1,0 +1,198 @@
+"""The test cluster's scheduler: binds pending pods to nodes that fit, as kube-scheduler.
+
+Who runs it: tests today; next, `kt.testing.cluster` (issue 13). A client of the API
+server only, over its REST API (aiohttp; kt's own Kubernetes client is not used here,
+so the fake keeps kt honest). `fit` is the pure decision: a node fits a pod when its
+allocatable resources minus the requests of the pods bound to it cover the pod's
+requests, its labels match the pod's nodeSelector, and the pod tolerates its
+NoSchedule/NoExecute taints. A pod no node fits gets the condition PodScheduled=False
+(reason Unschedulable) and a FailedScheduling event whose message counts the reasons as
+kube-scheduler words them ("0/4 nodes are available: 4 Insufficient cpu.").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import ssl
+import uuid
+from collections import Counter
+from typing import Any
+
+import aiohttp
+import orjson
+
+_UNITS = {
+    "": 1,
+    "m": 0.001,
+    "k": 1e3,
+    "M": 1e6,
+    "G": 1e9,
+    "T": 1e12,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+}
+_QUANTITY = re.compile(r"^([0-9.]+)([a-zA-Z]*)$")
+
+
+def quantity(value: str | int | float) -> float:
+    """A Kubernetes quantity ("1500m", "2Gi", "4") as a number."""
+    m = _QUANTITY.match(str(value).strip())
+    if not m or m.group(2) not in _UNITS:
+        raise ValueError(f"not a quantity: {value!r}")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def requests_of(pod: dict[str, Any]) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for container in pod.get("spec", {}).get("containers", []):
+        for name, value in (container.get("resources", {}).get("requests") or {}).items():
+            total[name] = total.get(name, 0.0) + quantity(value)
+    return total
+
+
+def _tolerates(pod: dict[str, Any], taint: dict[str, Any]) -> bool:
+    for tol in pod.get("spec", {}).get("tolerations") or []:
+        if tol.get("effect") not in (None, "", taint.get("effect")):
+            continue
+        if tol.get("operator") == "Exists" and tol.get("key") in (None, "", taint.get("key")):
+            return True
+        if tol.get("key") == taint.get("key") and tol.get("value") == taint.get("value"):
+            return True
+    return False
+
+
+def fit(
+    pod: dict[str, Any], nodes: list[dict[str, Any]], bound: list[dict[str, Any]]
+) -> tuple[str | None, str]:
+    """(the node to bind to, "") or (None, kube-scheduler's message)."""
+    wanted = requests_of(pod)
+    selector = pod.get("spec", {}).get("nodeSelector") or {}
+    reasons: Counter[str] = Counter()
+    for node in sorted(nodes, key=lambda n: n["metadata"]["name"]):
+        name = node["metadata"]["name"]
+        node_labels = node["metadata"].get("labels") or {}
+        if any(node_labels.get(k) != v for k, v in selector.items()):
+            reasons["node(s) didn't match Pod's node affinity/selector"] += 1
+            continue
+        taints = [
+            t
+            for t in node.get("spec", {}).get("taints") or []
+            if t.get("effect") in ("NoSchedule", "NoExecute") and not _tolerates(pod, t)
+        ]
+        if taints:
+            t = taints[0]
+            reasons[f"node(s) had untolerated taint {{{t['key']}: {t.get('value', '')}}}"] += 1
+            continue
+        allocatable = node.get("status", {}).get("allocatable") or {}
+        free = {k: quantity(v) for k, v in allocatable.items()}
+        for other in bound:
+            if other.get("spec", {}).get("nodeName") == name:
+                for r, amount in requests_of(other).items():
+                    free[r] = free.get(r, 0.0) - amount
+        short = [r for r, amount in wanted.items() if amount > free.get(r, 0) + 1e-9]
+        if short:
+            for r in short:
+                reasons[f"Insufficient {r}"] += 1
+            continue
+        return name, ""
+    listed = ", ".join(f"{n} {r}" for r, n in sorted(reasons.items()))
+    return None, f"0/{len(nodes)} nodes are available: {listed}."
+
+
+class Scheduler:
+    """Watches pods; binds each pending one, or says why it cannot."""
+
+    def __init__(self, url: str, token: str, ca_pem: bytes) -> None:
+        self.url = url
+        self.headers = {"Authorization": f"Bearer {token}"}
+        context = ssl.create_default_context(cadata=ca_pem.decode())
+        self.connector = aiohttp.TCPConnector(ssl=context)
+        self._told: dict[str, str] = {}  # pod uid -> the message it was last given
+
+    async def run(self) -> None:
+        async with aiohttp.ClientSession(connector=self.connector, headers=self.headers) as http:
+            while True:
+                version = await self.schedule(http)
+                await self._wait_for_change(http, version)
+
+    async def _get(self, http: aiohttp.ClientSession, path: str) -> Any:
+        async with http.get(self.url + path) as reply:
+            reply.raise_for_status()
+            return orjson.loads(await reply.read())
+
+    async def schedule(self, http: aiohttp.ClientSession) -> str:
+        """One pass over the pending pods; returns the pods list's resourceVersion."""
+        pods = await self._get(http, "/api/v1/pods")
+        nodes = (await self._get(http, "/api/v1/nodes"))["items"]
+        bound = [p for p in pods["items"] if p.get("spec", {}).get("nodeName")]
+        for pod in pods["items"]:
+            meta = pod["metadata"]
+            if pod.get("spec", {}).get("nodeName") or meta.get("deletionTimestamp"):
+                continue
+            node, why = fit(pod, nodes, bound)
+            ns, name = meta["namespace"], meta["name"]
+            if node is not None:
+                body = {
+                    "apiVersion": "v1",
+                    "kind": "Binding",
+                    "metadata": {"name": name},
+                    "target": {"apiVersion": "v1", "kind": "Node", "name": node},
+                }
+                path = f"/api/v1/namespaces/{ns}/pods/{name}/binding"
+                async with http.post(self.url + path, data=orjson.dumps(body)) as reply:
+                    if reply.status < 300:
+                        pod["spec"]["nodeName"] = node
+                        bound.append(pod)
+            elif self._told.get(meta["uid"]) != why:
+                self._told[meta["uid"]] = why
+                await self._unschedulable(http, pod, why)
+        return str(pods["metadata"]["resourceVersion"])
+
+    async def _unschedulable(
+        self, http: aiohttp.ClientSession, pod: dict[str, Any], why: str
+    ) -> None:
+        meta = pod["metadata"]
+        ns, name = meta["namespace"], meta["name"]
+        condition = {
+            "type": "PodScheduled",
+            "status": "False",
+            "reason": "Unschedulable",
+            "message": why,
+        }
+        patch = {"status": {"conditions": [condition]}}
+        path = f"/api/v1/namespaces/{ns}/pods/{name}/status"
+        headers = {"Content-Type": "application/merge-patch+json"}
+        async with http.patch(self.url + path, data=orjson.dumps(patch), headers=headers):
+            pass
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": f"{name}.{uuid.uuid4().hex[:8]}", "namespace": ns},
+            "involvedObject": {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "name": name,
+                "namespace": ns,
+                "uid": meta["uid"],
+            },
+            "reason": "FailedScheduling",
+            "message": why,
+            "type": "Warning",
+            "source": {"component": "default-scheduler"},
+        }
+        async with http.post(
+            self.url + f"/api/v1/namespaces/{ns}/events", data=orjson.dumps(event)
+        ):
+            pass
+
+    async def _wait_for_change(self, http: aiohttp.ClientSession, version: str) -> None:
+        """Until a pod or node changes (a watch), or 2 s (nodes are not watched)."""
+        path = f"/api/v1/pods?watch=true&resourceVersion={version}&timeoutSeconds=2"
+        try:
+            async with http.get(self.url + path) as reply:
+                await asyncio.wait_for(reply.content.readline(), 2.5)
+        except (TimeoutError, aiohttp.ClientError):
+            pass
