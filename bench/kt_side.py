@@ -12,6 +12,7 @@ that any number of them fits the one 8-cpu pod.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -19,7 +20,8 @@ import statistics
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -261,27 +263,40 @@ RELOAD_CODE = (
 )
 
 
-def row_reload() -> Result:
-    """Hot reload, kt only: a one-line edit, `.to()` again, the new result (median of 5);
-    and `.to()` with nothing changed (median of 5). The project is a temporary directory
-    of 200 files synced with sync_dir=."""
+@contextlib.contextmanager
+def _project(kind: str, code: str, data: Callable[[int], bytes], files: int) -> Iterator[Any]:
+    """A temporary project (pyproject.toml, `files` data files, one module of `code`) on
+    sys.path: yields (its directory, the module, the module's source path)."""
     import importlib
     import tempfile
     import uuid
     from pathlib import Path
 
-    with tempfile.TemporaryDirectory(prefix="kt-bench-reload-") as d:
+    with tempfile.TemporaryDirectory(prefix=f"kt-bench-{kind}-") as d:
         root = Path(d)
-        name = f"bench_reload_{uuid.uuid4().hex[:6]}"
+        name = f"bench_{kind}_{uuid.uuid4().hex[:6]}"
         (root / "pyproject.toml").write_text(f"[project]\nname = '{name}'\n")
         (root / "data").mkdir()
-        for i in range(199):
-            (root / "data" / f"{i}.txt").write_text(f"{i}\n" * 50)
+        for i in range(files):
+            (root / "data" / f"{i}.dat").write_bytes(data(i))
         source = root / f"{name}.py"
-        source.write_text(RELOAD_CODE.format(value=0))
+        source.write_text(code)
         sys.path.insert(0, d)
-        module = importlib.import_module(name)
-        compute = kt.Compute(cpus=1, replicas=1, name=f"reload-{name[-6:]}", backend="local")
+        try:
+            yield d, importlib.import_module(name), source
+        finally:
+            sys.path.remove(d)
+
+
+def row_reload() -> Result:
+    """Hot reload, kt only: a one-line edit, `.to()` again, the new result (median of 5);
+    and `.to()` with nothing changed (median of 5). The project is a temporary directory
+    of 200 files synced with sync_dir=."""
+    code = RELOAD_CODE.format(value=0)
+    with _project("reload", code, lambda i: f"{i}\n".encode() * 50, 199) as (d, module, source):
+        compute = kt.Compute(
+            cpus=1, replicas=1, name=f"reload-{module.__name__[-6:]}", backend="local"
+        )
         deploy = kt.cls(module.Probe)
         svc = deploy.to(compute, sync_dir=d)
         assert svc.value() == 0
@@ -297,7 +312,6 @@ def row_reload() -> Result:
             assert deploy.to(compute, sync_dir=d) is svc
             unchanged.append((time.perf_counter() - t0) * 1e3)
         svc.teardown()
-        sys.path.remove(d)
     return {"edit_ms": statistics.median(edits), "unchanged_ms": statistics.median(unchanged)}
 
 
@@ -305,30 +319,17 @@ def row_sync16() -> Result:
     """Code sync to a 16-pod pool, kt only: how many copies of the project the driver
     sent (the pods pass it on), and the seconds from `.to()` until every replica ran
     from its pod's tree (pod starts included)."""
-    import importlib
-    import tempfile
-    import uuid
-    from pathlib import Path
-
     from kt.actors.driver import get_driver
 
     os.environ["KT_WARM_WORKERS"] = "0"  # 16 pods on a small machine: no idle workers
-    with tempfile.TemporaryDirectory(prefix="kt-bench-sync16-") as d:
-        root = Path(d)
-        name = f"bench_sync16_{uuid.uuid4().hex[:6]}"
-        (root / "pyproject.toml").write_text(f"[project]\nname = '{name}'\n")
-        (root / "data").mkdir()
-        for i in range(100):
-            (root / "data" / f"{i}.bin").write_bytes(os.urandom(20_000))
-        (root / f"{name}.py").write_text(
-            "class Where:\n    def where(self) -> str:\n        return __file__\n"
-        )
-        total = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
-        sys.path.insert(0, d)
-        module = importlib.import_module(name)
+    code = "class Where:\n    def where(self) -> str:\n        return __file__\n"
+    with _project("sync16", code, lambda i: os.urandom(20_000), 100) as (d, module, _):
+        total = sum(p.stat().st_size for p in Path(d).rglob("*") if p.is_file())
         pusher = get_driver().pusher
         before = pusher.bytes_sent
-        compute = kt.Compute(cpus=1, replicas=16, name=f"sync16-{name[-6:]}", backend="local")
+        compute = kt.Compute(
+            cpus=1, replicas=16, name=f"sync16-{module.__name__[-6:]}", backend="local"
+        )
         t0 = time.perf_counter()
         svc = kt.cls(module.Where).to(compute, sync_dir=d)
         wheres = [h.where.remote() for h in svc._handles]
@@ -336,7 +337,6 @@ def row_sync16() -> Result:
         seconds = time.perf_counter() - t0
         copies = (pusher.bytes_sent - before) / total
         svc.teardown()
-        sys.path.remove(d)
     os.environ.pop("KT_WARM_WORKERS")
     return {"driver_copies": copies, "seconds": seconds}
 

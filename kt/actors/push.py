@@ -171,8 +171,7 @@ class Pusher:
     async def _push(self, address: Address, token: str, m: Manifest, missing: list[str]) -> None:
         by_digest = {digest: rel for rel, (_, digest) in m.files.items()}
         for batch in _batches(m.root, [(d, by_digest[d]) for d in missing]):
-            index = orjson.dumps([[digest, len(data)] for digest, data in batch])
-            payload = [protocol.BLOB_INDEX.pack(len(index)), index, *(data for _, data in batch)]
+            payload = protocol.join_blobs(batch)
             self.bytes_sent += sum(len(data) for _, data in batch)
             await self._request(address, token, {"op": "blobs", "v": m.version}, payload)
 

@@ -134,6 +134,23 @@ LEND_ID = struct.Struct("<Q")  # a WAIT's payload
 BLOB_INDEX = struct.Struct("<I")  # a SYNC "blobs" payload starts with its index's length
 
 
+def join_blobs(blobs: list[tuple[str, bytes]]) -> list[bytes]:
+    """A SYNC "blobs" payload: u32 n, orjson [[sha256, size], ...] (n bytes), the bytes."""
+    index = orjson.dumps([[digest, len(data)] for digest, data in blobs])
+    return [BLOB_INDEX.pack(len(index)), index, *(data for _, data in blobs)]
+
+
+def split_blobs(payload: memoryview) -> list[tuple[str, memoryview]]:
+    """The blobs of a payload `join_blobs` made, as views into it."""
+    (size,) = BLOB_INDEX.unpack_from(payload)
+    start = BLOB_INDEX.size + size
+    out = []
+    for digest, length in orjson.loads(payload[BLOB_INDEX.size : start]):
+        out.append((str(digest), payload[start : start + int(length)]))
+        start += int(length)
+    return out
+
+
 def decode_header(header: bytes | memoryview) -> dict[str, Any]:
     if not header:
         return {}

@@ -37,23 +37,6 @@ async def _frame(reader: asyncio.StreamReader) -> tuple[int, int, bytes, memoryv
     return kind, flags, bytes(data[start : start + hlen]), data[start + hlen :]
 
 
-def split_blobs(payload: memoryview) -> list[tuple[str, memoryview]]:
-    """A "blobs" payload: u32 n, orjson [[sha256, size], ...] (n bytes), the bytes."""
-    (size,) = protocol.BLOB_INDEX.unpack_from(payload)
-    start = protocol.BLOB_INDEX.size + size
-    index = orjson.loads(payload[protocol.BLOB_INDEX.size : start])
-    out = []
-    for digest, length in index:
-        out.append((str(digest), payload[start : start + int(length)]))
-        start += int(length)
-    return out
-
-
-def join_blobs(blobs: list[tuple[str, bytes]]) -> list[bytes]:
-    index = orjson.dumps([[digest, len(data)] for digest, data in blobs])
-    return [protocol.BLOB_INDEX.pack(len(index)), index, *(data for _, data in blobs)]
-
-
 async def fetch(
     address: tuple[str, int], token: str, wanted: list[tuple[str, int]], caller: str
 ) -> AsyncGenerator[list[tuple[str, memoryview]], None]:
@@ -89,7 +72,7 @@ async def fetch(
             kind, flags, header, payload = await asyncio.wait_for(_frame(reader), TIMEOUT_S)
             if kind != FrameKind.RESULT or flags & FrameFlag.ERROR:
                 raise FetchError(f"{address[0]}:{address[1]} could not send the blobs")
-            yield split_blobs(payload)
+            yield protocol.split_blobs(payload)
     except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
         raise FetchError(f"lost {address[0]}:{address[1]} while fetching: {exc}") from None
     finally:

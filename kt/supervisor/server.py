@@ -53,7 +53,7 @@ from kt.core.errors import (
 )
 from kt.core.liveness import pid_alive
 from kt.core.protocol import FLAGS_OFFSET, ROUTE_OFFSET, FrameFlag, FrameKind
-from kt.supervisor.fetch import FetchError, fetch, join_blobs, split_blobs
+from kt.supervisor.fetch import FetchError, fetch
 from kt.supervisor.image import ImageCache
 from kt.supervisor.processes import ExitInfo, ProcessManager, WorkerProcess
 from kt.supervisor.store import Store, SyncRefused
@@ -496,7 +496,7 @@ class Supervisor:
                 return
             if op == "get":
                 blobs = [(str(d), self.store.read(str(d))) for d in orjson.loads(payload)]
-                parts = join_blobs(blobs)
+                parts = protocol.join_blobs(blobs)
                 size = sum(len(p) for p in parts)
                 prefix = protocol.encode_prefix(FrameKind.RESULT, req_id, b"", size)
                 peer.channel.send_parts([prefix, *parts])
@@ -505,7 +505,7 @@ class Supervisor:
             if op == "offer":
                 answer = self.store.offer(bytes(payload))
             elif op == "blobs":
-                for digest, data in split_blobs(payload):
+                for digest, data in protocol.split_blobs(payload):
                     self.store.put(digest, data)
             elif op == "commit":
                 path = self.store.commit(version)

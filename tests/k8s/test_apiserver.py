@@ -19,7 +19,6 @@ import json
 import os
 import pathlib
 import shutil
-import socket
 import tempfile
 from collections.abc import AsyncIterator
 from typing import Any
@@ -29,21 +28,15 @@ from kubernetes_asyncio import client, watch
 from kubernetes_asyncio.client.rest import ApiException
 
 from kt.testing import apiserver
+from tests.distributed.torchrun import free_port
 
 pytestmark = pytest.mark.timeout(120)
 TOKEN = "test-token"
 KUBECTL_DIR = pathlib.Path("/usr/lib/google-cloud-sdk/bin")
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 async def _api(token: str = TOKEN) -> AsyncIterator[tuple[client.CoreV1Api, str, bytes]]:
-    port = _port()
+    port = free_port()
     tls = apiserver.make_tls()
     runner, _ = await apiserver.serve("127.0.0.1", port, TOKEN, tls)
     url = f"https://127.0.0.1:{port}"

@@ -13,13 +13,13 @@ Behaviours covered:
 from __future__ import annotations
 
 import asyncio
-import socket
 from typing import Any
 
 import pytest
 
 from kt.testing import apiserver
 from kt.testing.scheduler import Scheduler, fit, quantity
+from tests.distributed.torchrun import free_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -69,16 +69,9 @@ def test_fit_counts_resources_selectors_and_taints() -> None:
     )
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def test_the_scheduler_binds_what_fits_and_says_why_for_the_rest() -> None:
     async def main() -> None:
-        port, token = _port(), "t"
+        port, token = free_port(), "t"
         tls = apiserver.make_tls()
         runner, server = await apiserver.serve("127.0.0.1", port, token, tls)
         store = server.store

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -25,15 +24,9 @@ import pytest
 from kt.core.errors import InvalidTransition
 from kt.supervisor.processes import ExitInfo, WorkerProcess, WorkerState
 from kt.supervisor.server import Supervisor
+from tests.distributed.torchrun import free_port
 
 pytestmark = pytest.mark.timeout(90)
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 async def _until(what: Callable[[], bool], timeout: float = 30.0) -> None:
@@ -45,7 +38,7 @@ async def _until(what: Callable[[], bool], timeout: float = 30.0) -> None:
 
 def _serve(warm: int, body: Callable[[Supervisor], Awaitable[None]]) -> None:
     async def main() -> None:
-        sup = Supervisor(host="127.0.0.1", port=_port(), token="t", pod="test-pod", warm=warm)
+        sup = Supervisor(host="127.0.0.1", port=free_port(), token="t", pod="test-pod", warm=warm)
         serving = asyncio.get_running_loop().create_task(sup.serve())
         try:
             await _until(lambda: sup.procs.zygote_pid is not None)

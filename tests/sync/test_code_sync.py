@@ -18,16 +18,14 @@ Behaviours covered (one pool of its own, bytes counted at the supervisor's /stat
 from __future__ import annotations
 
 import importlib
-import json
 import pathlib
 import sys
-import urllib.request
 import uuid
-from typing import Any
 
 import pytest
 
 import kt
+from tests.sync.status import pod_status
 
 pytestmark = pytest.mark.timeout(120)
 PROBE = """
@@ -43,16 +41,6 @@ class Probe:
     def where(self) -> tuple[str, str]:
         return __file__, os.getcwd()
 """
-
-
-def _status(handle: kt.ActorHandle[Any]) -> dict[str, Any]:
-    host, port = handle.wait_placed(60)
-    request = urllib.request.Request(
-        f"http://{host}:{port + 1}/status", headers={"Authorization": f"Bearer {handle._token}"}
-    )
-    with urllib.request.urlopen(request, timeout=10) as reply:
-        status: dict[str, Any] = json.loads(reply.read())
-    return status
 
 
 @pytest.fixture
@@ -91,7 +79,7 @@ def test_only_changed_bytes_travel_and_each_actor_keeps_its_version(
         assert not module_file.startswith(str(root)), module_file
         tree = pathlib.Path(cwd)
         assert module_file == str(tree / name / "probe.py") and "trees" in tree.parts
-        first = _status(old)
+        first = pod_status(old)
         assert first["sync"]["bytes_received"] == sum(p.stat().st_size for p in files)
         assert len(first["sync"]["versions"]) == 1
 
@@ -100,7 +88,7 @@ def test_only_changed_bytes_travel_and_each_actor_keeps_its_version(
         new = make.remote()
         assert new.value() == 2
         assert old.value() == 1  # created before the edit: keeps its version
-        second = _status(new)
+        second = pod_status(new)
         sent = second["sync"]["bytes_received"] - first["sync"]["bytes_received"]
         assert sent == edited.stat().st_size  # the one file, nothing else
         assert len(second["sync"]["versions"]) == 2
@@ -109,7 +97,7 @@ def test_only_changed_bytes_travel_and_each_actor_keeps_its_version(
 
         third = make.remote()  # nothing changed: nothing sent
         assert third.value() == 2
-        assert _status(third)["sync"]["bytes_received"] == second["sync"]["bytes_received"]
+        assert pod_status(third)["sync"]["bytes_received"] == second["sync"]["bytes_received"]
     finally:
         for handle in ("old", "new", "third"):
             if handle in locals():
@@ -151,7 +139,7 @@ def test_sync_dir_false_sends_nothing(project: tuple[pathlib.Path, str]) -> None
         assert handle.value() == 1
         module_file, _ = handle.where()
         assert module_file == str(root / name / "probe.py")  # the driver's own copy
-        synced = _status(handle)["sync"]
+        synced = pod_status(handle)["sync"]
         assert synced == {
             "bytes_received": 0,
             "bytes_from_pods": 0,

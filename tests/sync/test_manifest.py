@@ -52,6 +52,13 @@ def _project(root: pathlib.Path) -> pathlib.Path:
     return root
 
 
+def _sync_all(store: Store, m: sync.Manifest, root: pathlib.Path) -> None:
+    """What the driver does for a pod that has nothing: offer, every blob."""
+    store.offer(m.encode())
+    for rel, (_, digest) in m.files.items():
+        store.put(digest, memoryview((root / rel).read_bytes()))
+
+
 def test_the_root_is_found_upward(tmp_path: pathlib.Path) -> None:
     root = _project(tmp_path / "p")
     assert sync.find_root(root / "pkg" / "mod.py") == root.resolve()
@@ -157,9 +164,7 @@ def test_a_sync_cut_off_midway_keeps_the_old_tree_and_resumes(tmp_path: pathlib.
     root = _project(tmp_path / "p")
     store = Store(str(tmp_path / "store"))
     old = sync.manifest(root)
-    for rel, (_, digest) in old.files.items():
-        store.offer(old.encode())
-        store.put(digest, memoryview((root / rel).read_bytes()))
+    _sync_all(store, old, root)
     old_tree = pathlib.Path(store.commit(old.version))
     (root / "pkg" / "mod.py").write_text("VALUE = 2\n")
     (root / "pkg" / "more.py").write_text("MORE = 1\n")
@@ -182,9 +187,7 @@ def test_a_tree_file_written_to_is_not_served_and_its_version_is_built_again(
     root = _project(tmp_path / "p")
     store = Store(str(tmp_path / "store"))
     m = sync.manifest(root)
-    for rel, (_, digest) in m.files.items():
-        store.offer(m.encode())
-        store.put(digest, memoryview((root / rel).read_bytes()))
+    _sync_all(store, m, root)
     tree = pathlib.Path(store.commit(m.version))
     written = tree / "pkg" / "mod.py"
     os.chmod(written, 0o644)  # as root in a container could, whatever the mode

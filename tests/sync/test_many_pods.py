@@ -11,10 +11,8 @@ Behaviours covered (8 real pods, a service with one replica on each):
 from __future__ import annotations
 
 import importlib
-import json
 import pathlib
 import sys
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -23,6 +21,7 @@ import pytest
 
 import kt
 from kt.actors.driver import get_driver
+from tests.sync.status import pod_status
 
 pytestmark = pytest.mark.timeout(180)
 PODS = 8
@@ -44,16 +43,6 @@ def project(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> Iterator
     del sys.modules[name]
 
 
-def _sync_status(handle: kt.ActorHandle[Any]) -> dict[str, Any]:
-    host, port = handle.wait_placed(60)
-    request = urllib.request.Request(
-        f"http://{host}:{port + 1}/status", headers={"Authorization": f"Bearer {handle._token}"}
-    )
-    with urllib.request.urlopen(request, timeout=10) as reply:
-        synced: dict[str, Any] = json.loads(reply.read())["sync"]
-    return synced
-
-
 @pytest.mark.parametrize("fanout", [4, 1])
 def test_pods_pass_the_blobs_on(project: Any, fanout: int, monkeypatch: pytest.MonkeyPatch) -> None:
     root, module = project
@@ -72,7 +61,7 @@ def test_pods_pass_the_blobs_on(project: Any, fanout: int, monkeypatch: pytest.M
         assert all("/sync/trees/" in w and not w.startswith(str(root)) for w in wheres), wheres
         assert len({h.wait_placed(60) for h in handles}) == PODS  # one replica per pod
         assert pusher.bytes_sent - sent_before == total  # each blob once, to one pod
-        stats = [_sync_status(h) for h in handles]
+        stats = [pod_status(h)["sync"] for h in handles]
         assert all(s["bytes_received"] + s["bytes_from_pods"] == total for s in stats), stats
         assert sum(s["bytes_from_pods"] for s in stats) == (PODS - 1) * total
     finally:

@@ -13,10 +13,8 @@ sync_dir=):
 from __future__ import annotations
 
 import importlib
-import json
 import pathlib
 import sys
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -24,6 +22,7 @@ from typing import Any
 import pytest
 
 import kt
+from tests.sync.status import pod_status
 
 pytestmark = pytest.mark.timeout(120)
 CODE = """
@@ -71,12 +70,7 @@ def _compute() -> kt.Compute:
 
 
 def _pod_pids(handle: kt.ActorHandle[Any]) -> tuple[int, int]:
-    host, port = handle.wait_placed(60)
-    request = urllib.request.Request(
-        f"http://{host}:{port + 1}/status", headers={"Authorization": f"Bearer {handle._token}"}
-    )
-    with urllib.request.urlopen(request, timeout=10) as reply:
-        status = json.loads(reply.read())
+    status = pod_status(handle)
     return status["pid"], status["zygote_pid"]
 
 
