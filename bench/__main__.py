@@ -38,9 +38,10 @@ ROWS = (
     "arg100m_rt",
     "reload",
     "sync16",
+    "k8s",
 )
 ONCE = ("place100", "sync16")  # slow on Ray: first repetition only
-KT_ONLY = ("reload", "sync16")  # no Ray counterpart: an absolute target only
+KT_ONLY = ("reload", "sync16", "k8s")  # no Ray counterpart: an absolute target only
 SPMD = "spmd"  # kt's SPMD group against torchrun (bench/spmd_side.py), once per run
 TIMEOUT_S = {"kt": 600.0, "ray": 900.0, "spmd": 300.0}
 

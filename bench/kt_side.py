@@ -341,6 +341,44 @@ def row_sync16() -> Result:
     return {"driver_copies": copies, "seconds": seconds}
 
 
+def _rtt_us(handle: Any, n: int = 2000) -> float:
+    for _ in range(200):
+        handle.ping()
+    lat = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        handle.ping()
+        lat.append((time.perf_counter() - t0) * 1e6)
+    return statistics.median(lat)
+
+
+def row_k8s() -> Result:
+    """The Kubernetes backend on the test cluster (`kt.testing.cluster`, 4 nodes), kt
+    only: a pool of 4 pods from `.to()` until each replica answered its first call (pod
+    starts and code sync included); then the call round trip there next to the local
+    backend's, measured alternately (the same hot path: the ratio should be near 1)."""
+    from kt.testing.cluster import running
+
+    with running(nodes=4, cpus_per_node=4) as kubeconfig:
+        os.environ["KUBECONFIG"] = str(kubeconfig)
+        compute = kt.Compute(cpus=1, replicas=4, backend="k8s", name="bench-k8s")
+        t0 = time.perf_counter()
+        svc = kt.cls(Echo).to(compute)
+        kt.get([h.ping.remote() for h in svc._handles], timeout=120)
+        pool_s = time.perf_counter() - t0
+        (local,) = _started(1)
+        remote = svc._handles[0]
+        k8s_us, local_us = [], []
+        for _ in range(3):
+            k8s_us.append(_rtt_us(remote, 1000))
+            local_us.append(_rtt_us(local, 1000))
+        _kill([local])
+        svc.teardown()
+        os.environ.pop("KUBECONFIG")
+    k8s, here = statistics.median(k8s_us), statistics.median(local_us)
+    return {"pool4_s": pool_s, "rtt_us": k8s, "local_rtt_us": here, "rtt_ratio": k8s / here}
+
+
 ROWS: dict[str, Callable[[], Result]] = {
     "rtt": row_rtt,
     "async_1to1": row_async_1to1,
@@ -355,6 +393,7 @@ ROWS: dict[str, Callable[[], Result]] = {
     "memory": row_memory,
     "reload": row_reload,
     "sync16": row_sync16,
+    "k8s": row_k8s,
 }
 
 

@@ -56,6 +56,8 @@ METRICS: tuple[Metric, ...] = (
     Metric("reload.unchanged_ms", ".to() with nothing changed", "ms", False),
     Metric("sync16.driver_copies", "sync to 16 pods: copies from driver", "x", False),
     Metric("sync16.seconds", "sync to 16 pods: .to() until all ran", "s", False),
+    Metric("k8s.pool4_s", "k8s test cluster: 4-pod pool .to() -> first calls", "s", False),
+    Metric("k8s.rtt_ratio", "k8s test cluster: rtt / local rtt", "x", False),
     Metric("memory.total_mib", "memory (runtime+driver)", "MiB", False),
     Metric("memory.runtime_mib", "memory runtime", "MiB", False),
     Metric("memory.driver_mib", "memory driver", "MiB", False),
@@ -83,6 +85,7 @@ ABSOLUTE_TARGETS: dict[str, tuple[str, float]] = {
     "reload.edit_ms": ("<=", 1000.0),
     "reload.unchanged_ms": ("<=", 50.0),
     "sync16.driver_copies": ("<=", 1.0),
+    "k8s.rtt_ratio": ("<=", 1.2),  # the same hot path as the local backend
 }
 
 

@@ -15,7 +15,9 @@ import sys
 import time
 import urllib.request
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 from rich.console import Console
 from rich.table import Table
@@ -24,10 +26,23 @@ import kt
 from kt.core.provider import Pod, Provider, get_provider, resolve_backend
 
 console = Console()
+T = TypeVar("T")
 
 
 def _provider(args: argparse.Namespace) -> Provider:
     return get_provider(resolve_backend(args.backend))
+
+
+def _run(provider: Provider, work: Callable[[], Awaitable[T]]) -> T:
+    """One event loop per command: the work, then the provider's clients closed."""
+
+    async def run() -> T:
+        try:
+            return await work()
+        finally:
+            await provider.close()
+
+    return asyncio.run(run())
 
 
 def _status_of(pod: Pod, token: str | None) -> dict[str, object]:
@@ -43,7 +58,8 @@ def _status_of(pod: Pod, token: str | None) -> dict[str, object]:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    pods = asyncio.run(_provider(args).list_pods())
+    provider = _provider(args)
+    pods = _run(provider, provider.list_pods)
     pools: dict[str, list[Pod]] = defaultdict(list)
     for pod in pods:
         pools[pod.pool].append(pod)
@@ -58,11 +74,14 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     provider = _provider(args)
-    pods = asyncio.run(provider.list_pods(args.name))
+
+    async def read() -> tuple[list[Pod], str | None]:
+        return await provider.list_pods(args.name), await provider.read_token(args.name)
+
+    pods, token = _run(provider, read)
     if not pods:
         console.print(f"no pool named {args.name!r} (see `kt list`)")
         return 1
-    token = asyncio.run(provider.read_token(args.name))
     table = Table("pod", "state", "actor", "class", "actor state", "pid", "calls")
     table.columns[0].no_wrap = True  # a pod name cut short cannot be passed to `kt logs --pod`
     for pod in pods:
@@ -112,15 +131,15 @@ def cmd_teardown(args: argparse.Namespace) -> int:
     provider = _provider(args)
 
     async def run() -> int:
-        pods = await provider.list_pods(None if args.all else args.name)
-        for pod in pods:
-            await provider.delete_pod(pod.pool, pod.name)
-        return len(pods)
+        if not args.all:
+            return await provider.delete_pool(args.name)
+        pools = sorted({pod.pool for pod in await provider.list_pods()})
+        return sum([await provider.delete_pool(pool) for pool in pools])
 
     if not args.all and not args.name:
         console.print("name a pool, or pass --all")
         return 2
-    deleted = asyncio.run(run())
+    deleted = _run(provider, run)
     if not deleted and not args.all:
         console.print(f"no pool named {args.name!r} (see `kt list`)")
         return 1

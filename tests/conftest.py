@@ -1,11 +1,15 @@
-"""Shared fixtures: a private KT_HOME per test process, and local pools shared per module.
+"""Shared fixtures: a private KT_HOME per test process, local pools shared per module, and
+a Kubernetes test cluster per test process for the tests that run on both backends.
 
-Pools are real: supervisor processes on loopback addresses, real actor processes.
+Pools are real: supervisor processes on loopback addresses, real actor processes; on the
+k8s backend the same supervisors are pods of `python -m kt.testing.cluster`, made through
+kubernetes_asyncio.
 """
 
 from __future__ import annotations
 
 import os
+import pathlib
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -31,3 +35,28 @@ def pool() -> object:
     import kt
 
     return kt.Compute(cpus=16, replicas=1, backend="local")
+
+
+CLUSTER_NODES, CLUSTER_CPUS = 4, 16
+
+
+@pytest.fixture(scope="session")
+def k8s_cluster() -> Iterator[pathlib.Path]:
+    """`python -m kt.testing.cluster` (4 nodes of 16 cpus) for this test process, and
+    KUBECONFIG pointing at it; stopped (every pod's processes with it) at the end."""
+    from kt.testing.cluster import running
+
+    with running(CLUSTER_NODES, CLUSTER_CPUS) as kubeconfig:
+        os.environ["KUBECONFIG"] = str(kubeconfig)
+        yield kubeconfig
+        import kt
+
+        kt.shutdown()  # while the cluster still answers: the driver deletes its pools
+
+
+@pytest.fixture(params=["local", "k8s"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """Each test that takes it runs on both backends (the k8s one on the test cluster)."""
+    if request.param == "k8s":
+        request.getfixturevalue("k8s_cluster")
+    return str(request.param)

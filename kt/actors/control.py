@@ -159,6 +159,7 @@ class PodReachable(Event):
 class PodLost(Event):
     pod: str
     reason: str
+    oom: bool = False  # the pod went over its memory limit (its processes are dead)
 
 
 @dataclass(frozen=True)
@@ -240,6 +241,7 @@ class FailLink(Instruction):
 
     pod: str
     reason: str
+    oom: bool = False  # they fail with ActorDiedError(oom=True), not PodLostError
 
 
 # -- records -----------------------------------------------------------------------------
@@ -334,16 +336,17 @@ class ControlPlane:
         self._move_actor(rec, ActorPhase.DEAD, str(error))
         self._emit(FailHandle, actor=rec.id, error=error)
 
-    def _pod_gone(self, pod: PodRecord, to: PodPhase, reason: str) -> None:
+    def _pod_gone(self, pod: PodRecord, to: PodPhase, reason: str, oom: bool = False) -> None:
         self._move_pod(pod, to)
         pod.reserved.clear()  # their placements fail on the pod and are placed again
         if to is PodPhase.LOST:
-            self._emit(FailLink, pod=pod.name, reason=reason)
+            self._emit(FailLink, pod=pod.name, reason=reason, oom=oom)
             self._emit(DeletePod, pod=pod.name, reason=f"lost: {reason}")  # make sure of it
         why = f"its pod was lost ({reason})" if to is PodPhase.LOST else reason
+        cause = DeathCause.OOM if oom else DeathCause.POD_LOST
         for actor in sorted(pod.actors):
             rec = self.actors[actor]
-            error = ActorDiedError(actor, pod.name, reason=why, cause=DeathCause.POD_LOST)
+            error = ActorDiedError(actor, pod.name, oom=oom, reason=why, cause=cause)
             self._died(rec, error)
 
     # -- actors ----------------------------------------------------------------------------
@@ -454,7 +457,7 @@ class ControlPlane:
         pod = self.pods.get(e.pod)
         if pod is None or pod.phase not in (PodPhase.READY, PodPhase.SUSPECT):
             return
-        self._pod_gone(pod, PodPhase.LOST, e.reason)
+        self._pod_gone(pod, PodPhase.LOST, e.reason, e.oom)
 
     def _on_PodDeleted(self, e: PodDeleted) -> None:
         pod = self.pods.get(e.pod)

@@ -64,7 +64,7 @@ from kt.core.config import config
 from kt.core.errors import ActorDiedError, DeathCause, KtError, PodLostError, SyncFileChanged
 from kt.core.methods import MethodKind
 from kt.core.protocol import FrameKind
-from kt.core.provider import PodState, Provider, get_provider, resolve_backend
+from kt.core.provider import Pod, PodState, Provider, get_provider, resolve_backend
 from kt.core.ref import Ref
 from kt.core.runtime import Address, Runtime, shared_runtime
 from kt.core.serialization import parts_size
@@ -106,7 +106,7 @@ class Driver:
             DeletePod: self._do_delete_pod,
             FailLink: self._do_fail_link,
         }
-        atexit.register(self.shutdown)
+        atexit.register(self._exit)
 
     # -- pools ---------------------------------------------------------------------------
     def pool_name(self, compute: Compute, detached: bool) -> str:
@@ -208,7 +208,11 @@ class Driver:
     def _do_fail_link(self, ins: FailLink) -> None:
         found = self._slot_of(ins.pod)
         if found is not None:
-            self.runtime.fail_link(found[1].pod.address, PodLostError(ins.pod, ins.reason))
+            error: KtError = PodLostError(ins.pod, ins.reason)
+            if ins.oom:  # its processes are known to be dead: the OOM killer ended them
+                actors = ", ".join(sorted(found[1].actors)) or "(none)"
+                error = ActorDiedError(actors, ins.pod, oom=True, reason=ins.reason)
+            self.runtime.fail_link(found[1].pod.address, error)
 
     async def _tick(self) -> None:
         """The plane's clock: an IdleTick a few times per shortest idle_timeout (<= 1 s)."""
@@ -352,8 +356,8 @@ class Driver:
             try:
                 async for event in pool.provider.watch_pods(pool.name):
                     if event.state in gone and not self.closing:
-                        reason = f"the provider reports it {event.state.value}"
-                        self.apply(PodLost(event.pod.name, reason))
+                        reason = event.pod.reason or f"the provider reports it {event.state.value}"
+                        self.apply(PodLost(event.pod.name, reason, oom=event.pod.oom))
             except Exception as exc:  # the watch broke: start it again
                 logger.warning("watch of pool %s failed (%s); watching again", pool.name, exc)
                 await asyncio.sleep(1.0)
@@ -364,10 +368,12 @@ class Driver:
             self.apply(PodLost(pod, "its pool no longer has it"))
             return
         pool, slot = found
-        if not await _pod_alive(pool.provider, pool.name, pod):
-            self.apply(PodLost(pod, "the provider no longer has it"))
-        elif not await _reachable(slot.pod.address):
-            self.apply(PodLost(pod, "it does not accept connections"))
+        seen = await _provider_pod(pool.provider, pool.name, pod)
+        if seen is None or seen.state is not PodState.READY:
+            self.apply(_lost(pod, seen, "the provider no longer has it"))
+        elif not await _reachable(slot.pod.address):  # the provider may say why by now
+            seen = await _provider_pod(pool.provider, pool.name, pod)
+            self.apply(_lost(pod, seen, "it does not accept connections"))
         else:
             self.apply(PodReachable(pod))
 
@@ -413,22 +419,29 @@ class Driver:
         return None
 
     # -- exit ----------------------------------------------------------------------------
+    def _exit(self) -> None:
+        if self.runtime.loop.is_running():
+            self.runtime.run_blocking_inline()  # thread pools take no work at exit
+        self.shutdown()
+
     def shutdown(self) -> None:
         """Delete the pods of every pool this driver made that is not detached."""
         self.closing = True
         pools = [p for p in self.pools.values() if not p.detached]
+        providers = list({id(p.provider): p.provider for p in self.pools.values()}.values())
         self.pools.clear()
         if self.runtime.loop.is_running():
             try:
-                self.runtime.run(self._teardown(pools), timeout=10)
+                self.runtime.run(self._teardown(pools, providers), timeout=10)
             except Exception as exc:  # exiting anyway: the pods' watchdogs finish the job
                 logger.warning("teardown at exit was incomplete: %s", exc)
         self.runtime.stop()
 
-    async def _teardown(self, pools: list[Pool]) -> None:
+    async def _teardown(self, pools: list[Pool], providers: list[Provider]) -> None:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*(p.teardown() for p in pools), return_exceptions=True)
+        await asyncio.gather(*(p.close() for p in providers), return_exceptions=True)
 
 
 async def _reachable(address: Address, tries: int = 3) -> bool:
@@ -444,12 +457,20 @@ async def _reachable(address: Address, tries: int = 3) -> bool:
     return False
 
 
-async def _pod_alive(provider: Provider, pool: str, name: str) -> bool:
+async def _provider_pod(provider: Provider, pool: str, name: str) -> Pod | None:
+    """The pod as the provider sees it now; None when it has no such pod (or no answer)."""
     try:
         pods = await provider.list_pods(pool)
     except KtError:
-        return False
-    return any(p.name == name and p.state is PodState.READY for p in pods)
+        return None
+    return next((p for p in pods if p.name == name), None)
+
+
+def _lost(name: str, seen: Pod | None, otherwise: str) -> PodLost:
+    """The pod is gone: the provider's reason (OOMKilled, Evicted, ...) when it gives one."""
+    if seen is not None and seen.reason:
+        return PodLost(name, seen.reason, oom=seen.oom)
+    return PodLost(name, otherwise)
 
 
 _driver: Driver | None = None

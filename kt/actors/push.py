@@ -62,7 +62,9 @@ class Pusher:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self._pushes: dict[tuple[str, str], asyncio.Future[None]] = {}
-        self._spreads: dict[str, _Spread] = {}
+        # per version and pool token: a pod may pull only from pods of its own pool (a pod
+        # of another pool refuses its token)
+        self._spreads: dict[tuple[str, str], _Spread] = {}
         self.bytes_sent = 0  # blob bytes this driver sent
 
     def forget(self, pod: str) -> None:
@@ -101,7 +103,7 @@ class Pusher:
 
     async def _bring(self, pod: str, address: Address, token: str, manifest: Manifest) -> None:
         version = manifest.version
-        spread = self._spreads.setdefault(version, _Spread())
+        spread = self._spreads.setdefault((version, token), _Spread())
         if spread.stale is not None and spread.pushing == 0:
             spread.stale = None  # asked again (its files may be as listed again): try once more
         offer = {"op": "offer", "v": version}

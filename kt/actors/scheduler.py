@@ -206,6 +206,7 @@ class Pool:
             detached=self.detached,
             image=c.image.base,
             namespace=c.namespace,
+            compute=c,
         )
 
     def _launch(self) -> PodSlot:
@@ -236,7 +237,7 @@ class Pool:
         try:
             (pod,) = await self.provider.create_pods([spec])
         except Exception as exc:
-            if not isinstance(exc, LaunchError):
+            if not isinstance(exc, (LaunchError, PlacementError)):
                 exc = LaunchError(self.name, spec.name, f"{type(exc).__name__}: {exc}")
             slot.failure = exc
             if slot in self.slots:
@@ -386,3 +387,4 @@ class Pool:
             *(asyncio.shield(t) for t in list(self._tasks)),
             return_exceptions=True,
         )
+        await self.provider.release_pool(self.name)

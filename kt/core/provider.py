@@ -14,8 +14,12 @@ import importlib.util
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from kt.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from kt.core.compute import Compute
 
 SUPERVISOR_PORT = 7170
 """The call-channel port every supervisor listens on; control HTTP is on the next one."""
@@ -54,6 +58,8 @@ class PodSpec:
     detached: bool = False
     image: str = "python:3.11-slim"
     namespace: str | None = None
+    compute: Compute | None = None
+    """The whole Compute, for backends that place every field (Kubernetes)."""
 
 
 @dataclass
@@ -66,6 +72,8 @@ class Pod:
     port: int
     state: PodState = PodState.PENDING
     reason: str = ""
+    oom: bool = False
+    """It ended because it went over its memory limit (the reason says which)."""
 
     @property
     def address(self) -> tuple[str, int]:
@@ -106,6 +114,22 @@ class Provider(abc.ABC):
     @abc.abstractmethod
     def watch_pods(self, pool: str) -> AsyncIterator[PodEvent]:
         """Pod state changes of a pool, as they happen."""
+
+    async def release_pool(self, pool: str) -> None:
+        """This driver is done with the pool (its own pods are deleted): remove what the
+        pool owns once no pod of it is left (another driver may still use it)."""
+        return None
+
+    async def delete_pool(self, pool: str) -> int:
+        """Delete every pod of a pool and what the pool owns; returns how many pods."""
+        pods = await self.list_pods(pool)
+        for pod in pods:
+            await self.delete_pod(pool, pod.name)
+        return len(pods)
+
+    async def close(self) -> None:
+        """Release what the provider holds open on the current event loop (its clients)."""
+        return None
 
     async def read_token(self, pool: str) -> str | None:
         """The token of an existing pool, for a second driver; None when unknown."""

@@ -588,6 +588,12 @@ class Runtime:
         """Start a coroutine on the loop thread without waiting for it."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
+    def run_blocking_inline(self) -> None:
+        """From now on the loop runs its blocking helpers (run_in_executor, to_thread)
+        inline. For the exit: Python shuts its thread pools before atexit handlers run, and
+        the teardown's clients still use them (aiohttp reads .netrc that way)."""
+        self.loop.set_default_executor(_InlineExecutor())
+
     def stop(self) -> None:
         global _shared
         with _shared_lock:
@@ -622,3 +628,17 @@ def shared_runtime(*, caller: str | None = None, stream_logs: bool = True) -> Ru
         if _shared is None:
             _shared = Runtime(caller=caller, stream_logs=stream_logs)
         return _shared
+
+
+class _InlineExecutor(concurrent.futures.Executor):
+    """Runs each submitted function at once, in the caller's thread."""
+
+    def submit(
+        self, fn: Callable[..., T], /, *args: Any, **kwargs: Any
+    ) -> concurrent.futures.Future[T]:
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # the caller's future carries it
+            future.set_exception(exc)
+        return future

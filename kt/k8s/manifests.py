@@ -31,6 +31,7 @@ from kt.core.provider import SUPERVISOR_PORT, PodSpec
 
 MANAGED_BY = {"app.kubernetes.io/managed-by": "kt", "app.kubernetes.io/name": "kt"}
 POOL_LABEL = "kt.dev/pool"
+POOL_ANNOTATION = "kt.dev/pool-name"  # the exact name (the label is its DNS-1123 form)
 DRIVER_LABEL = "kt.dev/driver"
 TOKEN_DIR = "/var/run/secrets/kt"
 UID = 1000  # the supervisor runs as this user: never root
@@ -132,6 +133,14 @@ def _quantity_cpus(cpus: float) -> str:
     return f"{round(cpus * 1000)}m"
 
 
+def quantity_bytes(amount: int) -> str:
+    """Bytes as a Kubernetes quantity a person reads: 2Gi, 600Mi, or plain bytes."""
+    for suffix, size in (("Ti", 2**40), ("Gi", 2**30), ("Mi", 2**20), ("Ki", 2**10)):
+        if amount >= size and amount % size == 0:
+            return f"{amount // size}{suffix}"
+    return str(amount)
+
+
 def _secret_mounts(
     compute: Compute,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
@@ -197,7 +206,7 @@ def pod(
     limits: dict[str, str] = {}
     memory = spec.memory or parse_memory(compute.memory)
     if memory:
-        requests["memory"] = limits["memory"] = str(memory)
+        requests["memory"] = limits["memory"] = quantity_bytes(memory)
     if spec.gpus:
         requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = str(spec.gpus)
     for name, amount in compute.resources.items():
@@ -249,7 +258,7 @@ def pod(
         "metadata": {
             **_meta(dns_label(spec.name), namespace, spec.pool, driver, owner_uid),
             "labels": pool_labels,
-            **({"annotations": dict(compute.annotations)} if compute.annotations else {}),
+            "annotations": {**compute.annotations, POOL_ANNOTATION: spec.pool},
         },
         "spec": {
             "restartPolicy": "Never",

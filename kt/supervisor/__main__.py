@@ -17,7 +17,8 @@ from kt.supervisor.server import Supervisor
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m kt.supervisor")
-    parser.add_argument("--host", default=os.environ.get("KT_HOST", "0.0.0.0"))
+    host = os.environ.get("KT_HOST") or os.environ.get("KT_POD_IP") or "0.0.0.0"
+    parser.add_argument("--host", default=host)
     parser.add_argument("--port", type=int, default=int(os.environ.get("KT_PORT", SUPERVISOR_PORT)))
     parser.add_argument("--pod", default=os.environ.get("KT_POD", os.uname().nodename))
     parser.add_argument("--warm", type=int, default=int(os.environ.get("KT_WARM_WORKERS", "2")))
@@ -26,6 +27,7 @@ def main() -> None:
     token = os.environ.get("KT_TOKEN", "")
     token_file = os.environ.get("KT_TOKEN_FILE")
     if not token and token_file:  # on Kubernetes: the pool's Secret, mounted
+        token_file = os.environ.get("KT_MOUNT_ROOT", "") + token_file  # see kt.testing.kubelet
         try:
             token = Path(token_file).read_text().strip()
         except OSError as exc:

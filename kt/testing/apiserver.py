@@ -416,7 +416,8 @@ class ApiServer:
         bookmarks = str(query.get("allowWatchBookmarks", "")).lower() in ("1", "true")
         sent = since
         while loop.time() < deadline:
-            for rv, kind, rname, obj in list(self.store.history):
+            seen = list(self.store.history)
+            for rv, kind, rname, obj in seen:
                 if rv <= sent or rname != res.name:
                     continue
                 sent = rv
@@ -427,7 +428,10 @@ class ApiServer:
                 if fields and not field_match(fields, obj):
                     continue
                 await response.write(orjson.dumps({"type": kind, "object": obj}) + b"\n")
-            sent = max(sent, self.store.rv)
+            if seen:  # past what was filtered out; not past what came while writing
+                sent = max(sent, seen[-1][0])
+            if self.store.history and self.store.history[-1][0] > sent:
+                continue
             async with self.store.changed:
                 try:
                     await asyncio.wait_for(
@@ -537,7 +541,8 @@ async def serve(
     stops it) and the server (its store, for tests)."""
     server = ApiServer(token)
     await server.setup()
-    runner = web.AppRunner(server.app())
+    # a watch whose client went away ends at once; stopping waits for no open watch
+    runner = web.AppRunner(server.app(), handler_cancellation=True, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=tls.context if tls else None)
     await site.start()

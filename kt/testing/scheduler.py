@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import re
-import ssl
 import uuid
 from collections import Counter
 from typing import Any
 
 import aiohttp
-import orjson
+
+from kt.testing.rest import Gone, Rest
 
 _UNITS = {
     "": 1,
@@ -106,27 +106,22 @@ class Scheduler:
     """Watches pods; binds each pending one, or says why it cannot."""
 
     def __init__(self, url: str, token: str, ca_pem: bytes) -> None:
-        self.url = url
-        self.headers = {"Authorization": f"Bearer {token}"}
-        context = ssl.create_default_context(cadata=ca_pem.decode())
-        self.connector = aiohttp.TCPConnector(ssl=context)
+        self.url, self.token, self.ca_pem = url, token, ca_pem
         self._told: dict[str, str] = {}  # pod uid -> the message it was last given
 
     async def run(self) -> None:
-        async with aiohttp.ClientSession(connector=self.connector, headers=self.headers) as http:
+        api = Rest(self.url, self.token, self.ca_pem)
+        try:
             while True:
-                version = await self.schedule(http)
-                await self._wait_for_change(http, version)
+                version = await self.schedule(api)
+                await self._wait_for_change(api, version)
+        finally:
+            await api.close()
 
-    async def _get(self, http: aiohttp.ClientSession, path: str) -> Any:
-        async with http.get(self.url + path) as reply:
-            reply.raise_for_status()
-            return orjson.loads(await reply.read())
-
-    async def schedule(self, http: aiohttp.ClientSession) -> str:
+    async def schedule(self, api: Rest) -> str:
         """One pass over the pending pods; returns the pods list's resourceVersion."""
-        pods = await self._get(http, "/api/v1/pods")
-        nodes = (await self._get(http, "/api/v1/nodes"))["items"]
+        pods = await api.get("/api/v1/pods")
+        nodes = (await api.get("/api/v1/nodes"))["items"]
         bound = [p for p in pods["items"] if p.get("spec", {}).get("nodeName")]
         for pod in pods["items"]:
             meta = pod["metadata"]
@@ -142,18 +137,15 @@ class Scheduler:
                     "target": {"apiVersion": "v1", "kind": "Node", "name": node},
                 }
                 path = f"/api/v1/namespaces/{ns}/pods/{name}/binding"
-                async with http.post(self.url + path, data=orjson.dumps(body)) as reply:
-                    if reply.status < 300:
-                        pod["spec"]["nodeName"] = node
-                        bound.append(pod)
+                if await api.request("POST", path, body, ok=(404, 409)) is not None:
+                    pod["spec"]["nodeName"] = node
+                    bound.append(pod)
             elif self._told.get(meta["uid"]) != why:
                 self._told[meta["uid"]] = why
-                await self._unschedulable(http, pod, why)
+                await self._unschedulable(api, pod, why)
         return str(pods["metadata"]["resourceVersion"])
 
-    async def _unschedulable(
-        self, http: aiohttp.ClientSession, pod: dict[str, Any], why: str
-    ) -> None:
+    async def _unschedulable(self, api: Rest, pod: dict[str, Any], why: str) -> None:
         meta = pod["metadata"]
         ns, name = meta["namespace"], meta["name"]
         condition = {
@@ -163,10 +155,7 @@ class Scheduler:
             "message": why,
         }
         patch = {"status": {"conditions": [condition]}}
-        path = f"/api/v1/namespaces/{ns}/pods/{name}/status"
-        headers = {"Content-Type": "application/merge-patch+json"}
-        async with http.patch(self.url + path, data=orjson.dumps(patch), headers=headers):
-            pass
+        await api.request("PATCH", f"/api/v1/namespaces/{ns}/pods/{name}/status", patch, ok=(404,))
         event = {
             "apiVersion": "v1",
             "kind": "Event",
@@ -183,16 +172,13 @@ class Scheduler:
             "type": "Warning",
             "source": {"component": "default-scheduler"},
         }
-        async with http.post(
-            self.url + f"/api/v1/namespaces/{ns}/events", data=orjson.dumps(event)
-        ):
-            pass
+        await api.request("POST", f"/api/v1/namespaces/{ns}/events", event, ok=(404,))
 
-    async def _wait_for_change(self, http: aiohttp.ClientSession, version: str) -> None:
-        """Until a pod or node changes (a watch), or 2 s (nodes are not watched)."""
-        path = f"/api/v1/pods?watch=true&resourceVersion={version}&timeoutSeconds=2"
+    async def _wait_for_change(self, api: Rest, version: str) -> None:
+        """Until a pod changes (a watch), or 2 s (nodes are not watched)."""
         try:
-            async with http.get(self.url + path) as reply:
-                await asyncio.wait_for(reply.content.readline(), 2.5)
-        except (TimeoutError, aiohttp.ClientError):
+            async with asyncio.timeout(2.5):
+                async for _ in api.watch("/api/v1/pods", version, timeout=2):
+                    return
+        except (TimeoutError, Gone, aiohttp.ClientError):
             pass

@@ -57,10 +57,10 @@ def probe(fail_on: int = -1, collective: bool = True) -> dict[str, Any]:
 
 
 @pytest.mark.timeout(120)
-def test_group_calls() -> None:
+def test_group_calls(backend: str) -> None:
     """One group for all of it: under pytest-xdist, tests sharing a fixture may not share
     a worker, and a second group would cost a second start."""
-    compute = kt.Compute(cpus=2, backend="local").distribute(
+    compute = kt.Compute(cpus=2, backend=backend).distribute(
         "pytorch", workers=2, procs_per_worker=2
     )
     group = kt.fn(probe).to(compute)

@@ -108,8 +108,9 @@ def counters(pool: kt.Compute) -> list[kt.ActorHandle]:
     return [C.options(compute=pool).remote(start=i * 100) for i in range(2)]
 
 
-def test_fanout_10k_calls_to_4_actors_keeps_per_caller_order(pool: kt.Compute) -> None:
+def test_fanout_10k_calls_to_4_actors_keeps_per_caller_order(backend: str) -> None:
     R = kt.cls(Recorder)
+    pool = kt.Compute(cpus=16, replicas=1, backend=backend)
     actors = [R.options(compute=pool).remote(f"r{i}") for i in range(4)]
 
     async def main() -> list[tuple[str, int]]:

@@ -91,7 +91,8 @@ class Box:
         return self.v
 
 
-def test_names_are_unique_and_get_if_exists(pool: kt.Compute) -> None:
+def test_names_are_unique_and_get_if_exists(backend: str) -> None:
+    pool = kt.Compute(cpus=16, replicas=1, backend=backend)
     name = f"box-{uuid.uuid4().hex[:6]}"
     B = kt.cls(Box).options(compute=pool, name=name, cpus=0)
     first = B.remote(1)

@@ -10,7 +10,6 @@ load-balanced services put one instance per replica.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import os
 import signal
@@ -48,14 +47,15 @@ class Where:
 
 
 def _pods(compute: kt.Compute) -> list[str]:
-    name = get_driver().pool_name(compute, False)
-    pods = asyncio.run(get_provider("local").list_pods(name))
+    driver = get_driver()
+    name = driver.pool_name(compute, False)
+    pods = driver.runtime.run(get_provider(compute.backend or "local").list_pods(name))
     return sorted(p.name for p in pods if p.state is PodState.READY)
 
 
 @pytest.mark.timeout(180)
-def test_pack_16_actors_on_exactly_4_pods() -> None:
-    compute = kt.Compute(cpus=4, min_replicas=0, max_replicas=4, backend="local")
+def test_pack_16_actors_on_exactly_4_pods(backend: str) -> None:
+    compute = kt.Compute(cpus=4, min_replicas=0, max_replicas=4, backend=backend)
     W = kt.cls(Where).options(compute=compute, cpus=1)
     actors = [W.remote() for _ in range(16)]
     where = collections.Counter(kt.get([a.pod.remote() for a in actors], timeout=150))
@@ -84,8 +84,8 @@ def test_spread_4_then_pack_12_gives_4_pods_of_4() -> None:
         kt.kill(a)
 
 
-def test_request_larger_than_a_pod_fails_within_1s() -> None:
-    compute = kt.Compute(cpus=4, min_replicas=0, max_replicas=4, backend="local")
+def test_request_larger_than_a_pod_fails_within_1s(backend: str) -> None:
+    compute = kt.Compute(cpus=4, min_replicas=0, max_replicas=4, backend=backend)
     start = time.monotonic()
     big = kt.cls(Where).options(compute=compute, cpus=8).remote()
     with pytest.raises(kt.PlacementError, match=r"8 cpus > 4"):
@@ -94,8 +94,8 @@ def test_request_larger_than_a_pod_fails_within_1s() -> None:
 
 
 @pytest.mark.timeout(120)
-def test_idle_pods_are_deleted_down_to_min_replicas() -> None:
-    compute = kt.Compute(cpus=1, min_replicas=1, max_replicas=3, idle_timeout=3, backend="local")
+def test_idle_pods_are_deleted_down_to_min_replicas(backend: str) -> None:
+    compute = kt.Compute(cpus=1, min_replicas=1, max_replicas=3, idle_timeout=3, backend=backend)
     W = kt.cls(Where).options(compute=compute, cpus=1)
     actors = [W.remote() for _ in range(3)]
     assert len(set(kt.get([a.pod.remote() for a in actors], timeout=90))) == 3
@@ -113,8 +113,8 @@ def test_idle_pods_are_deleted_down_to_min_replicas() -> None:
 
 
 @pytest.mark.timeout(120)
-def test_lost_pod_restarts_its_actors_when_allowed() -> None:
-    compute = kt.Compute(cpus=2, min_replicas=0, max_replicas=2, backend="local")
+def test_lost_pod_restarts_its_actors_when_allowed(backend: str) -> None:
+    compute = kt.Compute(cpus=2, min_replicas=0, max_replicas=2, backend=backend)
     keep = kt.cls(Where).options(compute=compute, max_restarts=1).remote()
     lose = kt.cls(Where).options(compute=compute, max_restarts=0).remote()
     assert keep.pod() == lose.pod()

@@ -18,7 +18,6 @@ import asyncio
 import json
 import os
 import pathlib
-import shutil
 import tempfile
 from collections.abc import AsyncIterator
 from typing import Any
@@ -29,10 +28,10 @@ from kubernetes_asyncio.client.rest import ApiException
 
 from kt.testing import apiserver
 from tests.distributed.torchrun import free_port
+from tests.k8s.kubectl import kubectl_path
 
 pytestmark = pytest.mark.timeout(120)
 TOKEN = "test-token"
-KUBECTL_DIR = pathlib.Path("/usr/lib/google-cloud-sdk/bin")
 
 
 async def _api(token: str = TOKEN) -> AsyncIterator[tuple[client.CoreV1Api, str, bytes]]:
@@ -186,16 +185,9 @@ def test_cascade_graceful_pods_and_auth() -> None:
     asyncio.run(wrong())
 
 
-def _kubectl(version: str) -> str:
-    path = KUBECTL_DIR / f"kubectl.{version}"
-    found = shutil.which(str(path)) or shutil.which(f"kubectl.{version}")
-    assert found, f"kubectl {version} is not on this machine (looked in {KUBECTL_DIR} and PATH)"
-    return found
-
-
 @pytest.mark.parametrize("version", ["1.27", "1.33"])
 def test_kubectl_lists_and_deletes_pods(version: str, tmp_path: pathlib.Path) -> None:
-    kubectl = _kubectl(version)
+    kubectl = kubectl_path(version)
 
     async def body(api: client.CoreV1Api, url: str, ca: bytes) -> None:
         kubeconfig = tmp_path / "kubeconfig"

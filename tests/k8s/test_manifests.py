@@ -97,12 +97,12 @@ def test_every_compute_field_lands_where_kubernetes_users_expect_it() -> None:
     resources = container["resources"]
     assert resources["requests"] == {
         "cpu": "1500m",
-        "memory": str(2 * 2**30),
+        "memory": "2Gi",
         "nvidia.com/gpu": "1",
         "example.com/fpga": "2",
     }
     assert resources["limits"] == {
-        "memory": str(2 * 2**30),
+        "memory": "2Gi",
         "nvidia.com/gpu": "1",
         "example.com/fpga": "2",
     }
@@ -111,7 +111,10 @@ def test_every_compute_field_lands_where_kubernetes_users_expect_it() -> None:
     assert spec["priorityClassName"] == "high"
     assert spec["serviceAccountName"] == "kt-runner"
     assert body["metadata"]["labels"]["team"] == "rl"
-    assert body["metadata"]["annotations"] == {"example.com/owner": "alice"}
+    assert body["metadata"]["annotations"] == {
+        "example.com/owner": "alice",
+        "kt.dev/pool-name": "trainer-pool",  # the exact name; the label is its DNS form
+    }
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["FOO"] == "1" and env["KT_EXTRA"] == "x" and env["KT_INACTIVITY_TTL"] == "1800"
     assert container["envFrom"] == [{"secretRef": {"name": "hf-token"}}]

@@ -64,11 +64,11 @@ def project(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> tuple[pa
 
 
 def test_only_changed_bytes_travel_and_each_actor_keeps_its_version(
-    project: tuple[pathlib.Path, str],
+    project: tuple[pathlib.Path, str], backend: str
 ) -> None:
     root, name = project
     probe = importlib.import_module(f"{name}.probe")
-    compute = kt.Compute(cpus=1, replicas=1, name=f"sync-{uuid.uuid4().hex[:6]}", backend="local")
+    compute = kt.Compute(cpus=1, replicas=1, name=f"sync-{uuid.uuid4().hex[:6]}", backend=backend)
     make = kt.cls(probe.Probe).options(compute=compute, cpus=0, sync_dir=str(root))
     files = [p for p in root.rglob("*") if p.is_file() and "scratch" not in p.parts]
     assert len(files) == 2000

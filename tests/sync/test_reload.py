@@ -65,8 +65,8 @@ def project(
     del sys.modules[name]
 
 
-def _compute() -> kt.Compute:
-    return kt.Compute(cpus=2, replicas=1, name=f"reload-{uuid.uuid4().hex[:6]}", backend="local")
+def _compute(backend: str = "local") -> kt.Compute:
+    return kt.Compute(cpus=2, replicas=1, name=f"reload-{uuid.uuid4().hex[:6]}", backend=backend)
 
 
 def _pod_pids(handle: kt.ActorHandle[Any]) -> tuple[int, int]:
@@ -75,10 +75,10 @@ def _pod_pids(handle: kt.ActorHandle[Any]) -> tuple[int, int]:
 
 
 def test_a_service_is_made_again_only_when_the_code_changed(
-    project: tuple[pathlib.Path, Any],
+    project: tuple[pathlib.Path, Any], backend: str
 ) -> None:
     source, module = project
-    compute = _compute()
+    compute = _compute(backend)
     root = str(source.parent)
     svc = kt.cls(module.Probe).to(compute, sync_dir=root)
     try:

@@ -1,0 +1,484 @@
+"""`K8sProvider`: pools as Kubernetes Pods, through kubernetes_asyncio.
+
+Who calls it: the scheduler (`kt.actors.scheduler.Pool`) and `kt` (the CLI), through the
+provider interface. The objects come from `kt.k8s.manifests`; this module applies them,
+and reads what the cluster says back:
+
+- **config**: `KUBECONFIG` (or ~/.kube/config) when there is one, else the in-cluster
+  service account (`KUBERNETES_SERVICE_HOST` and the mounted token; under the test
+  cluster's process kubelet the mount lives at `$KT_MOUNT_ROOT` + its path). The
+  namespace: `Compute.namespace`, else `KT_NAMESPACE`, else the kubeconfig context's,
+  else the pod's own, else "default".
+- **readiness and loss from watches** (with resourceVersion; a 410 lists again), never
+  from polling. `pod_state` is the pure reading of a pod object: Ready -> READY; a phase
+  Failed/Succeeded or a deletionTimestamp -> LOST (or FAILED if it was never ready),
+  with the reason (OOMKilled and the limit, Evicted and the kubelet's message).
+- **why a pod does not start** (`launch_problem`): Unschedulable -> PlacementError
+  quoting the scheduler's message; an image that cannot be pulled -> PlacementError
+  naming it; a container that ends before it is ready -> LaunchError with its reason.
+- the pool's token lives in its Secret; `read_token` reads it through the API, so RBAC
+  decides who may run code on the pods.
+
+Foreign errors (ApiException, aiohttp's) are translated here into kt's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import socket
+from collections.abc import AsyncIterator
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from kubernetes_asyncio import client, config, watch
+from kubernetes_asyncio.client.rest import ApiException
+from kubernetes_asyncio.config.incluster_config import InClusterConfigLoader
+
+from kt.core.compute import Compute
+from kt.core.errors import ConfigError, LaunchError, PlacementError, PodLostError
+from kt.core.provider import SUPERVISOR_PORT, Pod, PodEvent, PodSpec, PodState, Provider
+from kt.k8s import manifests
+
+SERVICE_ACCOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
+PULL_FAILURES = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull")
+SELECTOR = "app.kubernetes.io/managed-by=kt"
+
+
+# -- the pure readings ----------------------------------------------------------------------
+def _condition(pod: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    for cond in pod.get("status", {}).get("conditions") or []:
+        if cond.get("type") == kind:
+            return dict(cond)
+    return None
+
+
+def _limit(pod: dict[str, Any]) -> str:
+    containers = pod.get("spec", {}).get("containers") or [{}]
+    memory = (containers[0].get("resources", {}).get("limits") or {}).get("memory")
+    return f" (memory limit {memory})" if memory else ""
+
+
+def ended_reason(pod: dict[str, Any]) -> tuple[str, bool]:
+    """Why a pod's container ended, and whether it was the OOM killer."""
+    status = pod.get("status", {})
+    if status.get("reason") == "Evicted":
+        return f"Evicted: {status.get('message', 'the node was short of resources')}", False
+    for cs in status.get("containerStatuses") or []:
+        for state in (cs.get("state") or {}, cs.get("lastState") or {}):
+            term = state.get("terminated")
+            if term:
+                reason = term.get("reason") or "Error"
+                code = term.get("exitCode")
+                if reason == "OOMKilled":
+                    return f"OOMKilled{_limit(pod)}, exit code {code}", True
+                msg = f": {term['message']}" if term.get("message") else ""
+                name = cs.get("name", "")
+                return f"container {name} ended ({reason}, exit code {code}){msg}", False
+    return f"phase {status.get('phase', 'unknown')}", False
+
+
+def pod_state(pod: dict[str, Any], was_ready: bool) -> tuple[PodState, str, bool]:
+    """(state, reason, oom) of a pod object; `was_ready`: kt saw it READY before."""
+    meta, status = pod["metadata"], pod.get("status", {})
+    gone = PodState.LOST if was_ready else PodState.FAILED
+    if status.get("phase") in ("Failed", "Succeeded"):
+        reason, oom = ended_reason(pod)
+        return gone, reason, oom
+    if meta.get("deletionTimestamp"):
+        return gone, "it is being deleted (by kt teardown, kubectl or another client)", False
+    ready = _condition(pod, "Ready")
+    if ready is not None and ready.get("status") == "True" and status.get("podIP"):
+        return PodState.READY, "", False
+    return PodState.PENDING, "", False
+
+
+def launch_problem(pod: dict[str, Any], image: str) -> Exception | None:
+    """The error a pod that is not ready yet will end in, or None while it may start."""
+    name, pool = pod["metadata"]["name"], _pool_of(pod)
+    scheduled = _condition(pod, "PodScheduled")
+    if scheduled and (scheduled.get("status"), scheduled.get("reason")) == (
+        "False",
+        "Unschedulable",
+    ):
+        return PlacementError(
+            f"pod {name} of pool {pool} cannot be scheduled (FailedScheduling): "
+            f"{scheduled.get('message', '')} Ask for less (cpus, memory, gpus), or use nodes "
+            "that have it (a node_selector or tolerations may exclude them)."
+        )
+    for cs in pod.get("status", {}).get("containerStatuses") or []:
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in PULL_FAILURES:
+            return PlacementError(
+                f"pod {name} of pool {pool}: image {image!r} cannot be pulled "
+                f"({waiting['reason']}: {waiting.get('message', '')}). Check the image name "
+                "and that the cluster can reach its registry (imagePullSecrets)."
+            )
+    state, reason, _ = pod_state(pod, was_ready=False)
+    if state is PodState.FAILED:
+        return LaunchError(pool, name, f"{reason} (see `kubectl logs {name}`)")
+    return None
+
+
+def _pool_of(pod: dict[str, Any]) -> str:
+    meta = pod["metadata"]
+    return str(
+        (meta.get("annotations") or {}).get(manifests.POOL_ANNOTATION)
+        or (meta.get("labels") or {}).get(manifests.POOL_LABEL, "")
+    )
+
+
+def _as_pod(obj: dict[str, Any], state: PodState, reason: str = "", oom: bool = False) -> Pod:
+    ip = obj.get("status", {}).get("podIP") or ""
+    return Pod(obj["metadata"]["name"], _pool_of(obj), ip, SUPERVISOR_PORT, state, reason, oom)
+
+
+def _mounted(path: str) -> str:
+    """A mounted file's path (the test cluster's kubelet has no mount namespace)."""
+    return os.environ.get("KT_MOUNT_ROOT", "") + path
+
+
+def _kt_version() -> str:
+    try:
+        return metadata.version("kt-runtime")
+    except metadata.PackageNotFoundError:
+        return "0.1.0"
+
+
+# -- the provider ---------------------------------------------------------------------------
+class K8sProvider(Provider):
+    """Pods of pools on the Kubernetes cluster the environment names."""
+
+    name = "k8s"
+
+    def __init__(self) -> None:
+        self._client: tuple[asyncio.AbstractEventLoop, client.ApiClient] | None = None
+        self._namespace = "default"
+        self.driver = manifests.dns_label(f"{socket.gethostname()}-{os.getpid()}")
+
+    async def _api(self) -> client.CoreV1Api:
+        """The API of the current event loop (a client is bound to the loop it was made in)."""
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._client[0] is not loop:
+            self._client = (loop, await self._new_client())
+        return client.CoreV1Api(self._client[1])
+
+    async def close(self) -> None:
+        if self._client is not None and self._client[0] is asyncio.get_running_loop():
+            await self._client[1].close()
+            self._client = None
+
+    async def _new_client(self) -> client.ApiClient:
+        conf = client.Configuration()
+        kubeconfig = os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+        in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+        try:
+            if os.path.exists(kubeconfig) or not in_cluster:
+                loader = await config.load_kube_config(
+                    config_file=kubeconfig, client_configuration=conf, persist_config=False
+                )
+                context = loader.current_context or {}
+                self._namespace = context.get("context", {}).get("namespace", "default")
+            else:
+                InClusterConfigLoader(
+                    token_filename=_mounted(f"{SERVICE_ACCOUNT}/token"),
+                    cert_filename=_mounted(f"{SERVICE_ACCOUNT}/ca.crt"),
+                ).load_and_set(conf)
+                ns_file = Path(_mounted(f"{SERVICE_ACCOUNT}/namespace"))
+                self._namespace = ns_file.read_text().strip() if ns_file.exists() else "default"
+        except (config.ConfigException, OSError, ValueError, KeyError) as exc:
+            raise ConfigError(
+                f"no Kubernetes cluster configured ({exc}): set KUBECONFIG, or run in a pod"
+            ) from exc
+        self._namespace = os.environ.get("KT_NAMESPACE") or self._namespace
+        return client.ApiClient(conf)
+
+    def _ns(self, spec_namespace: str | None = None) -> str:
+        return spec_namespace or self._namespace
+
+    def _raw(self, obj: Any) -> dict[str, Any]:
+        assert self._client is not None
+        return dict(self._client[1].sanitize_for_serialization(obj))
+
+    # -- creating ---------------------------------------------------------------------------
+    async def create_pods(self, specs: list[PodSpec]) -> list[Pod]:
+        return list(await asyncio.gather(*(self._create(spec) for spec in specs)))
+
+    async def _owner_uid(self, api: client.CoreV1Api, spec: PodSpec, ns: str) -> str:
+        """The pool's owner ConfigMap (made if missing), its token Secret and its Service."""
+        record = f"pool {spec.pool}, made by kt {_kt_version()} from {self.driver}"
+        body = manifests.owner(spec.pool, ns, self.driver, record)
+        name = manifests.owner_name(spec.pool)
+        try:
+            owner = await api.read_namespaced_config_map(name, ns)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            try:
+                owner = await api.create_namespaced_config_map(ns, _body(body))
+            except ApiException as exc2:
+                if exc2.status != 409:
+                    raise
+                owner = await api.read_namespaced_config_map(name, ns)
+        uid = str(owner.metadata.uid)
+        secret = manifests.token_secret(spec.pool, ns, self.driver, spec.token, uid)
+        service = manifests.service(spec.pool, ns, self.driver, uid)
+        for create, obj in (
+            (api.create_namespaced_secret, secret),
+            (api.create_namespaced_service, service),
+        ):
+            try:
+                await create(ns, _body(obj))
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
+        return uid
+
+    async def _create(self, spec: PodSpec) -> Pod:
+        try:
+            api = await self._api()
+            ns = self._ns(spec.namespace)
+            uid = await self._owner_uid(api, spec, ns)
+            compute = spec.compute if isinstance(spec.compute, Compute) else Compute()
+            body = manifests.pod(
+                spec,
+                compute,
+                namespace=ns,
+                driver=self.driver,
+                owner_uid=uid,
+                kt_version=_kt_version(),
+            )
+            created = self._raw(await api.create_namespaced_pod(ns, _body(body)))
+        except ApiException as exc:
+            raise LaunchError(spec.pool, spec.name, _api_message(exc)) from exc
+        except aiohttp.ClientError as exc:
+            why = f"the API server did not answer: {exc}"
+            raise LaunchError(spec.pool, spec.name, why) from exc
+        name = created["metadata"]["name"]
+        try:
+            return await asyncio.wait_for(
+                self._until_ready(api, ns, created, spec.image), spec.launch_timeout
+            )
+        except BaseException as exc:
+            await self._delete(api, ns, name, grace=0)
+            if isinstance(exc, TimeoutError):
+                raise LaunchError(
+                    spec.pool, name, f"not ready after {spec.launch_timeout:g} s"
+                ) from None
+            raise
+
+    async def _until_ready(
+        self, api: client.CoreV1Api, ns: str, created: dict[str, Any], image: str
+    ) -> Pod:
+        name = created["metadata"]["name"]
+        version = created["metadata"]["resourceVersion"]
+        pod = created
+        while True:
+            state, _, _ = pod_state(pod, was_ready=False)
+            if state is PodState.READY:
+                return _as_pod(pod, state)
+            problem = launch_problem(pod, image)
+            if problem is not None:
+                raise problem
+            try:
+                async with watch.Watch() as w:
+                    async for event in w.stream(
+                        api.list_namespaced_pod,
+                        ns,
+                        field_selector=f"metadata.name={name}",
+                        resource_version=version,
+                        timeout_seconds=30,
+                    ):
+                        obj = event["raw_object"]
+                        version = obj["metadata"]["resourceVersion"]
+                        if event["type"] == "DELETED":
+                            raise LaunchError(_pool_of(obj), name, "it was deleted while starting")
+                        if event["type"] in ("ADDED", "MODIFIED"):
+                            pod = obj
+                            break
+            except ApiException as exc:
+                if exc.status != 410:
+                    raise LaunchError(_pool_of(pod), name, _api_message(exc)) from exc
+                pod = self._raw(await api.read_namespaced_pod(name, ns))
+                version = pod["metadata"]["resourceVersion"]
+
+    # -- deleting ---------------------------------------------------------------------------
+    async def _delete(self, api: client.CoreV1Api, ns: str, name: str, grace: int) -> None:
+        try:
+            await api.delete_namespaced_pod(name, ns, grace_period_seconds=grace)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise PodLostError(name, _api_message(exc)) from exc
+
+    async def delete_pod(self, pool: str, name: str) -> None:
+        api = await self._api()
+        ns = self._ns()
+        await self._delete(api, ns, name, grace=10)
+        await self._until_gone(api, ns, f"metadata.name={name}", None, 30)
+
+    async def delete_pool(self, pool: str) -> int:
+        """Delete the pool's owner object: the cluster's garbage collector removes every
+        object that names it (pods, Service, token Secret). Waits for the pods to go."""
+        api = await self._api()
+        ns = self._ns()
+        pods = await self.list_pods(pool)
+        try:
+            await api.delete_namespaced_config_map(
+                manifests.owner_name(pool), ns, propagation_policy="Foreground"
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise PodLostError(pool, _api_message(exc)) from exc
+            await asyncio.gather(*(self._delete(api, ns, p.name, grace=10) for p in pods))
+        await self._until_gone(api, ns, None, self._selector(pool), 30)
+        return len(pods)
+
+    async def release_pool(self, pool: str) -> None:
+        if not await self.list_pods(pool):
+            api = await self._api()
+            try:
+                await api.delete_namespaced_config_map(manifests.owner_name(pool), self._ns())
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise PodLostError(pool, _api_message(exc)) from exc
+
+    async def _until_gone(
+        self, api: client.CoreV1Api, ns: str, fields: str | None, labels: str | None, limit: float
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+        while loop.time() < deadline:
+            found = await api.list_namespaced_pod(
+                ns, field_selector=fields or "", label_selector=labels or ""
+            )
+            if not found.items:
+                return
+            try:
+                async with watch.Watch() as w:
+                    async for event in w.stream(
+                        api.list_namespaced_pod,
+                        ns,
+                        field_selector=fields or "",
+                        label_selector=labels or "",
+                        resource_version=found.metadata.resource_version,
+                        timeout_seconds=max(1, int(deadline - loop.time())),
+                    ):
+                        if event["type"] == "DELETED":
+                            break
+            except ApiException as exc:
+                if exc.status != 410:
+                    raise
+
+    # -- reading ----------------------------------------------------------------------------
+    def _selector(self, pool: str | None) -> str:
+        if pool is None:
+            return SELECTOR
+        return f"{SELECTOR},{manifests.POOL_LABEL}={manifests.dns_label(pool)}"
+
+    async def _list(self, pool: str | None) -> tuple[list[dict[str, Any]], str]:
+        api = await self._api()
+        try:
+            found = await api.list_namespaced_pod(self._ns(), label_selector=self._selector(pool))
+        except ApiException as exc:
+            raise PodLostError(pool or "(all pools)", _api_message(exc)) from exc
+        except aiohttp.ClientError as exc:
+            why = f"the API server did not answer: {exc}"
+            raise PodLostError(pool or "(all pools)", why) from exc
+        items = [self._raw(p) for p in found.items]
+        return [p for p in items if pool is None or _pool_of(p) == pool], str(
+            found.metadata.resource_version
+        )
+
+    async def list_pods(self, pool: str | None = None) -> list[Pod]:
+        items, _ = await self._list(pool)
+        pods = []
+        for obj in items:
+            state, reason, oom = pod_state(obj, was_ready=True)
+            pods.append(_as_pod(obj, state, reason, oom))
+        return pods
+
+    async def watch_pods(self, pool: str) -> AsyncIterator[PodEvent]:
+        """The pool's pods as they change: the list first, then a watch from its version;
+        a 410 (the version is too old) lists again and reports what changed meanwhile."""
+        known: dict[str, PodState] = {}
+        while True:
+            items, version = await self._list(pool)
+            seen = set()
+            for obj in items:
+                seen.add(obj["metadata"]["name"])
+                event = self._event(obj, known)
+                if event is not None:
+                    yield event
+            for name in [n for n in known if n not in seen]:
+                del known[name]
+                gone = Pod(name, pool, "", SUPERVISOR_PORT, PodState.DELETED)
+                yield PodEvent(gone, PodState.DELETED)
+            api = await self._api()
+            try:
+                while True:
+                    async with watch.Watch() as w:
+                        async for raw in w.stream(
+                            api.list_namespaced_pod,
+                            self._ns(),
+                            label_selector=self._selector(pool),
+                            resource_version=version,
+                            timeout_seconds=60,
+                            allow_watch_bookmarks=True,
+                        ):
+                            obj = raw["raw_object"]
+                            version = obj["metadata"]["resourceVersion"]
+                            if raw["type"] == "BOOKMARK" or _pool_of(obj) != pool:
+                                continue
+                            name = obj["metadata"]["name"]
+                            if raw["type"] == "DELETED":
+                                was = known.pop(name, None)
+                                if was not in (None, PodState.LOST, PodState.FAILED):
+                                    gone = _as_pod(obj, PodState.DELETED, "it was deleted")
+                                    yield PodEvent(gone, PodState.DELETED)
+                                continue
+                            event = self._event(obj, known)
+                            if event is not None:
+                                yield event
+            except ApiException as exc:
+                if exc.status != 410:
+                    raise PodLostError(pool, _api_message(exc)) from exc
+
+    def _event(self, obj: dict[str, Any], known: dict[str, PodState]) -> PodEvent | None:
+        name = obj["metadata"]["name"]
+        was = known.get(name)
+        state, reason, oom = pod_state(obj, was_ready=was is PodState.READY)
+        if state == was:
+            return None
+        known[name] = state
+        return PodEvent(_as_pod(obj, state, reason, oom), state)
+
+    async def read_token(self, pool: str) -> str | None:
+        api = await self._api()
+        try:
+            secret = await api.read_namespaced_secret(manifests.token_secret_name(pool), self._ns())
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise PodLostError(pool, _api_message(exc)) from exc
+        data = (secret.data or {}).get("token")
+        return base64.b64decode(data).decode() if data else None
+
+
+def _body(obj: dict[str, Any]) -> Any:
+    """A manifest as the client's typed API takes it (it serializes plain dicts as they are)."""
+    return obj
+
+
+def _api_message(exc: ApiException) -> str:
+    """The API server's own words (its Status message) for an ApiException."""
+    try:
+        import orjson
+
+        body = orjson.loads(exc.body or b"{}")
+        message = body.get("message") or exc.reason
+    except ValueError:
+        message = exc.reason
+    return f"{message} (HTTP {exc.status})"

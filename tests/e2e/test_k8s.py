@@ -1,0 +1,153 @@
+"""What only the Kubernetes backend has, on the test cluster (`k8s_cluster`).
+
+Behaviours covered:
+- `kubectl delete pod` of an actor's pod: with max_restarts=1 the actor comes back on
+  another pod and the next call succeeds; without restarts calls fail with PodLostError
+  within 5 s;
+- a pod the kubelet marks OOMKilled: its actor is dead with ActorDiedError saying
+  OOMKilled and the limit (the call in flight fails as the connection closes);
+- more cpus than any node has: PlacementError quoting FailedScheduling within 5 s; an
+  image that cannot be pulled: PlacementError naming it;
+- `kt teardown`, and deleting the owner with kubectl: no kt object and no process of the
+  pool is left; kubectl lists and describes kt's pods.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import time
+import uuid
+
+import psutil
+import pytest
+
+import kt
+from tests.k8s.kubectl import kubectl
+
+pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("k8s_cluster")]
+
+
+class Where:
+    def pod(self) -> str:
+        return os.environ["KT_POD"]
+
+    def supervisor_pid(self) -> int:
+        return int(os.environ["KT_SUPERVISOR_PID"])
+
+    def sleep(self, seconds: float) -> str:
+        time.sleep(seconds)
+        return self.pod()
+
+    def hog(self, mib: int) -> int:
+        block = bytearray(mib * 2**20)
+        block[::4096] = b"x" * len(block[::4096])  # touch every page
+        time.sleep(10)
+        return len(block)
+
+
+def _compute(**options: object) -> kt.Compute:
+    return kt.Compute(backend="k8s", name=f"k8s-{uuid.uuid4().hex[:6]}", **options)  # type: ignore[arg-type]
+
+
+def _objects(kubeconfig: pathlib.Path, pool: str) -> list[str]:
+    listed = kubectl(
+        "1.33",
+        kubeconfig,
+        "get",
+        "pods,services,secrets,configmaps",
+        "-l",
+        f"kt.dev/pool={pool}",
+        "-o",
+        "json",
+    )
+    return [f"{i['kind']}/{i['metadata']['name']}" for i in json.loads(listed)["items"]]
+
+
+def _alive(pids: list[int]) -> list[int]:
+    return [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+
+
+def test_kubectl_delete_pod_restarts_or_fails_the_actors(k8s_cluster: pathlib.Path) -> None:
+    compute = _compute(cpus=2, min_replicas=0, max_replicas=2)
+    keep = kt.cls(Where).options(compute=compute, max_restarts=1).remote()
+    lose = kt.cls(Where).options(compute=compute, max_restarts=0).remote()
+    old = kt.get(keep.pod.remote(), timeout=120)
+    assert kt.get(lose.pod.remote(), timeout=60) == old
+    in_flight = lose.sleep.remote(30)
+    time.sleep(0.5)
+    started = time.monotonic()
+    kubectl("1.33", k8s_cluster, "delete", "pod", old, "--wait=false")
+    with pytest.raises((kt.PodLostError, kt.ActorDiedError)):
+        in_flight.result(timeout=30)
+    assert time.monotonic() - started < 5
+    with pytest.raises(kt.ActorDiedError, match="pod was lost"):
+        lose.pod.remote().result(timeout=30)
+    deadline = time.monotonic() + 90
+    new = None
+    while new is None and time.monotonic() < deadline:
+        try:
+            new = keep.pod.remote().result(timeout=60)
+        except kt.PodLostError:
+            time.sleep(0.1)  # a call that raced the loss; the next goes to the new actor
+    assert new is not None and new != old
+
+
+def test_oom_killed_pod_is_an_actor_died_error_saying_so() -> None:
+    compute = _compute(cpus=1, memory="600Mi", replicas=1)
+    hog = kt.cls(Where).options(compute=compute).remote()
+    assert kt.get(hog.pod.remote(), timeout=120)
+    with pytest.raises((kt.ActorDiedError, kt.PodLostError)):  # in flight as the pod died
+        hog.hog.remote(2000).result(timeout=60)
+    with pytest.raises(kt.ActorDiedError, match="OOMKilled") as caught:
+        hog.pod.remote().result(timeout=30)
+    assert "600Mi" in str(caught.value) and caught.value.oom
+
+
+def test_unschedulable_and_unpullable_pods_fail_placement(k8s_cluster: pathlib.Path) -> None:
+    big = kt.cls(Where).options(compute=_compute(cpus=64, replicas=1), cpus=1).remote()
+    started = time.monotonic()
+    with pytest.raises(kt.PlacementError, match="FailedScheduling") as caught:
+        big.pod.remote().result(timeout=60)
+    assert time.monotonic() - started < 5
+    assert "0/4 nodes are available: 4 Insufficient cpu." in str(caught.value)
+    image = kt.Image(base="registry.invalid/team/kt:1")
+    nowhere = kt.cls(Where).options(compute=_compute(cpus=1, replicas=1, image=image)).remote()
+    with pytest.raises(kt.PlacementError, match=re.escape("registry.invalid/team/kt:1")):
+        nowhere.pod.remote().result(timeout=60)
+
+
+@pytest.mark.parametrize("how", ["kt teardown", "kubectl delete owner"])
+def test_teardown_leaves_no_object_and_no_process(k8s_cluster: pathlib.Path, how: str) -> None:
+    compute = _compute(cpus=1, replicas=2)
+    actors = [kt.cls(Where).options(compute=compute).remote() for _ in range(2)]
+    pods = kt.get([a.pod.remote() for a in actors], timeout=120)
+    pids = kt.get([a.supervisor_pid.remote() for a in actors], timeout=60)
+    pool = compute.name
+    assert pool is not None and len(set(pods)) == 2
+    assert sorted(_objects(k8s_cluster, pool)) == sorted(
+        [f"Pod/{p}" for p in pods]
+        + [f"Service/kt-{pool}", f"Secret/kt-{pool}-token", f"ConfigMap/kt-{pool}"]
+    )
+    described = kubectl("1.27", k8s_cluster, "describe", "pod", pods[0])
+    assert "kt.supervisor" in described and "kt.dev/pool" in described
+    if how == "kt teardown":
+        env = {**os.environ, "KT_BACKEND": "k8s", "KUBECONFIG": str(k8s_cluster)}
+        done = subprocess.run(
+            [sys.executable, "-c", "from kt.cli import main; main()", "teardown", pool],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0 and "deleted 2 pod(s)" in done.stdout, done.stderr
+    else:
+        kubectl("1.33", k8s_cluster, "delete", "configmap", f"kt-{pool}")
+    deadline = time.monotonic() + 30
+    while (_objects(k8s_cluster, pool) or _alive(pids)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _objects(k8s_cluster, pool) == [] and _alive(pids) == []
