@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.request
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
@@ -23,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 import kt
+from kt.core.errors import ConfigError
 from kt.core.provider import Pod, Provider, get_provider, resolve_backend
 
 console = Console()
@@ -105,26 +105,21 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    from kt.local.provider import kt_home
+    provider = _provider(args)
 
-    pool_dir = kt_home() / "local" / args.name
-    logs = sorted(pool_dir.glob(f"{args.pod or '*'}.log"))
-    if not logs:
-        console.print(f"no logs for pool {args.name!r} under {pool_dir}")
+    async def follow() -> None:
+        async for text in provider.logs(args.name, args.pod, follow=args.follow):
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+    try:
+        _run(provider, follow)
+    except ConfigError as exc:
+        console.print(str(exc))
         return 1
-    positions = {path: 0 for path in logs}
-    while True:
-        for path in logs:
-            with open(path, "rb") as f:
-                f.seek(positions[path])
-                data = f.read()
-                positions[path] = f.tell()
-            if data:
-                sys.stdout.write(data.decode("utf-8", "replace"))
-        sys.stdout.flush()
-        if not args.follow:
-            return 0
-        time.sleep(0.5)
+    except KeyboardInterrupt:  # the way out of --follow
+        pass
+    return 0
 
 
 def cmd_teardown(args: argparse.Namespace) -> int:

@@ -127,6 +127,21 @@ class Provider(abc.ABC):
             await self.delete_pod(pool, pod.name)
         return len(pods)
 
+    @abc.abstractmethod
+    def logs(self, pool: str, pod: str | None = None, follow: bool = False) -> AsyncIterator[str]:
+        """What the pool's pods (or one of them) printed; with `follow`, then what they
+        print next, until interrupted.
+
+        Raises:
+            ConfigError: no pod of that pool (or of that name) has logs.
+        """
+
+    async def delete_own_pod(self, name: str) -> None:
+        """Called in a pod whose supervisor stopped for inactivity_ttl: remove the pod
+        itself (on Kubernetes through its service account). Where the supervisor's exit
+        ends the pod, nothing is left to do."""
+        return None
+
     async def close(self) -> None:
         """Release what the provider holds open on the current event loop (its clients)."""
         return None

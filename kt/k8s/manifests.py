@@ -219,6 +219,7 @@ def pod(
         {"name": "KT_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         {"name": "KT_POOL", "value": spec.pool},
         {"name": "KT_TOKEN_FILE", "value": f"{TOKEN_DIR}/token"},
+        {"name": "KT_BACKEND", "value": "k8s"},  # an idle pod deletes itself through the API
         *({"name": k, "value": v} for k, v in sorted({**compute.env, **spec.env}.items())),
     ]
     if spec.inactivity_ttl is not None:

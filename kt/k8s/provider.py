@@ -336,6 +336,11 @@ class K8sProvider(Provider):
         await self._until_gone(api, ns, None, self._selector(pool), 30)
         return len(pods)
 
+    async def delete_own_pod(self, name: str) -> None:
+        api = await self._api()
+        await self._delete(api, self._ns(), name, grace=5)
+        await self.close()
+
     async def release_pool(self, pool: str) -> None:
         if not await self.list_pods(pool):
             api = await self._api()
@@ -454,6 +459,42 @@ class K8sProvider(Provider):
             return None
         known[name] = state
         return PodEvent(_as_pod(obj, state, reason, oom), state)
+
+    async def logs(
+        self, pool: str, pod: str | None = None, follow: bool = False
+    ) -> AsyncIterator[str]:
+        """`pods/<name>/log` of the pool's pods (the kt container), merged as they come."""
+        pods = [p for p in await self.list_pods(pool) if pod is None or p.name == pod]
+        if not pods:
+            which = f"pod {pod!r} of pool {pool!r}" if pod else f"pool {pool!r}"
+            raise ConfigError(f"no {which} in namespace {self._ns()} (see `kt list`)")
+        api = await self._api()
+        queue: asyncio.Queue[str | None] = asyncio.Queue()
+
+        async def read(name: str) -> None:
+            try:
+                reply: Any = await api.read_namespaced_pod_log(  # unread: the raw response
+                    name, self._ns(), container="kt", follow=follow, _preload_content=False
+                )
+                async for chunk in reply.content.iter_any():
+                    await queue.put(chunk.decode("utf-8", "replace"))
+            except ApiException as exc:
+                await queue.put(f"[kt] no log for pod {name}: {_api_message(exc)}\n")
+            finally:
+                await queue.put(None)
+
+        readers = [asyncio.ensure_future(read(p.name)) for p in pods]
+        try:
+            left = len(readers)
+            while left:
+                text = await queue.get()
+                if text is None:
+                    left -= 1
+                else:
+                    yield text
+        finally:
+            for task in readers:
+                task.cancel()
 
     async def read_token(self, pool: str) -> str | None:
         api = await self._api()

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from kt.core import cgroup
-from kt.core.errors import LaunchError
+from kt.core.errors import ConfigError, LaunchError
 from kt.core.liveness import pid_alive
 from kt.core.provider import SUPERVISOR_PORT, Pod, PodEvent, PodSpec, PodState, Provider
 
@@ -125,6 +125,7 @@ class LocalProvider(Provider):
             KT_TOKEN=spec.token,
             KT_POD=spec.name,
             KT_POOL=spec.pool,
+            KT_BACKEND="local",
             KT_SYS_PATH=os.pathsep.join(p for p in sys.path if p),
             KT_IMAGE_CACHE=str(pool_dir / "image"),  # the pool's pods build its venv once
         )
@@ -229,6 +230,27 @@ class LocalProvider(Provider):
                     yield PodEvent(pod, PodState.DELETED)
             known = seen
             await asyncio.sleep(0.25)
+
+    async def logs(
+        self, pool: str, pod: str | None = None, follow: bool = False
+    ) -> AsyncIterator[str]:
+        """The pods' log files (they outlive the pods), read as they grow."""
+        pool_dir = self.pool_dir(pool)
+        paths = sorted(pool_dir.glob(f"{pod or '*'}.log"))
+        if not paths:
+            raise ConfigError(f"no logs for pool {pool!r} under {pool_dir} (see `kt list`)")
+        positions = {path: 0 for path in paths}
+        while True:
+            for path in paths:
+                with open(path, "rb") as f:
+                    f.seek(positions[path])
+                    data = f.read()
+                    positions[path] = f.tell()
+                if data:
+                    yield data.decode("utf-8", "replace")
+            if not follow:
+                return
+            await asyncio.sleep(0.5)
 
     async def read_token(self, pool: str) -> str | None:
         path = self.pool_dir(pool) / "token"

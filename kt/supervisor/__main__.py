@@ -10,7 +10,7 @@ import signal
 from pathlib import Path
 
 from kt.core import cgroup
-from kt.core.provider import SUPERVISOR_PORT
+from kt.core.provider import SUPERVISOR_PORT, get_provider
 from kt.core.runtime import new_event_loop
 from kt.supervisor.server import Supervisor
 
@@ -61,6 +61,13 @@ def main() -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, supervisor.stop)
     loop.run_until_complete(supervisor.serve())
+    backend = os.environ.get("KT_BACKEND")
+    if supervisor.idle_exit and backend:  # on Kubernetes: remove its own pod, not just exit
+        try:
+            provider = get_provider(backend)
+            loop.run_until_complete(asyncio.wait_for(provider.delete_own_pod(args.pod), 30))
+        except Exception as exc:  # exiting anyway: the pod stays, Succeeded
+            logging.getLogger("kt.supervisor").warning("pod %s not deleted: %s", args.pod, exc)
     if limit:  # leave the pod's cgroup for its parent and remove it (its workers are gone)
         try:
             cgroup.join(Path(limit).parent)

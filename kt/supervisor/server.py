@@ -214,6 +214,7 @@ class Supervisor:
         }
         self.procs = ProcessManager(self.socket_path, pod=pod, warm=warm, env=worker_env)
         self.stopped = asyncio.Event()
+        self.idle_exit = False  # it stopped because nobody called for inactivity_ttl
         self.handlers: dict[int, Handler] = {
             FrameKind.CALL: self.on_call,
             FrameKind.CREATE_ACTOR: self.on_create_actor,
@@ -271,6 +272,7 @@ class Supervisor:
             callers = any(not p.actor for p in self.peers.values())  # not actors' home links
             if self.inactivity_ttl is not None and not callers and idle > self.inactivity_ttl:
                 logger.info("no caller for %.0f s; pod %s stops", idle, self.pod)
+                self.idle_exit = True
                 self.stop()
 
     # -- callers ---------------------------------------------------------------------

@@ -1,13 +1,13 @@
 """The test cluster's API server: the Kubernetes REST protocol for what kt and kubectl use.
 
-Who runs it: tests today; next, `kt.testing.cluster` with a process kubelet and a
-scheduler, each a client of this server only (issue 13). Served with aiohttp over TLS
+Who runs it: `kt.testing.cluster`, with the process kubelet and the scheduler, each a
+client of this server only; and tests. Served with aiohttp over TLS
 (a CA made for the cluster, `make_tls`: kubectl sends its token only over TLS); state
 in memory.
 
 What it speaks (core v1 only): discovery (`/version`, `/api`, `/api/v1`, `/apis`); pods
-(with `status` and `binding`), services, secrets, configmaps, events, namespaces, nodes;
-create, get, list, replace (409 Conflict on a stale resourceVersion), merge patch
+(with `status`, `binding`, and `log` proxied to the pod's kubelet), services, secrets,
+configmaps, events, namespaces, nodes; create, get, list, replace (409 Conflict on a stale resourceVersion), merge patch
 (`application/merge-patch+json`, and strategic merge patch treated as a merge patch:
 enough for maps, which is what kt patches), delete; a resourceVersion on every object
 and list; `labelSelector` (=, ==, !=, in, notin, exists, !exists) and `fieldSelector`
@@ -33,6 +33,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import orjson
 from aiohttp import web
 
@@ -52,7 +53,7 @@ class Resource:
 RESOURCES = {
     r.name: r
     for r in (
-        Resource("pods", "Pod", True, ("po",), ("status", "binding")),
+        Resource("pods", "Pod", True, ("po",), ("status", "binding", "log")),
         Resource("services", "Service", True, ("svc",), ("status",)),
         Resource("secrets", "Secret", True),
         Resource("configmaps", "ConfigMap", True, ("cm",)),
@@ -342,8 +343,8 @@ class ApiServer:
                 }
             )
             for sub in res.subresources:
-                verbs = ["create"] if sub == "binding" else ["get", "patch", "update"]
-                kind = "Binding" if sub == "binding" else res.kind
+                verbs = {"binding": ["create"], "log": ["get"]}.get(sub, ["get", "patch", "update"])
+                kind = {"binding": "Binding", "log": "Pod"}.get(sub, res.kind)
                 items.append(
                     {
                         "name": f"{res.name}/{sub}",
@@ -449,10 +450,12 @@ class ApiServer:
                         )
         return response
 
-    async def item(self, request: web.Request) -> web.Response:
+    async def item(self, request: web.Request) -> web.StreamResponse:
         res, ns = self._resource(request)
         name, sub = request.match_info["name"], request.match_info.get("sub")
         store = self.store
+        if sub == "log" and res.name == "pods" and request.method == "GET":
+            return await self._pod_log(request, ns, name)
         if sub == "binding" and res.name == "pods" and request.method == "POST":
             body = orjson.loads(await request.read())
             pod = copy.deepcopy(store.get(res, ns, name))
@@ -494,6 +497,38 @@ class ApiServer:
         elif res.name == "pods":
             body["status"] = old.get("status", {})  # status only through /status
         return _json(await store.replace(res, ns, name, body))
+
+    async def _pod_log(self, request: web.Request, ns: str, name: str) -> web.StreamResponse:
+        """`pods/<name>/log`, proxied to the kubelet of the pod's node, as kube-apiserver
+        does (the node's InternalIP and daemonEndpoints.kubeletEndpoint.Port)."""
+        pod = self.store.get(RESOURCES["pods"], ns, name)
+        node_name = pod.get("spec", {}).get("nodeName")
+        if not node_name:
+            raise ApiError(400, "BadRequest", f'pod "{name}" is not scheduled to a node yet')
+        node = self.store.get(RESOURCES["nodes"], "", node_name).get("status", {})
+        port = node.get("daemonEndpoints", {}).get("kubeletEndpoint", {}).get("Port")
+        address = next(
+            (a["address"] for a in node.get("addresses", []) if a.get("type") == "InternalIP"),
+            None,
+        )
+        if not port or not address:
+            raise ApiError(503, "ServiceUnavailable", f"node {node_name} serves no logs")
+        containers = [c["name"] for c in pod["spec"].get("containers", [])]
+        container = request.query.get("container") or (containers[0] if containers else "")
+        if container not in containers:
+            raise ApiError(400, "BadRequest", f"container {container} is not valid for pod {name}")
+        follow = request.query.get("follow", "false")
+        url = f"http://{address}:{port}/containerLogs/{ns}/{name}/{container}?follow={follow}"
+        reply = web.StreamResponse(headers={"Content-Type": "text/plain"})
+        timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
+        async with aiohttp.ClientSession(timeout=timeout) as http, http.get(url) as upstream:
+            if upstream.status == 404:
+                raise ApiError(404, "NotFound", await upstream.text())
+            await reply.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                await reply.write(chunk)
+        await reply.write_eof()
+        return reply
 
 
 @dataclass(frozen=True)

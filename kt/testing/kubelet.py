@@ -24,7 +24,11 @@ it does, per node it registers (a Node object with capacity and a Ready conditio
   `limits.memory` the whole container is SIGKILLed and reported OOMKilled, exit 137, as
   the kernel's OOM killer does for a container's cgroup;
 - **graceful deletion**: a pod given a deletionTimestamp gets SIGTERM, SIGKILL after its
-  grace period, and is then deleted with grace period 0; a pod deleted outright is killed.
+  grace period, and is then deleted with grace period 0; a pod deleted outright is killed;
+- **logs**: what a container writes goes to a file per pod, served (as a real kubelet
+  does on its port) at `/containerLogs/<namespace>/<pod>/<container>[?follow=true]`; the
+  node's `status.daemonEndpoints.kubeletEndpoint.Port` says where, and the API server
+  proxies `pods/<name>/log` there.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from typing import Any
 
 import aiohttp
 import psutil
+from aiohttp import web
 
 from kt.testing.rest import Gone, Rest
 from kt.testing.scheduler import quantity
@@ -137,12 +142,16 @@ class Kubelet:
         self.finished: set[str] = set()  # uids whose container ended; kept until deleted
         self._ips: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self.logs: dict[tuple[str, str], Path] = {}  # (namespace, pod) -> its container log
+        self._log_server: web.AppRunner | None = None
+        self.log_port = 0
         self.api: Rest | None = None
 
     # -- the loop ----------------------------------------------------------------------------
     async def run(self) -> None:
         self.api = Rest(self.url, self.token, self.ca_pem)
         try:
+            await self._serve_logs()
             for node in self.nodes:
                 await self._register(node)
             while True:
@@ -171,6 +180,9 @@ class Kubelet:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self.runs.clear()
+        if self._log_server is not None:
+            await self._log_server.cleanup()
+            self._log_server = None
         if self.api is not None:
             await self.api.close()
             self.api = None
@@ -190,6 +202,7 @@ class Kubelet:
                 "capacity": capacity,
                 "allocatable": capacity,
                 "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
+                "daemonEndpoints": {"kubeletEndpoint": {"Port": self.log_port}},
                 "conditions": [
                     {
                         "type": "Ready",
@@ -232,6 +245,7 @@ class Kubelet:
             return
         if deleted:
             self.finished.discard(uid)
+            self.logs.pop((meta["namespace"], meta["name"]), None)
             shutil.rmtree(self._root(pod), ignore_errors=True)
         elif meta.get("deletionTimestamp"):  # not running (finished, or never started)
             self._start_task(self._delete_now(meta["namespace"], meta["name"]))
@@ -270,6 +284,42 @@ class Kubelet:
     def _root(self, pod: dict[str, Any]) -> Path:
         meta = pod["metadata"]
         return self.workdir / "pods" / f"{meta['namespace']}_{meta['name']}_{meta['uid'][:8]}"
+
+    # -- logs ------------------------------------------------------------------------------
+    async def _serve_logs(self) -> None:
+        app = web.Application()
+        app.router.add_get("/containerLogs/{ns}/{pod}/{container}", self._container_log)
+        self._log_server = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1.0)
+        await self._log_server.setup()
+        site = web.TCPSite(self._log_server, "127.0.0.1", 0)
+        await site.start()
+        self.log_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def _container_log(self, request: web.Request) -> web.StreamResponse:
+        """The container's output so far; with follow=true, then what comes, until the
+        container ends."""
+        key = (request.match_info["ns"], request.match_info["pod"])
+        path = self.logs.get(key)
+        if path is None:
+            raise web.HTTPNotFound(text=f"no container log for pod {key[1]} on this node")
+        follow = request.query.get("follow", "").lower() in ("1", "true")
+        reply = web.StreamResponse(headers={"Content-Type": "text/plain"})
+        await reply.prepare(request)
+        offset = 0
+        while True:
+            with contextlib.suppress(FileNotFoundError):
+                with open(path, "rb") as f:
+                    f.seek(offset)
+                    data = f.read()
+                    offset = f.tell()
+                if data:
+                    await reply.write(data)
+            running = any(r.namespace == key[0] and r.name == key[1] for r in self.runs.values())
+            if not follow or (not running and not data):
+                break
+            await asyncio.sleep(0.2)
+        await reply.write_eof()
+        return reply
 
     # -- one pod ---------------------------------------------------------------------------
     async def _run(self, run: PodRun) -> None:
@@ -346,6 +396,7 @@ class Kubelet:
             if await self._deleted_within(run, backoff if not pulled else 1.0):
                 return None
         argv = [*container.get("command", []), *container.get("args", [])]
+        self.logs[(run.namespace, run.name)] = run.root / "container.log"
         log = open(run.root / "container.log", "ab")
         workdir = run.root / container.get("workingDir", "/").lstrip("/")
         workdir.mkdir(parents=True, exist_ok=True)

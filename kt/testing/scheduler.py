@@ -1,8 +1,8 @@
 """The test cluster's scheduler: binds pending pods to nodes that fit, as kube-scheduler.
 
-Who runs it: tests today; next, `kt.testing.cluster` (issue 13). A client of the API
-server only, over its REST API (aiohttp; kt's own Kubernetes client is not used here,
-so the fake keeps kt honest). `fit` is the pure decision: a node fits a pod when its
+Who runs it: `kt.testing.cluster`, and tests. A client of the API server only, over its
+REST API (`kt.testing.rest`; kt's own Kubernetes client is not used here, so the fake
+keeps kt honest). `fit` is the pure decision: a node fits a pod when its
 allocatable resources minus the requests of the pods bound to it cover the pod's
 requests, its labels match the pod's nodeSelector, and the pod tolerates its
 NoSchedule/NoExecute taints. A pod no node fits gets the condition PodScheduled=False

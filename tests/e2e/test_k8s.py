@@ -9,7 +9,11 @@ Behaviours covered:
 - more cpus than any node has: PlacementError quoting FailedScheduling within 5 s; an
   image that cannot be pulled: PlacementError naming it;
 - `kt teardown`, and deleting the owner with kubectl: no kt object and no process of the
-  pool is left; kubectl lists and describes kt's pods.
+  pool is left; kubectl lists and describes kt's pods;
+- `kt list`, `kt status` and `kt logs` on this backend, and `kubectl logs` (the API
+  server proxies pods/log to the kubelet);
+- a pool whose driver died (SIGKILL): each pod deletes itself through its service
+  account once nobody called it for inactivity_ttl.
 """
 
 from __future__ import annotations
@@ -42,6 +46,9 @@ class Where:
     def sleep(self, seconds: float) -> str:
         time.sleep(seconds)
         return self.pod()
+
+    def say(self, text: str) -> None:
+        print(text, flush=True)
 
     def hog(self, mib: int) -> int:
         block = bytearray(mib * 2**20)
@@ -151,3 +158,66 @@ def test_teardown_leaves_no_object_and_no_process(k8s_cluster: pathlib.Path, how
     while (_objects(k8s_cluster, pool) or _alive(pids)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _objects(k8s_cluster, pool) == [] and _alive(pids) == []
+
+
+def _kt(kubeconfig: pathlib.Path, *args: str) -> str:
+    env = {**os.environ, "KT_BACKEND": "k8s", "KUBECONFIG": str(kubeconfig), "COLUMNS": "200"}
+    done = subprocess.run(
+        [sys.executable, "-c", "from kt.cli import main; main()", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, f"kt {' '.join(args)}: {done.stdout} {done.stderr}"
+    return done.stdout
+
+
+def test_kt_list_status_and_logs_on_this_backend(k8s_cluster: pathlib.Path) -> None:
+    compute = _compute(cpus=1, replicas=1)
+    actor = kt.cls(Where).options(compute=compute, name=f"talker-{uuid.uuid4().hex[:4]}").remote()
+    pod = kt.get(actor.pod.remote(), timeout=120)
+    text = f"hello from {uuid.uuid4().hex[:8]}"
+    actor.say(text)
+    pool = compute.name
+    assert pool is not None
+    listed = _kt(k8s_cluster, "list")
+    assert pool in listed and "127.1." in listed
+    status = _kt(k8s_cluster, "status", pool)
+    assert pod in status and "Where" in status and "ready" in status
+    deadline = time.monotonic() + 20
+    while text not in _kt(k8s_cluster, "logs", pool) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert text in _kt(k8s_cluster, "logs", pool, "--pod", pod)
+    assert text in kubectl("1.33", k8s_cluster, "logs", pod)
+
+
+ORPHAN = """
+import os, signal, sys, kt
+class Where:
+    def pod(self):
+        return os.environ["KT_POD"]
+compute = kt.Compute(cpus=1, replicas=1, backend="k8s", name=sys.argv[1], inactivity_ttl=2)
+print(kt.cls(Where).options(compute=compute).remote().pod(), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # no teardown: only the pod's own timer is left
+"""
+
+
+def test_an_idle_pod_deletes_itself_after_its_driver_died(
+    k8s_cluster: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    pool = f"k8s-orphan-{uuid.uuid4().hex[:6]}"
+    script = tmp_path / "orphan.py"
+    script.write_text(ORPHAN)
+    env = {**os.environ, "KUBECONFIG": str(k8s_cluster)}
+    done = subprocess.run(
+        [sys.executable, str(script), pool], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == -9, done.stderr
+    pod = done.stdout.strip().splitlines()[-1]
+    assert f"Pod/{pod}" in _objects(k8s_cluster, pool)
+    deadline = time.monotonic() + 30
+    while f"Pod/{pod}" in _objects(k8s_cluster, pool) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert f"Pod/{pod}" not in _objects(k8s_cluster, pool)
+    kubectl("1.33", k8s_cluster, "delete", "configmap", f"kt-{pool}")  # the pool's record

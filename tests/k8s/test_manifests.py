@@ -126,6 +126,7 @@ def test_every_compute_field_lands_where_kubernetes_users_expect_it() -> None:
     token = volumes[mounts[manifests.TOKEN_DIR]]["secret"]["secretName"]
     assert token == manifests.token_secret_name("trainer-pool")
     assert env["KT_TOKEN_FILE"] == f"{manifests.TOKEN_DIR}/token"
+    assert env["KT_BACKEND"] == "k8s"  # an idle supervisor deletes its pod through the API
     secret = _objects()["secret"]
     assert secret["metadata"]["name"] == token
     assert base64.b64decode(secret["data"]["token"]) == b"s3cret"
