@@ -38,6 +38,8 @@ def pool() -> object:
 
 
 CLUSTER_NODES, CLUSTER_CPUS = 4, 16
+NO_KT_IMAGE = "kt-test/no-kt:1"  # the cluster runs its pods on a Python without kt
+SYSTEM_PYTHON = "/usr/bin/python3"
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +48,7 @@ def k8s_cluster() -> Iterator[pathlib.Path]:
     KUBECONFIG pointing at it; stopped (every pod's processes with it) at the end."""
     from kt.testing.cluster import running
 
-    with running(CLUSTER_NODES, CLUSTER_CPUS) as kubeconfig:
+    with running(CLUSTER_NODES, CLUSTER_CPUS, images={NO_KT_IMAGE: SYSTEM_PYTHON}) as kubeconfig:
         os.environ["KUBECONFIG"] = str(kubeconfig)
         yield kubeconfig
         import kt

@@ -179,14 +179,19 @@ def _volume_mounts(compute: Compute) -> tuple[list[dict[str, Any]], list[dict[st
     return volumes, mounts
 
 
-def command(kt_version: str) -> list[str]:
+NO_KT_EXIT = 3  # the pod's command could not install kt
+
+
+def command(kt_version: str, image: str) -> list[str]:
     """The container's command: the supervisor, after installing the driver's exact kt
-    when the image has none."""
+    when the image has none (pip's own output, then kt's line naming the image, go to the
+    container's log; the provider quotes its last lines)."""
     pip = f"kt-runtime=={kt_version}"
+    said = shlex.quote(f"kt: image {image} has no kt, and pip could not install {pip}")
     script = (
         'python -c "import kt" 2>/dev/null || '
         f"python -m pip install --user --quiet {shlex.quote(pip)} "
-        f'|| {{ echo "kt: this image has no kt and pip could not install {pip}" >&2; exit 3; }}; '
+        f"|| {{ echo {said} >&2; exit {NO_KT_EXIT}; }}; "
         "exec python -m kt.supervisor"
     )
     return ["sh", "-c", script]
@@ -227,7 +232,7 @@ def pod(
     container: dict[str, Any] = {
         "name": "kt",
         "image": spec.image,
-        "command": command(kt_version),
+        "command": command(kt_version, spec.image),
         "ports": [
             {"name": "kt", "containerPort": SUPERVISOR_PORT},
             {"name": "control", "containerPort": SUPERVISOR_PORT + 1},

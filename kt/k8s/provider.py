@@ -46,6 +46,7 @@ from kt.k8s import manifests
 SERVICE_ACCOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
 PULL_FAILURES = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull")
 SELECTOR = "app.kubernetes.io/managed-by=kt"
+WATCH_S = 60  # each watch request's timeoutSeconds; the next one goes on from its version
 
 
 # -- the pure readings ----------------------------------------------------------------------
@@ -119,7 +120,7 @@ def launch_problem(pod: dict[str, Any], image: str) -> Exception | None:
             )
     state, reason, _ = pod_state(pod, was_ready=False)
     if state is PodState.FAILED:
-        return LaunchError(pool, name, f"{reason} (see `kubectl logs {name}`)")
+        return LaunchError(pool, name, reason)
     return None
 
 
@@ -281,6 +282,9 @@ class K8sProvider(Provider):
             if state is PodState.READY:
                 return _as_pod(pod, state)
             problem = launch_problem(pod, image)
+            if isinstance(problem, LaunchError):  # it ran and ended: say what it printed last
+                tail = await self._log_tail(api, ns, name)
+                raise LaunchError(problem.pool, name, f"{problem.reason}; image {image}{tail}")
             if problem is not None:
                 raise problem
             try:
@@ -304,6 +308,14 @@ class K8sProvider(Provider):
                     raise LaunchError(_pool_of(pod), name, _api_message(exc)) from exc
                 pod = self._raw(await api.read_namespaced_pod(name, ns))
                 version = pod["metadata"]["resourceVersion"]
+
+    async def _log_tail(self, api: client.CoreV1Api, ns: str, name: str, lines: int = 20) -> str:
+        try:
+            text = await api.read_namespaced_pod_log(name, ns, container="kt", tail_lines=lines)
+        except (ApiException, aiohttp.ClientError):
+            return ""
+        body = "\n".join(f"  {line}" for line in str(text).rstrip().splitlines())
+        return f"; its last lines:\n{body}" if body else ""
 
     # -- deleting ---------------------------------------------------------------------------
     async def _delete(self, api: client.CoreV1Api, ns: str, name: str, grace: int) -> None:
@@ -430,7 +442,7 @@ class K8sProvider(Provider):
                             self._ns(),
                             label_selector=self._selector(pool),
                             resource_version=version,
-                            timeout_seconds=60,
+                            timeout_seconds=WATCH_S,
                             allow_watch_bookmarks=True,
                         ):
                             obj = raw["raw_object"]

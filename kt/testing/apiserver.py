@@ -7,15 +7,15 @@ in memory.
 
 What it speaks (core v1 only): discovery (`/version`, `/api`, `/api/v1`, `/apis`); pods
 (with `status`, `binding`, and `log` proxied to the pod's kubelet), services, secrets,
-configmaps, events, namespaces, nodes; create, get, list, replace (409 Conflict on a stale resourceVersion), merge patch
-(`application/merge-patch+json`, and strategic merge patch treated as a merge patch:
-enough for maps, which is what kt patches), delete; a resourceVersion on every object
-and list; `labelSelector` (=, ==, !=, in, notin, exists, !exists) and `fieldSelector`
-(metadata.name, metadata.namespace, spec.nodeName, status.phase); watches (one JSON
-event per line, BOOKMARKs, 410 Gone for a version older than the kept history); bearer
-tokens; `Status` bodies with Kubernetes' codes and reasons; ownerReference cascade on
-delete; graceful deletion of pods bound to a node (deletionTimestamp, then removal when
-the kubelet deletes it with grace period 0).
+configmaps, events, namespaces, nodes; create, get, list, replace (409 Conflict on a
+stale resourceVersion), merge patch (`application/merge-patch+json`, and strategic merge
+patch treated as a merge patch: enough for maps, which is what kt patches), delete; a
+resourceVersion on every object and list; `labelSelector` (=, ==, !=, in, notin, exists,
+!exists) and `fieldSelector` (metadata.name, metadata.namespace, spec.nodeName,
+status.phase); watches (one JSON event per line, BOOKMARKs, 410 Gone for a version older
+than the kept history); bearer tokens; `Status` bodies with Kubernetes' codes and
+reasons; ownerReference cascade on delete; graceful deletion of pods bound to a node
+(deletionTimestamp, then removal when the kubelet deletes it with grace period 0).
 """
 
 from __future__ import annotations
@@ -284,6 +284,7 @@ class ApiServer:
     def __init__(self, token: str) -> None:
         self.token = token
         self.store = Store()
+        self.expired = 0  # watches answered 410 Gone
 
     async def setup(self) -> None:
         for ns in ("default", "kube-system"):
@@ -411,6 +412,7 @@ class ApiServer:
                 410, "Expired", f"too old resource version: {since} ({self.store.oldest()})"
             )
             await response.write(orjson.dumps({"type": "ERROR", "object": gone}) + b"\n")
+            self.expired += 1
             return response
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -518,7 +520,9 @@ class ApiServer:
         if container not in containers:
             raise ApiError(400, "BadRequest", f"container {container} is not valid for pod {name}")
         follow = request.query.get("follow", "false")
+        tail = request.query.get("tailLines", "")
         url = f"http://{address}:{port}/containerLogs/{ns}/{name}/{container}?follow={follow}"
+        url += f"&tailLines={tail}" if tail else ""
         reply = web.StreamResponse(headers={"Content-Type": "text/plain"})
         timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
         async with aiohttp.ClientSession(timeout=timeout) as http, http.get(url) as upstream:

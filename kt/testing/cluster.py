@@ -55,6 +55,7 @@ async def run(args: argparse.Namespace) -> None:
         nodes=args.nodes,
         shape=shape,
         python_bin=os.path.dirname(sys.executable),
+        images=dict(item.split("=", 1) for item in args.image_python),
     )
     scheduler = Scheduler(url, token, tls.ca_pem)
     tasks = [asyncio.ensure_future(kubelet.run()), asyncio.ensure_future(scheduler.run())]
@@ -97,7 +98,13 @@ async def _until_nodes(kubelet: Kubelet, nodes: int) -> None:
 
 
 @contextlib.contextmanager
-def running(nodes: int = 4, cpus_per_node: float = 4, *, limit: float = 60) -> Iterator[Path]:
+def running(
+    nodes: int = 4,
+    cpus_per_node: float = 4,
+    *,
+    images: dict[str, str] | None = None,
+    limit: float = 60,
+) -> Iterator[Path]:
     """This program in a subprocess, for tests and benchmarks: yields its kubeconfig's
     path once it serves; stops it (and every pod's processes) on the way out.
 
@@ -109,6 +116,8 @@ def running(nodes: int = 4, cpus_per_node: float = 4, *, limit: float = 60) -> I
     argv = [sys.executable, "-m", "kt.testing.cluster", "--kubeconfig", str(kubeconfig)]
     argv += ["--nodes", str(nodes), "--cpus-per-node", f"{cpus_per_node:g}"]
     argv += ["--workdir", str(root / "work")]
+    for image, python in (images or {}).items():
+        argv += ["--image-python", f"{image}={python}"]
     with open(root / "cluster.log", "wb") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -138,6 +147,13 @@ def main() -> None:
     parser.add_argument("--memory-per-node", default="8Gi")
     parser.add_argument("--port", type=int, default=0, help="API server port (default: free)")
     parser.add_argument("--workdir", help="pods' directories (default: a temporary one)")
+    parser.add_argument(
+        "--image-python",
+        action="append",
+        default=[],
+        metavar="IMAGE=PYTHON",
+        help="pods of IMAGE run this interpreter (default: the cluster's own, with kt)",
+    )
     args = parser.parse_args()
     asyncio.run(run(args))
 

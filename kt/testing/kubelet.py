@@ -15,7 +15,9 @@ it does, per node it registers (a Node object with capacity and a Ready conditio
   a program that reads a mounted file prefixes KT_MOUNT_ROOT ("" on a real node);
 - **images**: there is no container runtime, so an image is "pulled" when its registry
   resolves; a registry under the reserved `.invalid` domain does not, and the pod waits
-  in ErrImagePull / ImagePullBackOff as on a real node;
+  in ErrImagePull / ImagePullBackOff as on a real node. What an image holds is its
+  `python`: the cluster's own (first on PATH), or for an image named in `images` the
+  interpreter given there (so a test can run an image without kt);
 - reports status: phase, podIP, hostIP, startTime, conditions (PodScheduled,
   Initialized, ContainersReady, Ready from the readiness probe: `httpGet`, probed every
   0.1 s until it first passes, then every periodSeconds), containerStatuses (running, or
@@ -40,6 +42,7 @@ import datetime
 import logging
 import os
 import random
+import re
 import shutil
 import signal
 from dataclasses import dataclass, field
@@ -129,6 +132,7 @@ class Kubelet:
         nodes: int = 1,
         shape: NodeShape | None = None,
         python_bin: str | None = None,
+        images: dict[str, str] | None = None,
         service_account_token: str | None = None,
     ) -> None:
         self.url, self.token, self.ca_pem = url, token, ca_pem
@@ -136,6 +140,7 @@ class Kubelet:
         self.shape = shape or NodeShape()
         self.nodes = [f"node-{i + 1}" for i in range(nodes)]
         self.python_bin = python_bin
+        self.images = dict(images or {})  # image -> the python it holds
         self.sa_token = service_account_token or token
         self.runs: dict[str, PodRun] = {}
         self.registered: list[str] = []
@@ -306,6 +311,12 @@ class Kubelet:
         reply = web.StreamResponse(headers={"Content-Type": "text/plain"})
         await reply.prepare(request)
         offset = 0
+        tail = int(request.query.get("tailLines") or 0)
+        if tail > 0:  # start where the last `tail` lines begin
+            with contextlib.suppress(FileNotFoundError):
+                data = path.read_bytes()
+                cut = data.rstrip(b"\n").split(b"\n")[-tail:]
+                offset = len(data) - len(b"\n".join(cut)) - (1 if data.endswith(b"\n") else 0)
         while True:
             with contextlib.suppress(FileNotFoundError):
                 with open(path, "rb") as f:
@@ -487,7 +498,7 @@ class Kubelet:
         host, _, port = self.url.removeprefix("https://").partition(":")
         env = {
             "PATH": os.pathsep.join(
-                p for p in (self.python_bin, os.environ.get("PATH", "/usr/bin:/bin")) if p
+                p for p in (self._bin(container), os.environ.get("PATH", "/usr/bin:/bin")) if p
             ),
             "HOME": str(run.root / "home"),
             "HOSTNAME": run.pod["spec"].get("hostname", run.name),
@@ -519,6 +530,18 @@ class Kubelet:
                     return None
                 env[var["name"]] = values[key_ref["key"]]
         return env
+
+    def _bin(self, container: dict[str, Any]) -> str | None:
+        """The directory whose `python` the container runs: its image's, if named."""
+        python = self.images.get(container.get("image", ""))
+        if python is None:
+            return self.python_bin
+        bin_dir = self.workdir / "images" / re.sub(r"[^A-Za-z0-9_.-]", "_", container["image"])
+        bin_dir.mkdir(parents=True, exist_ok=True)
+        link = bin_dir / "python"
+        if not link.is_symlink():
+            link.symlink_to(python)
+        return str(bin_dir)
 
     async def _probe(self, run: PodRun, container: dict[str, Any], ports: dict[str, int]) -> None:
         probe = container.get("readinessProbe")

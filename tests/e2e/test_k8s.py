@@ -7,7 +7,8 @@ Behaviours covered:
 - a pod the kubelet marks OOMKilled: its actor is dead with ActorDiedError saying
   OOMKilled and the limit (the call in flight fails as the connection closes);
 - more cpus than any node has: PlacementError quoting FailedScheduling within 5 s; an
-  image that cannot be pulled: PlacementError naming it;
+  image that cannot be pulled: PlacementError naming it; an image without kt, where pip
+  cannot install it: LaunchError naming the image and quoting pip;
 - `kt teardown`, and deleting the owner with kubectl: no kt object and no process of the
   pool is left; kubectl lists and describes kt's pods;
 - `kt list`, `kt status` and `kt logs` on this backend, and `kubectl logs` (the API
@@ -31,6 +32,7 @@ import psutil
 import pytest
 
 import kt
+from tests.conftest import NO_KT_IMAGE, SYSTEM_PYTHON
 from tests.k8s.kubectl import kubectl
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("k8s_cluster")]
@@ -126,6 +128,19 @@ def test_unschedulable_and_unpullable_pods_fail_placement(k8s_cluster: pathlib.P
     nowhere = kt.cls(Where).options(compute=_compute(cpus=1, replicas=1, image=image)).remote()
     with pytest.raises(kt.PlacementError, match=re.escape("registry.invalid/team/kt:1")):
         nowhere.pod.remote().result(timeout=60)
+
+
+def test_an_image_without_kt_fails_naming_it_and_quoting_pip() -> None:
+    assert os.path.exists(SYSTEM_PYTHON), f"the test needs a Python without kt at {SYSTEM_PYTHON}"
+    image = kt.Image(base=NO_KT_IMAGE)
+    bare = kt.cls(Where).options(compute=_compute(cpus=1, replicas=1, image=image)).remote()
+    with pytest.raises(kt.LaunchError) as caught:
+        bare.pod.remote().result(timeout=120)
+    text = str(caught.value)
+    assert f"image {NO_KT_IMAGE} has no kt, and pip could not install kt-runtime==" in text
+    assert "exit code 3" in text
+    pip_said = text.split("its last lines:")[1].split("kt: image")[0]
+    assert pip_said.strip(), text  # what pip printed comes before kt's own line
 
 
 @pytest.mark.parametrize("how", ["kt teardown", "kubectl delete owner"])

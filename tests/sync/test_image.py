@@ -8,7 +8,8 @@ Behaviours covered:
   the steps after it run again (counted by run_bash steps appending to files);
 - each step's output reaches the caller's terminal as it runs, prefixed with the pod;
 - a failing step fails `.to()` with kt.ImageError naming the step, its exit code and its
-  last lines of output.
+  last lines of output;
+- set_env, run_bash and copy steps, and a failing step, the same way on both backends.
 """
 
 from __future__ import annotations
@@ -95,10 +96,33 @@ def test_image_steps_run_once_and_again_from_the_changed_step(
     changed.teardown()
 
 
-def test_a_failing_step_fails_to_with_its_exit_code_and_output(tmp_path: pathlib.Path) -> None:
+def test_steps_run_on_both_backends(tmp_path: pathlib.Path, backend: str) -> None:
+    note = tmp_path / "note.txt"
+    note.write_text("from the driver")
+    image = (
+        kt.Image()
+        .set_env(KT_TEST_VALUE="on the pod")
+        .run_bash("echo built > built.txt")
+        .copy(str(note), "data/note.txt")
+    )
+    compute = kt.Compute(
+        cpus=1, replicas=1, name=f"image-{uuid.uuid4().hex[:6]}", backend=backend, image=image
+    )
+    svc = kt.cls(Probe).to(compute)
+    try:
+        assert svc.env("KT_TEST_VALUE") == "on the pod"
+        assert svc.read("built.txt") == "built\n"
+        assert svc.read("data/note.txt") == "from the driver"
+    finally:
+        svc.teardown()
+
+
+def test_a_failing_step_fails_to_with_its_exit_code_and_output(
+    tmp_path: pathlib.Path, backend: str
+) -> None:
     image = kt.Image().set_env(A="1").run_bash("echo preparing; echo broken >&2; exit 3")
     compute = kt.Compute(
-        cpus=1, replicas=1, name=f"image-{uuid.uuid4().hex[:6]}", backend="local", image=image
+        cpus=1, replicas=1, name=f"image-{uuid.uuid4().hex[:6]}", backend=backend, image=image
     )
     with pytest.raises(kt.ImageError) as info:
         kt.cls(Probe).to(compute)

@@ -1,0 +1,79 @@
+"""The Kubernetes provider's pod watch against the test cluster's API server.
+
+Behaviours covered:
+- the watch starts from a list (a pod already Ready is reported READY);
+- when the API server has forgotten the watch's resourceVersion (410 Gone: more changes
+  than it keeps happened while the watch was away), the provider lists again and goes
+  on: a pod made afterwards is still reported, and the pool's watch never fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import pathlib
+from typing import Any
+
+import pytest
+
+from kt.core.provider import PodState
+from kt.k8s import provider as provider_module
+from kt.k8s.provider import K8sProvider
+from kt.testing import apiserver
+from tests.distributed.torchrun import free_port
+
+pytestmark = pytest.mark.timeout(60)
+TOKEN = "watch-test"
+
+
+def _ready_pod(name: str, pool: str) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "name": name,
+            "labels": {"app.kubernetes.io/managed-by": "kt", "kt.dev/pool": pool},
+            "annotations": {"kt.dev/pool-name": pool},
+        },
+        "spec": {"containers": [{"name": "kt", "image": "i"}]},
+        "status": {
+            "phase": "Running",
+            "podIP": "10.0.0.1",
+            "conditions": [{"type": "Ready", "status": "True"}],
+        },
+    }
+
+
+def test_a_410_lists_again_and_the_watch_goes_on(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+) -> None:
+    monkeypatch.setattr(apiserver, "HISTORY", 30)  # the server keeps 30 changes
+    monkeypatch.setattr(provider_module, "WATCH_S", 1)  # each watch request lasts 1 s
+
+    async def main() -> None:
+        port = free_port()
+        tls = apiserver.make_tls()
+        runner, server = await apiserver.serve("127.0.0.1", port, TOKEN, tls)
+        url = f"https://127.0.0.1:{port}"
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(json.dumps(apiserver.kubeconfig(url, TOKEN, tls.ca_pem)))
+        monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+        pods, configmaps = apiserver.RESOURCES["pods"], apiserver.RESOURCES["configmaps"]
+        provider = K8sProvider()
+        try:
+            await server.store.create(pods, "default", _ready_pod("a", "p"))
+            events = provider.watch_pods("p")
+            first = await asyncio.wait_for(anext(events), 10)
+            assert (first.pod.name, first.state) == ("a", PodState.READY)
+            waiting = asyncio.ensure_future(anext(events))
+            for i in range(100):  # changes the pool's watch does not see (not its pods)
+                await server.store.create(configmaps, "default", {"metadata": {"name": f"c{i}"}})
+            await asyncio.sleep(1.5)  # the watch request ends; its version is now too old
+            await server.store.create(pods, "default", _ready_pod("b", "p"))
+            later = await asyncio.wait_for(waiting, 15)
+            assert (later.pod.name, later.state) == ("b", PodState.READY)
+            assert server.expired >= 1, "the server never answered 410"
+            await events.aclose()
+        finally:
+            await provider.close()
+            await runner.cleanup()
+
+    asyncio.run(main())
