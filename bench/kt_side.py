@@ -352,14 +352,40 @@ def _rtt_us(handle: Any, n: int = 2000) -> float:
     return statistics.median(lat)
 
 
+@contextlib.contextmanager
+def _gateway(kubeconfig: Path) -> Iterator[str]:
+    """`python -m kt.k8s.gateway` for the test cluster; yields its "host:port"."""
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+    argv = [sys.executable, "-m", "kt.k8s.gateway", "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", port), 0.5).close()
+                break
+            time.sleep(0.1)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 def row_k8s() -> Result:
     """The Kubernetes backend on the test cluster (`kt.testing.cluster`, 4 nodes), kt
     only: a pool of 4 pods from `.to()` until each replica answered its first call (pod
     starts and code sync included); then the call round trip there next to the local
-    backend's, measured alternately (the same hot path: the ratio should be near 1)."""
+    backend's, and through the kt gateway next to direct, measured alternately (the same
+    hot path: the first ratio should be near 1; the gateway's relay adds what it adds)."""
+    from kt.core.config import config
     from kt.testing.cluster import running
 
-    with running(nodes=4, cpus_per_node=4) as kubeconfig:
+    with running(nodes=4, cpus_per_node=4) as kubeconfig, _gateway(kubeconfig) as gateway:
         os.environ["KUBECONFIG"] = str(kubeconfig)
         compute = kt.Compute(cpus=1, replicas=4, backend="k8s", name="bench-k8s")
         t0 = time.perf_counter()
@@ -368,15 +394,28 @@ def row_k8s() -> Result:
         pool_s = time.perf_counter() - t0
         (local,) = _started(1)
         remote = svc._handles[0]
-        k8s_us, local_us = [], []
+        config.gateway = gateway  # links made from now on go through it
+        other = kt.Compute(cpus=1, replicas=1, backend="k8s", name="bench-k8s-gw")
+        relayed = kt.cls(Echo).options(compute=other, cpus=0).remote()
+        relayed.ping()
+        config.gateway = None
+        k8s_us, local_us, gw_us = [], [], []
         for _ in range(3):
             k8s_us.append(_rtt_us(remote, 1000))
             local_us.append(_rtt_us(local, 1000))
-        _kill([local])
+            gw_us.append(_rtt_us(relayed, 1000))
+        _kill([local, relayed])
         svc.teardown()
         os.environ.pop("KUBECONFIG")
-    k8s, here = statistics.median(k8s_us), statistics.median(local_us)
-    return {"pool4_s": pool_s, "rtt_us": k8s, "local_rtt_us": here, "rtt_ratio": k8s / here}
+    k8s, here, gw = (statistics.median(x) for x in (k8s_us, local_us, gw_us))
+    return {
+        "pool4_s": pool_s,
+        "rtt_us": k8s,
+        "local_rtt_us": here,
+        "rtt_ratio": k8s / here,
+        "gateway_rtt_us": gw,
+        "gateway_added_us": gw - k8s,
+    }
 
 
 ROWS: dict[str, Callable[[], Result]] = {

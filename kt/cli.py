@@ -1,4 +1,4 @@
-"""The `kt` command: list, status, logs, teardown, bench, version.
+"""The `kt` command: list, status, logs, teardown, config, bench, version.
 
 Talks to pools through the provider interface (the backend from KT_BACKEND or the
 environment, as the library picks it) and to pods through their control HTTP.
@@ -22,8 +22,8 @@ from rich.console import Console
 from rich.table import Table
 
 import kt
-from kt.core.errors import ConfigError
-from kt.core.provider import Pod, Provider, get_provider, resolve_backend
+from kt.core.errors import ConfigError, KtError
+from kt.core.provider import Pod, Provider, explain_backend, get_provider, resolve_backend
 
 console = Console()
 T = TypeVar("T")
@@ -142,6 +142,33 @@ def cmd_teardown(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    """What this machine's kt would use, and why."""
+    from kt.core.config import config
+
+    backend, why = explain_backend(args.backend)
+    table = Table("setting", "value", "why")
+    table.add_row("backend", backend, why)
+    if config.gateway:
+        table.add_row("connections to pods", f"through the gateway {config.gateway}", "KT_GATEWAY")
+    else:
+        how = "set KT_GATEWAY=host:port to go through a kt gateway"
+        table.add_row("connections to pods", "direct, to each pod's address", how)
+    if backend == "k8s":
+        provider = _provider(args)
+
+        async def namespace() -> str:
+            await provider.list_pods()  # loads the config (and checks the API answers)
+            return str(getattr(provider, "_namespace", "default"))
+
+        try:
+            table.add_row("namespace", _run(provider, namespace), "kubeconfig context or pod")
+        except KtError as exc:
+            table.add_row("namespace", "?", f"the cluster did not answer: {exc}")
+    console.print(table)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     root = Path.cwd()
     if not (root / "bench" / "__main__.py").exists():
@@ -175,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("bench", help="the benchmark suite against Ray")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(fn=cmd_bench)
+    sub.add_parser("config", help="the backend and connections kt would use, and why").set_defaults(
+        fn=cmd_config
+    )
     sub.add_parser("version").set_defaults(fn=cmd_version)
     args = parser.parse_args(argv)
     return int(args.fn(args))

@@ -1,4 +1,5 @@
-"""The `kt` command against a live local pool: list, status, logs, teardown, version."""
+"""The `kt` command against a live local pool: list, status, logs, teardown, version;
+`kt config` says which backend and connections it would use, and why."""
 
 from __future__ import annotations
 
@@ -30,6 +31,18 @@ def _kt(*args: str, code: int = 0, columns: int = 200) -> str:
     )
     assert out.returncode == code, out.stdout + out.stderr
     return out.stdout
+
+
+def test_kt_config_says_what_it_chose_and_why(tmp_path: object) -> None:
+    env = dict(os.environ, COLUMNS="200", KUBECONFIG=f"{tmp_path}/none", KT_GATEWAY="gw:7180")
+    env.pop("KT_BACKEND", None)
+    env.pop("KUBERNETES_SERVICE_HOST", None)
+    out = subprocess.run(
+        [sys.executable, "-m", "kt.cli", "config"], capture_output=True, text=True, env=env
+    )
+    assert out.returncode == 0, out.stderr
+    assert "local" in out.stdout and f"no kubeconfig at {tmp_path}/none" in out.stdout
+    assert "through the gateway gw:7180" in out.stdout
 
 
 def test_cli_sees_and_tears_down_a_pool() -> None:

@@ -58,7 +58,7 @@ from kt.actors.imaging import Imager
 from kt.actors.lifecycle import Actor, ActorSpec
 from kt.actors.push import Pusher
 from kt.actors.scheduler import PodSlot, Pool, progress
-from kt.core import protocol
+from kt.core import dial, protocol
 from kt.core.compute import Compute
 from kt.core.config import config
 from kt.core.errors import ActorDiedError, DeathCause, KtError, PodLostError, SyncFileChanged
@@ -371,7 +371,7 @@ class Driver:
         seen = await _provider_pod(pool.provider, pool.name, pod)
         if seen is None or seen.state is not PodState.READY:
             self.apply(_lost(pod, seen, "the provider no longer has it"))
-        elif not await _reachable(slot.pod.address):  # the provider may say why by now
+        elif not await _reachable(slot.pod.address, pool.token):  # the provider may say why
             seen = await _provider_pod(pool.provider, pool.name, pod)
             self.apply(_lost(pod, seen, "it does not accept connections"))
         else:
@@ -444,12 +444,17 @@ class Driver:
         await asyncio.gather(*(p.close() for p in providers), return_exceptions=True)
 
 
-async def _reachable(address: Address, tries: int = 3) -> bool:
-    """The pod accepts connections (a dying process can still look alive to the provider)."""
+async def _reachable(address: Address, token: str, tries: int = 3) -> bool:
+    """The pod accepts connections (a dying process can still look alive to the provider);
+    through the gateway when one is configured."""
     for attempt in range(tries):
         try:
+            relayed = await dial.through_gateway(address, token, 1.0)
+            if relayed is not None:
+                relayed.close()
+                return True
             _, writer = await asyncio.wait_for(asyncio.open_connection(*address), 1.0)
-        except (TimeoutError, OSError):
+        except (TimeoutError, OSError, KtError):
             await asyncio.sleep(0.2 * (attempt + 1))
             continue
         writer.close()

@@ -27,6 +27,9 @@ class Config:
     """A project larger than this is refused."""
     sync_fanout: int = 4
     """How many pods one pod that holds a version serves at once (`kt.actors.push`)."""
+    gateway: str | None = field(default_factory=lambda: os.environ.get("KT_GATEWAY") or None)
+    """"host:port" of a kt gateway (kt.k8s.gateway): every connection to a pod goes through
+    it, for a driver outside the cluster that cannot reach pod addresses (KT_GATEWAY)."""
 
 
 config = Config()

@@ -62,6 +62,8 @@ from typing import Any
 
 import orjson
 
+from kt.core.errors import ProtocolError
+
 VERSION = 1
 
 PREFIX = struct.Struct("<IBBHIQ")
@@ -128,6 +130,43 @@ def encode(
     """One whole frame as bytes; for small frames off the hot path."""
     hdr = header if isinstance(header, bytes) else (orjson.dumps(header) if header else b"")
     return encode_prefix(kind, req_id, hdr, len(payload), flags=flags, route=route) + hdr + payload
+
+
+# -- the gateway's routing preamble -------------------------------------------------------
+# A driver outside the cluster reaches a pod through the kt gateway (kt.k8s.gateway): it
+# sends one line, `KTGW1 {"target": "<pod ip>:<port>", "token": "<pool token>"}`, and reads
+# one line back, `ok` or `refused: <why>`; from then on the gateway relays bytes unchanged
+# (the HELLO that follows is checked by the pod as always).
+GATEWAY_MAGIC = b"KTGW1 "
+GATEWAY_PREAMBLE_MAX = 4096  # bytes, newline included
+GATEWAY_OK = b"ok\n"
+
+
+def gateway_preamble(target: tuple[str, int], token: str) -> bytes:
+    body = orjson.dumps({"target": f"{target[0]}:{target[1]}", "token": token})
+    return GATEWAY_MAGIC + body + b"\n"
+
+
+def parse_gateway_preamble(line: bytes) -> tuple[str, int, str]:
+    """(host, port, token) of a preamble line.
+
+    Raises:
+        ProtocolError: it is not one.
+    """
+    if not line.startswith(GATEWAY_MAGIC) or not line.endswith(b"\n"):
+        raise ProtocolError("not a kt gateway preamble")
+    try:
+        body = orjson.loads(line[len(GATEWAY_MAGIC) :])
+        host, _, port = str(body["target"]).rpartition(":")
+        token = body["token"]
+        if not host or not isinstance(token, str):
+            raise ValueError("empty target or token")
+        return host, int(port), token
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ProtocolError(f"bad gateway preamble: {exc}") from None
+
+
+PONG_FRAME = encode(FrameKind.PONG)  # what the gateway sends an idle driver (a heartbeat)
 
 
 LEND_ID = struct.Struct("<Q")  # a WAIT's payload

@@ -153,18 +153,26 @@ class Provider(abc.ABC):
 
 def resolve_backend(requested: str | None) -> str:
     """`requested`, else KT_BACKEND, else k8s when a cluster config is found, else local."""
+    return explain_backend(requested)[0]
+
+
+def explain_backend(requested: str | None) -> tuple[str, str]:
+    """The backend `resolve_backend` picks, and why (for `kt config`)."""
     if requested:
-        return requested
+        return requested, "asked for"
     env = os.environ.get("KT_BACKEND")
     if env:
         if env not in _BACKENDS:
             raise ConfigError(f"KT_BACKEND={env!r}: choose one of {sorted(_BACKENDS)}")
-        return env
+        return env, f"KT_BACKEND={env}"
     kubeconfig = os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
     in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
-    if (os.path.exists(kubeconfig) or in_cluster) and _importable("kt.k8s.provider"):
-        return "k8s"
-    return "local"
+    found = f"kubeconfig {kubeconfig}" if os.path.exists(kubeconfig) else "a service account"
+    if os.path.exists(kubeconfig) or in_cluster:
+        if _importable("kt.k8s.provider"):
+            return "k8s", f"{found} was found"
+        return "local", f"{found} was found, but kt-runtime[k8s] is not installed"
+    return "local", f"no kubeconfig at {kubeconfig} and no service account"
 
 
 def _importable(module: str) -> bool:

@@ -30,7 +30,7 @@ import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from kt.core import protocol, shm
+from kt.core import dial, protocol, shm
 from kt.core.channel import FrameChannel
 from kt.core.errors import (
     AuthError,
@@ -148,12 +148,13 @@ class Link:
         welcome: asyncio.Future[None] = loop.create_future()
         self._welcome = welcome
         try:
-            _, channel = await asyncio.wait_for(
-                loop.create_connection(
-                    lambda: FrameChannel(self._on_frame, self._on_lost), *self.address
-                ),
-                timeout,
-            )
+            relayed = await dial.through_gateway(self.address, self.token, timeout)
+            factory = lambda: FrameChannel(self._on_frame, self._on_lost)  # noqa: E731
+            if relayed is None:
+                connecting = loop.create_connection(factory, *self.address)
+            else:
+                connecting = loop.create_connection(factory, sock=relayed)
+            _, channel = await asyncio.wait_for(connecting, timeout)
             self.channel = channel
             channel.write_lock = threading.Lock()
             hello = {

@@ -144,6 +144,13 @@ class Peer:
         self.same_host = False
         self.channel = FrameChannel(self._on_frame, self._on_lost)
 
+    @property
+    def address(self) -> str:
+        """Where the connection comes from (through a gateway: the gateway)."""
+        transport = self.channel.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        return str(peer[0]) if peer else ""
+
     def _on_frame(
         self,
         kind: int,
@@ -682,6 +689,10 @@ class Supervisor:
             "pod": self.pod,
             "uptime_s": round(time.time() - self.started, 3),
             "callers": len(self.peers),
+            "peers": [
+                {"address": p.address, "caller": p.caller, "actor": p.actor}
+                for p in self.peers.values()
+            ],
             "actors": [
                 {
                     "id": r.id,

@@ -13,6 +13,9 @@ Behaviours covered:
   pool is left; kubectl lists and describes kt's pods;
 - `kt list`, `kt status` and `kt logs` on this backend, and `kubectl logs` (the API
   server proxies pods/log to the kubelet);
+- an actor on a pod makes a pool of its own (the pod's service account) and hands its
+  actor back to the driver, which calls it; deleting the first pool removes the second
+  (its owner object belongs to the first's);
 - a pool whose driver died (SIGKILL): each pod deletes itself through its service
   account once nobody called it for inactivity_ttl.
 """
@@ -205,6 +208,34 @@ def test_kt_list_status_and_logs_on_this_backend(k8s_cluster: pathlib.Path) -> N
         time.sleep(0.2)
     assert text in _kt(k8s_cluster, "logs", pool, "--pod", pod)
     assert text in kubectl("1.33", k8s_cluster, "logs", pod)
+    config = _kt(k8s_cluster, "config")
+    assert "KT_BACKEND=k8s" in config and "default" in config and "direct" in config
+
+
+class Launcher:
+    def launch(self, name: str) -> kt.ActorHandle[Where]:
+        child = kt.Compute(cpus=1, replicas=1, backend="k8s", name=name)
+        where = kt.cls(Where).options(compute=child).remote()
+        assert where.pod()  # up and answering from here too
+        return where
+
+
+def test_a_pod_makes_a_pool_and_the_parents_teardown_removes_it(
+    k8s_cluster: pathlib.Path,
+) -> None:
+    parent = _compute(cpus=1, replicas=1)
+    child = f"k8s-child-{uuid.uuid4().hex[:6]}"
+    launcher = kt.cls(Launcher).options(compute=parent).remote()
+    where = kt.get(launcher.launch.remote(child), timeout=120)
+    child_pod = where.pod()  # the handle, back in the driver, calls the child pool's pod
+    assert child_pod.startswith(child)
+    assert f"Pod/{child_pod}" in _objects(k8s_cluster, child)
+    assert parent.name is not None
+    kubectl("1.33", k8s_cluster, "delete", "configmap", f"kt-{parent.name}", "--wait=false")
+    deadline = time.monotonic() + 60
+    while _objects(k8s_cluster, child) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _objects(k8s_cluster, child) == []
 
 
 ORPHAN = """

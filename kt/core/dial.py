@@ -1,0 +1,77 @@
+"""How a caller reaches a pod's supervisor: directly, or through the kt gateway.
+
+Who calls it: the runtime's links (`kt.core.runtime.Link.open`) and the driver's
+reachability check. With `kt.config.gateway` set ("host:port", or KT_GATEWAY), every
+connection goes to the gateway, which relays it to the pod after the routing preamble
+(`kt.core.protocol.gateway_preamble`) and its one-line answer; without it, to the pod's
+address itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from kt.core import protocol
+from kt.core.config import config
+from kt.core.errors import AuthError, ConfigError, PodLostError
+
+Address = tuple[str, int]
+
+
+def gateway_address() -> Address | None:
+    """The configured gateway, or None.
+
+    Raises:
+        ConfigError: it is not "host:port".
+    """
+    value = config.gateway
+    if not value:
+        return None
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"gateway {value!r}: write it as host:port (kt.config.gateway)")
+    return host.strip("[]"), int(port)
+
+
+async def through_gateway(address: Address, token: str, timeout: float) -> socket.socket | None:
+    """A connected socket to `address` through the gateway, its preamble answered; None
+    when no gateway is configured (dial the pod itself).
+
+    Raises:
+        AuthError: the gateway refused the pool's token.
+        PodLostError: the gateway cannot be reached, or refused the target.
+    """
+    gateway = gateway_address()
+    if gateway is None:
+        return None
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET6 if ":" in gateway[0] else socket.AF_INET)
+    sock.setblocking(False)
+    pod = f"{address[0]}:{address[1]}"
+    try:
+        await asyncio.wait_for(loop.sock_connect(sock, gateway), timeout)
+        await loop.sock_sendall(sock, protocol.gateway_preamble(address, token))
+        answer = await asyncio.wait_for(_line(loop, sock), timeout)
+    except (TimeoutError, OSError) as exc:
+        sock.close()
+        why = f"the gateway {gateway[0]}:{gateway[1]} did not answer: {exc or 'timed out'}"
+        raise PodLostError(pod, why) from None
+    if answer != protocol.GATEWAY_OK:
+        sock.close()
+        why = answer.decode("utf-8", "replace").strip() or "closed"
+        if "token" in why:
+            raise AuthError(f"the gateway refused the connection to pod {pod}: {why}")
+        raise PodLostError(pod, f"the gateway refused it: {why}")
+    return sock
+
+
+async def _line(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
+    """The gateway's one-line answer, read byte by byte: nothing after it is consumed."""
+    out = bytearray()
+    while not out.endswith(b"\n") and len(out) < 1024:
+        chunk = await loop.sock_recv(sock, 1)
+        if not chunk:
+            break
+        out += chunk
+    return bytes(out)

@@ -1,0 +1,369 @@
+"""The kt gateway: a way into the cluster's call channels for drivers outside it.
+
+`python -m kt.k8s.gateway [--host 0.0.0.0] [--port 7180] [--namespace NS ...]`, run by
+the chart as a Deployment behind a Service. A driver with `kt.config.gateway` set opens
+one connection per pod it uses and sends the routing preamble (`kt.core.protocol`):
+the pod's address and its pool's token. The gateway
+
+- reads the preamble within `preamble_timeout` and at most GATEWAY_PREAMBLE_MAX bytes;
+- accepts only a target that is the supervisor port of a live kt pod it knows from its
+  own watch of kt's pods (never an arbitrary address: no SSRF); a pod it has not seen
+  yet is waited for up to the preamble timeout;
+- requires that pool's token (read from the pool's Secret through the API, compared in
+  constant time) before it relays a byte;
+- answers `ok` and relays bytes unchanged both ways, waiting for each write to drain
+  (back-pressure), or answers `refused: <why>` and closes, logging the refusal once;
+- sends the driver a PONG frame between frames when the pod has sent nothing for
+  `heartbeat` seconds, so idle links survive load balancers (the driver ignores it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import hmac
+import logging
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from kubernetes_asyncio import watch
+from kubernetes_asyncio.client.rest import ApiException
+
+from kt.core import protocol
+from kt.core.errors import ProtocolError
+from kt.core.provider import SUPERVISOR_PORT, PodState
+from kt.core.runtime import new_event_loop
+from kt.k8s import manifests
+from kt.k8s.provider import SELECTOR, K8sProvider, pod_state
+
+logger = logging.getLogger("kt.gateway")
+
+
+@dataclass(frozen=True)
+class LivePod:
+    namespace: str
+    pool: str
+    name: str
+
+
+class Refused(Exception):
+    """Why a connection is not relayed (said to the peer, logged once)."""
+
+
+class Gateway:
+    """Relays drivers' call channels to the live kt pods of `namespaces`."""
+
+    def __init__(
+        self,
+        namespaces: list[str] | None = None,
+        *,
+        preamble_timeout: float = 5.0,
+        heartbeat: float = 15.0,
+        source_ip: str | None = None,
+    ) -> None:
+        self.namespaces = namespaces
+        self.preamble_timeout = preamble_timeout
+        self.heartbeat = heartbeat
+        self.source_ip = source_ip  # the address its connections to pods come from
+        self.provider = K8sProvider()
+        self.live: dict[str, LivePod] = {}  # pod IP -> the kt pod there
+        self.changed = asyncio.Condition()
+        self._tokens: dict[tuple[str, str], bytes] = {}
+        self.relayed = 0
+        self.refused = 0
+
+    # -- what is live -------------------------------------------------------------------
+    async def watch(self) -> None:
+        """Follow kt's pods: a Ready one is a target, until it is not. Lists again on 410
+        and whenever a watch ends in an error."""
+        while True:
+            try:
+                await self._follow()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the API server went away: list and watch again
+                logger.warning("gateway: the pod watch failed (%s); watching again", exc)
+                await asyncio.sleep(1.0)
+
+    async def _follow(self) -> None:
+        api = await self.provider._api()
+        if self.namespaces:
+            lists = [
+                await api.list_namespaced_pod(ns, label_selector=SELECTOR) for ns in self.namespaces
+            ]
+        else:
+            lists = [await api.list_pod_for_all_namespaces(label_selector=SELECTOR)]
+        live: dict[str, LivePod] = {}
+        for found in lists:
+            for pod in found.items:
+                self._note(self.provider._raw(pod), live)
+        await self._publish(live)
+        namespace = self.namespaces[0] if self.namespaces and len(self.namespaces) == 1 else None
+        version = lists[0].metadata.resource_version if len(lists) == 1 else None
+        if version is None:  # several namespaces: one watch each is the chart's job; re-list
+            await asyncio.sleep(2.0)
+            return
+        func = api.list_namespaced_pod if namespace else api.list_pod_for_all_namespaces
+        args = (namespace,) if namespace else ()
+        try:
+            while True:
+                async with watch.Watch() as w:
+                    async for event in w.stream(
+                        func,
+                        *args,
+                        label_selector=SELECTOR,
+                        resource_version=version,
+                        timeout_seconds=60,
+                        allow_watch_bookmarks=True,
+                    ):
+                        obj = event["raw_object"]
+                        version = obj["metadata"]["resourceVersion"]
+                        if event["type"] == "BOOKMARK":
+                            continue
+                        live = dict(self.live)
+                        for ip, known in list(live.items()):
+                            if known.name == obj["metadata"]["name"]:
+                                del live[ip]
+                        if event["type"] != "DELETED":
+                            self._note(obj, live)
+                        await self._publish(live)
+        except ApiException as exc:
+            if exc.status != 410:
+                raise
+
+    def _note(self, pod: dict[str, Any], live: dict[str, LivePod]) -> None:
+        state, _, _ = pod_state(pod, was_ready=True)
+        ip = pod.get("status", {}).get("podIP")
+        if state is PodState.READY and ip:
+            meta = pod["metadata"]
+            pool = (meta.get("annotations") or {}).get(manifests.POOL_ANNOTATION, "")
+            live[ip] = LivePod(meta["namespace"], pool, meta["name"])
+
+    async def _publish(self, live: dict[str, LivePod]) -> None:
+        async with self.changed:
+            self.live = live
+            self.changed.notify_all()
+
+    async def _target(self, host: str, port: int) -> LivePod:
+        if port != SUPERVISOR_PORT:
+            raise Refused(f"port {port} is not a kt supervisor's ({SUPERVISOR_PORT})")
+        async with self.changed:
+            try:
+                await asyncio.wait_for(
+                    self.changed.wait_for(lambda: host in self.live), self.preamble_timeout
+                )
+            except TimeoutError:
+                raise Refused(f"{host} is not a live kt pod") from None
+            return self.live[host]
+
+    async def _token(self, pod: LivePod, fresh: bool = False) -> bytes:
+        key = (pod.namespace, pod.pool)
+        if fresh or key not in self._tokens:
+            api = await self.provider._api()
+            name = manifests.token_secret_name(pod.pool)
+            try:
+                secret = await api.read_namespaced_secret(name, pod.namespace)
+            except ApiException as exc:
+                raise Refused(f"pool {pod.pool}'s token cannot be read ({exc.status})") from None
+            data = (secret.data or {}).get("token", "")
+            self._tokens[key] = base64.b64decode(data)
+        return self._tokens[key]
+
+    async def _check_token(self, pod: LivePod, token: str) -> None:
+        given = token.encode()
+        if hmac.compare_digest(await self._token(pod), given):
+            return
+        if hmac.compare_digest(await self._token(pod, fresh=True), given):  # a new pool
+            return
+        raise Refused(f"wrong token for pool {pod.pool}")
+
+    # -- one connection -------------------------------------------------------------------
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        try:
+            try:
+                line = await asyncio.wait_for(_preamble(reader), self.preamble_timeout)
+                host, port, token = protocol.parse_gateway_preamble(line)
+                pod = await self._target(host, port)
+                await self._check_token(pod, token)
+            except TimeoutError:
+                raise Refused("no whole preamble in time") from None
+            except (ProtocolError, OSError) as exc:
+                raise Refused(str(exc)) from None
+            try:
+                local = (self.source_ip, 0) if self.source_ip else None
+                pod_reader, upstream = await asyncio.wait_for(
+                    asyncio.open_connection(host, port, local_addr=local), self.preamble_timeout
+                )
+            except (TimeoutError, OSError) as exc:
+                raise Refused(f"pod {pod.name} does not accept connections: {exc}") from None
+        except Refused as why:
+            self.refused += 1
+            logger.warning("gateway: refused %s: %s", peer, why)
+            with contextlib.suppress(OSError):
+                writer.write(b"refused: " + str(why).encode()[:512] + b"\n")
+                await writer.drain()
+            writer.close()
+            return
+        self.relayed += 1
+        for w in (writer, upstream):
+            _keepalive(w)
+        writer.write(protocol.GATEWAY_OK)
+        await writer.drain()
+        await self._relay(reader, writer, pod_reader, upstream)
+
+    async def _relay(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        pod_reader: asyncio.StreamReader,
+        upstream: asyncio.StreamWriter,
+    ) -> None:
+        """Both transports handed to a pair of pipes: each chunk is written on as it is
+        received, with no copy or task in between; a full side pauses the other's reads."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        up, down = _Pipe(done), _Pipe(done, frames=True)
+        up.attach(writer.transport, down)  # reads the driver, writes to the pod
+        down.attach(upstream.transport, up)  # reads the pod, writes to the driver
+        beat = asyncio.ensure_future(down.beat(self.heartbeat))
+        try:
+            await done
+        finally:
+            beat.cancel()
+            writer.transport.close()
+            upstream.transport.close()
+
+
+class _Pipe(asyncio.Protocol):
+    """One direction of a relayed connection. The pod -> driver one (`frames`) follows
+    frame lengths, so that a heartbeat PONG goes between two frames, never inside one."""
+
+    def __init__(self, done: asyncio.Future[None], frames: bool = False) -> None:
+        self.done = done
+        self.frames = frames
+        self.transport: asyncio.Transport | None = None
+        self.peer: _Pipe | None = None
+        self.left = 0  # bytes of the current frame not relayed yet (0: between frames)
+        self.prefix = b""  # a length field cut between two reads
+        self.quiet = False
+
+    def attach(self, transport: Any, peer: _Pipe) -> None:
+        self.transport, self.peer = transport, peer
+        transport.set_protocol(self)
+
+    def data_received(self, data: bytes) -> None:
+        assert self.peer is not None and self.peer.transport is not None
+        self.peer.transport.write(data)
+        self.quiet = False
+        if self.frames:
+            self._follow(data)
+
+    def _follow(self, data: bytes) -> None:
+        i, n = 0, len(data)
+        while i < n:
+            if self.left:
+                step = min(self.left, n - i)
+                self.left -= step
+                i += step
+                continue
+            need = protocol.LENGTH_SIZE - len(self.prefix)
+            self.prefix += data[i : i + need]
+            i += need
+            if len(self.prefix) == protocol.LENGTH_SIZE:
+                self.left = int.from_bytes(self.prefix, "little")
+                self.prefix = b""
+
+    def pause_writing(self) -> None:  # our transport is full: stop reading the other side
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.resume_reading()
+
+    def eof_received(self) -> bool:
+        return False  # close: a half-open call channel is of no use
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.close()
+        if not self.done.done():
+            self.done.set_result(None)
+
+    async def beat(self, every: float) -> None:
+        """A PONG to the driver after `every` seconds in which the pod sent nothing."""
+        while True:
+            self.quiet = True
+            await asyncio.sleep(every)
+            if self.quiet and not self.left and not self.prefix and self.peer is not None:
+                assert self.peer.transport is not None
+                self.peer.transport.write(protocol.PONG_FRAME)
+
+
+async def _preamble(reader: asyncio.StreamReader) -> bytes:
+    """One line of at most GATEWAY_PREAMBLE_MAX bytes, and nothing after it (a driver
+    sends its HELLO only once the gateway said ok).
+
+    Raises:
+        ProtocolError: longer, cut short, or followed by more bytes.
+    """
+    cap = protocol.GATEWAY_PREAMBLE_MAX
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = await reader.read(cap + 1 - len(line))
+        if not chunk:
+            raise ProtocolError("the connection closed before a whole preamble")
+        line += chunk
+        if len(line) > cap or (b"\n" in line and not line.endswith(b"\n")):
+            raise ProtocolError(f"not a preamble of at most {cap} bytes ending in a newline")
+    return line
+
+
+def _keepalive(writer: asyncio.StreamWriter) -> None:
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+async def serve(gateway: Gateway, host: str, port: int) -> None:
+    server = await asyncio.start_server(gateway.handle, host, port)
+    watching = asyncio.ensure_future(gateway.watch())
+    logger.info("gateway: serving on %s:%d", host, port)
+    try:
+        async with server:
+            await server.serve_forever()
+    finally:
+        watching.cancel()
+        await gateway.provider.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m kt.k8s.gateway", description=__doc__)
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--port", type=int, default=7180)
+    parser.add_argument("--namespace", action="append", default=[], help="(default: all)")
+    parser.add_argument("--preamble-timeout", type=float, default=5.0)
+    parser.add_argument("--heartbeat", type=float, default=15.0, help="seconds (<= 20)")
+    parser.add_argument("--source-ip", default=None, help="bind connections to pods to it")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    gateway = Gateway(
+        args.namespace or None,
+        preamble_timeout=args.preamble_timeout,
+        heartbeat=args.heartbeat,
+        source_ip=args.source_ip,
+    )
+    loop = new_event_loop()
+    asyncio.set_event_loop(loop)
+    with contextlib.suppress(KeyboardInterrupt):
+        loop.run_until_complete(serve(gateway, args.host, args.port))
+
+
+if __name__ == "__main__":
+    main()
