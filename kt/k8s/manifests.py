@@ -89,13 +89,32 @@ def _meta(
     return meta
 
 
-def owner(pool: str, namespace: str, driver: str, record: str) -> dict[str, Any]:
+def owner(
+    pool: str,
+    namespace: str,
+    driver: str,
+    record: str,
+    parent: tuple[str, str] | None = None,
+) -> dict[str, Any]:
     """The object every other object of the pool belongs to; `record` describes the pool
-    (for `kt list` and people reading `kubectl get configmap -o yaml`)."""
+    (for `kt list` and people reading `kubectl get configmap -o yaml`). `parent` (the
+    owner ConfigMap's name and uid of the pool whose pod made this one) makes the pool
+    belong to that pool: deleting the parent removes it."""
+    meta = _meta(owner_name(pool), namespace, pool, driver, None)
+    if parent is not None:
+        meta["ownerReferences"] = [
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "name": parent[0],
+                "uid": parent[1],
+                "blockOwnerDeletion": True,
+            }
+        ]
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": _meta(owner_name(pool), namespace, pool, driver, None),
+        "metadata": meta,
         "data": {"pool": pool, "record": record},
     }
 

@@ -211,7 +211,8 @@ class K8sProvider(Provider):
     async def _owner_uid(self, api: client.CoreV1Api, spec: PodSpec, ns: str) -> str:
         """The pool's owner ConfigMap (made if missing), its token Secret and its Service."""
         record = f"pool {spec.pool}, made by kt {_kt_version()} from {self.driver}"
-        body = manifests.owner(spec.pool, ns, self.driver, record)
+        parent = await self._parent(api, spec.pool, ns)
+        body = manifests.owner(spec.pool, ns, self.driver, record, parent)
         name = manifests.owner_name(spec.pool)
         try:
             owner = await api.read_namespaced_config_map(name, ns)
@@ -237,6 +238,20 @@ class K8sProvider(Provider):
                 if exc.status != 409:
                     raise
         return uid
+
+    async def _parent(self, api: client.CoreV1Api, pool: str, ns: str) -> tuple[str, str] | None:
+        """When kt runs in a pod of a pool (KT_POOL) of this namespace: that pool's owner
+        object (name, uid), which a pool made from here belongs to."""
+        mine = os.environ.get("KT_POOL")
+        if not mine or mine == pool or not os.environ.get("KUBERNETES_SERVICE_HOST"):
+            return None
+        if ns != self._namespace:  # an owner must live in the same namespace
+            return None
+        try:
+            found = await api.read_namespaced_config_map(manifests.owner_name(mine), ns)
+        except ApiException:
+            return None
+        return str(found.metadata.name), str(found.metadata.uid)
 
     async def _create(self, spec: PodSpec) -> Pod:
         try:

@@ -73,9 +73,15 @@ def _objects() -> dict[str, dict[str, Any]]:
     }
 
 
+def _child_owner() -> dict[str, Any]:
+    """The owner of a pool made from a pod of trainer-pool."""
+    parent = ("kt-trainer-pool", UID)
+    return manifests.owner("rollout", "ml", "driver-4242", record="{}", parent=parent)
+
+
 @pytest.mark.parametrize("version", ["1.30.0", "1.37.0"])
 def test_every_object_validates_strictly(version: str) -> None:
-    for kind, body in _objects().items():
+    for kind, body in {**_objects(), "child owner": _child_owner()}.items():
         try:
             kubernetes_validate.validate(body, version, strict=True)
         except kubernetes_validate.ValidationError as exc:
@@ -142,6 +148,8 @@ def test_ownership_labels_and_the_pods_safety() -> None:
         assert meta["namespace"] == "ml"
         if kind == "owner":
             assert "ownerReferences" not in meta
+            (ref,) = _child_owner()["metadata"]["ownerReferences"]  # a child pool's belongs
+            assert (ref["kind"], ref["name"], ref["uid"]) == ("ConfigMap", "kt-trainer-pool", UID)
         else:
             (ref,) = meta["ownerReferences"]
             assert (ref["kind"], ref["name"], ref["uid"]) == ("ConfigMap", "kt-trainer-pool", UID)
