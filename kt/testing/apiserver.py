@@ -37,6 +37,8 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from kt.testing import rbac
+
 HISTORY = 2000  # watch events kept; an older resourceVersion gets 410 Gone
 GIT_VERSION = "v1.33.0"
 
@@ -48,8 +50,14 @@ class Resource:
     namespaced: bool
     short: tuple[str, ...] = ()
     subresources: tuple[str, ...] = ()
+    group: str = ""  # "" is the core group (/api/v1)
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/v1" if self.group else "v1"
 
 
+RBAC = "rbac.authorization.k8s.io"
 RESOURCES = {
     r.name: r
     for r in (
@@ -60,6 +68,11 @@ RESOURCES = {
         Resource("events", "Event", True, ("ev",)),
         Resource("namespaces", "Namespace", False, ("ns",), ("status",)),
         Resource("nodes", "Node", False, ("no",), ("status",)),
+        Resource("serviceaccounts", "ServiceAccount", True, ("sa",), ("token",)),
+        Resource("roles", "Role", True, (), (), RBAC),
+        Resource("rolebindings", "RoleBinding", True, (), (), RBAC),
+        Resource("clusterroles", "ClusterRole", False, (), (), RBAC),
+        Resource("clusterrolebindings", "ClusterRoleBinding", False, (), (), RBAC),
     )
 }
 VERBS = ["create", "delete", "get", "list", "patch", "update", "watch"]
@@ -206,7 +219,7 @@ class Store:
             raise ApiError(409, "AlreadyExists", f'{res.name} "{name}" already exists')
         if res.namespaced and ("namespaces", "", ns) not in self.objects:
             raise ApiError(404, "NotFound", f'namespaces "{ns}" not found')
-        body["apiVersion"], body["kind"] = "v1", res.kind
+        body["apiVersion"], body["kind"] = res.api_version, res.kind
         if res.namespaced:
             meta["namespace"] = ns
         meta.update(
@@ -218,6 +231,9 @@ class Store:
             body.setdefault("status", {})["phase"] = "Active"
         self.objects[key] = body
         await self._record("ADDED", res.name, body)
+        if res.name == "namespaces":  # as the service-account controller does
+            default = {"metadata": {"name": "default"}}
+            await self.create(RESOURCES["serviceaccounts"], name, default)
         return body
 
     def get(self, res: Resource, ns: str, name: str) -> dict[str, Any]:
@@ -242,7 +258,7 @@ class Store:
         for keep in ("uid", "creationTimestamp", "namespace", "name"):
             if keep in old["metadata"]:
                 meta[keep] = old["metadata"][keep]
-        body["apiVersion"], body["kind"] = "v1", res.kind
+        body["apiVersion"], body["kind"] = res.api_version, res.kind
         meta["resourceVersion"] = str(self._bump())
         self.objects[(res.name, ns if res.namespaced else "", name)] = body
         await self._record("MODIFIED", res.name, body)
@@ -278,13 +294,20 @@ class Store:
 
 
 # -- the server ---------------------------------------------------------------------------
+ADMIN = "kubernetes-admin"  # the user of the server's own token: allowed everything
+USER = web.RequestKey("user", str)  # who made a request
+
+
 class ApiServer:
-    """`app()` for aiohttp; `token` is the one bearer token it accepts."""
+    """`app()` for aiohttp. `token` is the administrator's bearer token; service accounts
+    get theirs from the TokenRequest API (`serviceaccounts/<name>/token`), and what they
+    may do is decided by RBAC (`kt.testing.rbac`) from the Roles and bindings stored."""
 
     def __init__(self, token: str) -> None:
         self.token = token
         self.store = Store()
         self.expired = 0  # watches answered 410 Gone
+        self.tokens: dict[str, str] = {token: ADMIN}  # bearer token -> user
 
     async def setup(self) -> None:
         for ns in ("default", "kube-system"):
@@ -296,20 +319,28 @@ class ApiServer:
         app.router.add_get("/api", self.api_versions)
         app.router.add_get("/api/v1", self.api_resources)
         app.router.add_get("/apis", self.api_groups)
+        app.router.add_get("/apis/", self.api_groups)
         app.router.add_route("*", "/api/v1/namespaces/{ns}/{resource}", self.collection)
         app.router.add_route("*", "/api/v1/namespaces/{ns}/{resource}/{name}", self.item)
         app.router.add_route("*", "/api/v1/namespaces/{ns}/{resource}/{name}/{sub}", self.item)
         app.router.add_route("*", "/api/v1/{resource}", self.collection)
         app.router.add_route("*", "/api/v1/{resource}/{name}", self.item)
         app.router.add_route("*", "/api/v1/{resource}/{name}/{sub}", self.item)
+        app.router.add_get("/apis/{group}/v1", self.api_resources)
+        group = "/apis/{group}/v1"
+        app.router.add_route("*", group + "/namespaces/{ns}/{resource}", self.collection)
+        app.router.add_route("*", group + "/namespaces/{ns}/{resource}/{name}", self.item)
+        app.router.add_route("*", group + "/{resource}", self.collection)
+        app.router.add_route("*", group + "/{resource}/{name}", self.item)
         return app
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
         auth = request.headers.get("Authorization", "")
-        given = auth.removeprefix("Bearer ").encode()
-        if not auth.startswith("Bearer ") or not hmac.compare_digest(given, self.token.encode()):
+        user = self._user(auth.removeprefix("Bearer ")) if auth.startswith("Bearer ") else None
+        if user is None:
             return _json(status_body(401, "Unauthorized", "Unauthorized"), 401)
+        request[USER] = user
         try:
             response: web.StreamResponse = await handler(request)
             return response
@@ -317,6 +348,46 @@ class ApiServer:
             return _json(status_body(exc.code, exc.reason, exc.message), exc.code)
         except (orjson.JSONDecodeError, ValueError, KeyError, TypeError) as exc:
             return _json(status_body(400, "BadRequest", f"bad request: {exc}"), 400)
+
+    def _user(self, token: str) -> str | None:
+        given = token.encode()
+        for known, user in self.tokens.items():  # every one compared: no early exit
+            if hmac.compare_digest(given, known.encode()):
+                return user
+        return None
+
+    def _authorize(self, request: web.Request, res: Resource, ns: str, name: str = "") -> None:
+        """403, in kube-apiserver's words, unless RBAC allows the request's user."""
+        user = request[USER]
+        if user == ADMIN:
+            return
+        sub = request.match_info.get("sub")
+        method = request.method
+        if method == "GET":
+            watching = str(request.query.get("watch", "")).lower() in ("1", "true")
+            verb = "get" if name else ("watch" if watching else "list")
+        else:
+            verb = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}.get(
+                method, method.lower()
+            )
+        resource = f"{res.name}/{sub}" if sub else res.name
+        req = rbac.Request(user, verb, res.group, resource, ns, name)
+        if not rbac.allowed(req, self.store.objects):
+            raise ApiError(403, "Forbidden", rbac.forbidden(req))
+
+    async def _token_request(self, ns: str, name: str) -> web.Response:
+        """TokenRequest: a bearer token for a service account (what a kubelet mounts)."""
+        self.store.get(RESOURCES["serviceaccounts"], ns, name)  # 404 when it does not exist
+        token = base64.urlsafe_b64encode(uuid.uuid4().bytes + uuid.uuid4().bytes).decode()
+        self.tokens[token.rstrip("=")] = f"{rbac.SA_PREFIX}{ns}:{name}"
+        body = {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"audiences": []},
+            "status": {"token": token.rstrip("="), "expirationTimestamp": "2099-01-01T00:00:00Z"},
+        }
+        return _json(body, 201)
 
     # -- discovery -------------------------------------------------------------------------
     async def version(self, request: web.Request) -> web.Response:
@@ -328,11 +399,18 @@ class ApiServer:
         return _json({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []})
 
     async def api_groups(self, request: web.Request) -> web.Response:
-        return _json({"kind": "APIGroupList", "apiVersion": "v1", "groups": []})
+        version = {"groupVersion": f"{RBAC}/v1", "version": "v1"}
+        group = {"name": RBAC, "versions": [version], "preferredVersion": version}
+        return _json({"kind": "APIGroupList", "apiVersion": "v1", "groups": [group]})
 
     async def api_resources(self, request: web.Request) -> web.Response:
+        group = request.match_info.get("group", "")
+        if group not in ("", RBAC):
+            raise ApiError(404, "NotFound", "the server could not find the requested resource")
         items = []
         for res in RESOURCES.values():
+            if res.group != group:
+                continue
             items.append(
                 {
                     "name": res.name,
@@ -344,8 +422,12 @@ class ApiServer:
                 }
             )
             for sub in res.subresources:
-                verbs = {"binding": ["create"], "log": ["get"]}.get(sub, ["get", "patch", "update"])
-                kind = {"binding": "Binding", "log": "Pod"}.get(sub, res.kind)
+                verbs = {"binding": ["create"], "log": ["get"], "token": ["create"]}.get(
+                    sub, ["get", "patch", "update"]
+                )
+                kind = {"binding": "Binding", "log": "Pod", "token": "TokenRequest"}.get(
+                    sub, res.kind
+                )
                 items.append(
                     {
                         "name": f"{res.name}/{sub}",
@@ -355,12 +437,13 @@ class ApiServer:
                         "verbs": verbs,
                     }
                 )
-        return _json({"kind": "APIResourceList", "groupVersion": "v1", "resources": items})
+        version = f"{group}/v1" if group else "v1"
+        return _json({"kind": "APIResourceList", "groupVersion": version, "resources": items})
 
     # -- objects -----------------------------------------------------------------------------
     def _resource(self, request: web.Request) -> tuple[Resource, str]:
         res = RESOURCES.get(request.match_info["resource"])
-        if res is None:
+        if res is None or res.group != request.match_info.get("group", ""):
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
         ns = request.match_info.get("ns", "")
         if res.namespaced != bool(ns) and not (res.namespaced and request.method == "GET"):
@@ -369,6 +452,7 @@ class ApiServer:
 
     async def collection(self, request: web.Request) -> web.StreamResponse:
         res, ns = self._resource(request)
+        self._authorize(request, res, ns)
         if request.method == "POST":
             body = orjson.loads(await request.read())
             return _json(await self.store.create(res, ns, body), 201)
@@ -381,7 +465,7 @@ class ApiServer:
         return _json(
             {
                 "kind": f"{res.kind}List",
-                "apiVersion": "v1",
+                "apiVersion": res.api_version,
                 "metadata": {"resourceVersion": str(self.store.rv)},
                 "items": items,
             }
@@ -444,7 +528,7 @@ class ApiServer:
                     if bookmarks:
                         mark = {
                             "kind": res.kind,
-                            "apiVersion": "v1",
+                            "apiVersion": res.api_version,
                             "metadata": {"resourceVersion": str(sent)},
                         }
                         await response.write(
@@ -455,7 +539,10 @@ class ApiServer:
     async def item(self, request: web.Request) -> web.StreamResponse:
         res, ns = self._resource(request)
         name, sub = request.match_info["name"], request.match_info.get("sub")
+        self._authorize(request, res, ns, name)
         store = self.store
+        if sub == "token" and res.name == "serviceaccounts" and request.method == "POST":
+            return await self._token_request(ns, name)
         if sub == "log" and res.name == "pods" and request.method == "GET":
             return await self._pod_log(request, ns, name)
         if sub == "binding" and res.name == "pods" and request.method == "POST":
