@@ -31,7 +31,7 @@ from typing import Any
 
 from kt.actors.control import Event, PodDeleted, PodFailed, PodReady, PodStarted
 from kt.core.compute import Compute
-from kt.core.errors import KtError, LaunchError, PlacementError, seconds
+from kt.core.errors import AuthError, KtError, LaunchError, PlacementError, seconds
 from kt.core.provider import Pod, PodSpec, PodState, Provider
 
 logger = logging.getLogger(__name__)
@@ -237,7 +237,7 @@ class Pool:
         try:
             (pod,) = await self.provider.create_pods([spec])
         except Exception as exc:
-            if not isinstance(exc, (LaunchError, PlacementError)):
+            if not isinstance(exc, (LaunchError, PlacementError, AuthError)):
                 exc = LaunchError(self.name, spec.name, f"{type(exc).__name__}: {exc}")
             slot.failure = exc
             if slot in self.slots:

@@ -386,7 +386,8 @@ class LaunchError(KtError):
 
 
 class AuthError(KtError):
-    """The supervisor refused the connection's token."""
+    """A credential was refused: the pool's token (by a supervisor or the gateway), or
+    this driver's Kubernetes identity (RBAC: the message names the permission)."""
 
 
 class ProtocolError(KtError):

@@ -39,7 +39,7 @@ from kubernetes_asyncio.client.rest import ApiException
 from kubernetes_asyncio.config.incluster_config import InClusterConfigLoader
 
 from kt.core.compute import Compute
-from kt.core.errors import ConfigError, LaunchError, PlacementError, PodLostError
+from kt.core.errors import AuthError, ConfigError, LaunchError, PlacementError, PodLostError
 from kt.core.provider import SUPERVISOR_PORT, Pod, PodEvent, PodSpec, PodState, Provider
 from kt.k8s import manifests
 
@@ -269,7 +269,7 @@ class K8sProvider(Provider):
             )
             created = self._raw(await api.create_namespaced_pod(ns, _body(body)))
         except ApiException as exc:
-            raise LaunchError(spec.pool, spec.name, _api_message(exc)) from exc
+            raise _refused(exc) or LaunchError(spec.pool, spec.name, _api_message(exc)) from exc
         except aiohttp.ClientError as exc:
             why = f"the API server did not answer: {exc}"
             raise LaunchError(spec.pool, spec.name, why) from exc
@@ -338,7 +338,7 @@ class K8sProvider(Provider):
             await api.delete_namespaced_pod(name, ns, grace_period_seconds=grace)
         except ApiException as exc:
             if exc.status != 404:
-                raise PodLostError(name, _api_message(exc)) from exc
+                raise _refused(exc) or PodLostError(name, _api_message(exc)) from exc
 
     async def delete_pod(self, pool: str, name: str) -> None:
         api = await self._api()
@@ -415,7 +415,7 @@ class K8sProvider(Provider):
         try:
             found = await api.list_namespaced_pod(self._ns(), label_selector=self._selector(pool))
         except ApiException as exc:
-            raise PodLostError(pool or "(all pools)", _api_message(exc)) from exc
+            raise _refused(exc) or PodLostError(pool or "(all pools)", _api_message(exc)) from exc
         except aiohttp.ClientError as exc:
             why = f"the API server did not answer: {exc}"
             raise PodLostError(pool or "(all pools)", why) from exc
@@ -530,9 +530,19 @@ class K8sProvider(Provider):
         except ApiException as exc:
             if exc.status == 404:
                 return None
-            raise PodLostError(pool, _api_message(exc)) from exc
+            raise _refused(exc) or PodLostError(pool, _api_message(exc)) from exc
         data = (secret.data or {}).get("token")
         return base64.b64decode(data).decode() if data else None
+
+
+def _refused(exc: ApiException) -> AuthError | None:
+    """The API server's 401/403 as kt.AuthError, naming what was not allowed."""
+    if exc.status not in (401, 403):
+        return None
+    return AuthError(
+        f"the Kubernetes API refused this driver: {_api_message(exc)}. Ask for that "
+        "permission (a Role granting it, bound to your user or service account)."
+    )
 
 
 def _body(obj: dict[str, Any]) -> Any:

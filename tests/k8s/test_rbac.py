@@ -8,7 +8,9 @@ Behaviours covered:
   another namespace, secrets in its own, nodes at the cluster scope are refused with 403
   and kube-apiserver's message naming the user, verb, resource and namespace; a
   ClusterRoleBinding to its group allows nodes; resourceNames limit a rule to names;
-- kubectl, with the token, is refused the same way.
+- kubectl, with the token, is refused the same way; kt's provider with it raises
+  kt.AuthError naming the permission it lacks (reading the pool's Secret, making its
+  owner ConfigMap).
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ import pytest
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.rest import ApiException
 
+import kt
+from kt.core.provider import PodSpec
+from kt.k8s.provider import K8sProvider
 from kt.testing import apiserver, rbac
 from tests.distributed.torchrun import free_port
 from tests.k8s.kubectl import kubectl_path
@@ -57,7 +62,7 @@ def _api(url: str, token: str, ca: pathlib.Path) -> client.ApiClient:
 
 
 def test_a_service_accounts_token_can_do_what_its_roles_allow_and_nothing_else(
-    tmp_path: pathlib.Path,
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async def main() -> None:
         port = free_port()
@@ -145,6 +150,15 @@ def test_a_service_accounts_token_can_do_what_its_roles_allow_and_nothing_else(
             )
             assert done.returncode == 1 and "Forbidden" in done.stderr and SA in done.stderr
             await sa_client.close()
+            # kt, as a driver with this identity, says which permission it lacks
+            monkeypatch.setenv("KUBECONFIG", str(kubeconfig))  # restored after the test
+            provider = K8sProvider()
+            with pytest.raises(kt.AuthError, match='cannot get resource "secrets"'):
+                await provider.read_token("p")
+            spec = PodSpec(pool="p", name="p-1", cpus=1, memory=0, gpus=0, token="t")
+            with pytest.raises(kt.AuthError, match='cannot get resource "configmaps"'):
+                await provider.create_pods([spec])
+            await provider.close()
         finally:
             await admin_client.close()
             await runner.cleanup()
