@@ -61,7 +61,14 @@ from kt.actors.scheduler import PodSlot, Pool, progress
 from kt.core import dial, protocol
 from kt.core.compute import Compute
 from kt.core.config import config
-from kt.core.errors import ActorDiedError, DeathCause, KtError, PodLostError, SyncFileChanged
+from kt.core.errors import (
+    ActorDiedError,
+    AuthError,
+    DeathCause,
+    KtError,
+    PodLostError,
+    SyncFileChanged,
+)
 from kt.core.methods import MethodKind
 from kt.core.protocol import FrameKind
 from kt.core.provider import Pod, PodState, Provider, get_provider, resolve_backend
@@ -121,6 +128,7 @@ class Driver:
             pool = self.pools.get(name)
             if pool is None:
                 provider = get_provider(resolve_backend(compute.backend))
+                provider.open_pool(name, compute.namespace)
                 token = await provider.read_token(name) or secrets.token_urlsafe(32)
                 pool = Pool(
                     compute,
@@ -420,9 +428,11 @@ class Driver:
 
     # -- exit ----------------------------------------------------------------------------
     def _exit(self) -> None:
-        if self.runtime.loop.is_running():
-            self.runtime.run_blocking_inline()  # thread pools take no work at exit
-        self.shutdown()
+        try:
+            if self.runtime.loop.is_running():
+                self.runtime.run_blocking_inline()  # thread pools take no work at exit
+        finally:
+            self.shutdown()
 
     def shutdown(self) -> None:
         """Delete the pods of every pool this driver made that is not detached."""
@@ -449,12 +459,12 @@ async def _reachable(address: Address, token: str, tries: int = 3) -> bool:
     through the gateway when one is configured."""
     for attempt in range(tries):
         try:
-            relayed = await dial.through_gateway(address, token, 1.0)
+            relayed = await dial.through_gateway(address, token, 10.0)  # it may wait for the pod
             if relayed is not None:
                 relayed.close()
                 return True
             _, writer = await asyncio.wait_for(asyncio.open_connection(*address), 1.0)
-        except (TimeoutError, OSError, KtError):
+        except (TimeoutError, OSError, PodLostError, AuthError):  # not a ConfigError
             await asyncio.sleep(0.2 * (attempt + 1))
             continue
         writer.close()

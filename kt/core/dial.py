@@ -59,10 +59,11 @@ async def through_gateway(address: Address, token: str, timeout: float) -> socke
         raise PodLostError(pod, why) from None
     if answer != protocol.GATEWAY_OK:
         sock.close()
-        why = answer.decode("utf-8", "replace").strip() or "closed"
-        if "token" in why:
-            raise AuthError(f"the gateway refused the connection to pod {pod}: {why}")
-        raise PodLostError(pod, f"the gateway refused it: {why}")
+        said = answer.decode("utf-8", "replace").strip() or "closed"
+        code = said.removeprefix("refused: ").split(":", 1)[0]
+        if code == "token":
+            raise AuthError(f"the gateway refused the connection to pod {pod}: {said}")
+        raise PodLostError(pod, f"the gateway refused it: {said}")
     return sock
 
 

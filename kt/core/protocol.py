@@ -140,6 +140,10 @@ def encode(
 GATEWAY_MAGIC = b"KTGW1 "
 GATEWAY_PREAMBLE_MAX = 4096  # bytes, newline included
 GATEWAY_OK = b"ok\n"
+# `refused: <code>: <why>`; token: the pool's token is wrong; target: not a live kt pod's
+# supervisor (yet); upstream: the pod does not accept connections; preamble: not one;
+# internal: the gateway could not decide (the API server did not answer)
+GATEWAY_REFUSALS = ("token", "target", "upstream", "preamble", "internal")
 
 
 def gateway_preamble(target: tuple[str, int], token: str) -> bytes:
@@ -159,7 +163,7 @@ def parse_gateway_preamble(line: bytes) -> tuple[str, int, str]:
         body = orjson.loads(line[len(GATEWAY_MAGIC) :])
         host, _, port = str(body["target"]).rpartition(":")
         token = body["token"]
-        if not host or not isinstance(token, str):
+        if not host or not isinstance(token, str) or not token:
             raise ValueError("empty target or token")
         return host, int(port), token
     except (ValueError, KeyError, TypeError) as exc:

@@ -115,6 +115,11 @@ class Provider(abc.ABC):
     def watch_pods(self, pool: str) -> AsyncIterator[PodEvent]:
         """Pod state changes of a pool, as they happen."""
 
+    def open_pool(self, pool: str, namespace: str | None) -> None:
+        """The driver is about to use `pool`, which lives in `namespace` (None: the
+        backend's default); every later call about the pool goes there."""
+        return None
+
     async def release_pool(self, pool: str) -> None:
         """This driver is done with the pool (its own pods are deleted): remove what the
         pool owns once no pod of it is left (another driver may still use it)."""

@@ -631,8 +631,9 @@ def shared_runtime(*, caller: str | None = None, stream_logs: bool = True) -> Ru
         return _shared
 
 
-class _InlineExecutor(concurrent.futures.Executor):
-    """Runs each submitted function at once, in the caller's thread."""
+class _InlineExecutor(concurrent.futures.ThreadPoolExecutor):
+    """Runs each submitted function at once, in the caller's thread (a ThreadPoolExecutor
+    by type only: asyncio's own loop takes no other kind as its default executor)."""
 
     def submit(
         self, fn: Callable[..., T], /, *args: Any, **kwargs: Any

@@ -11,8 +11,10 @@ the pod's address and its pool's token. The gateway
   yet is waited for up to the preamble timeout;
 - requires that pool's token (read from the pool's Secret through the API, compared in
   constant time) before it relays a byte;
-- answers `ok` and relays bytes unchanged both ways, waiting for each write to drain
-  (back-pressure), or answers `refused: <why>` and closes, logging the refusal once;
+- answers `ok` and relays bytes unchanged both ways (a full side pauses the other's
+  reads: back-pressure), or answers `refused: <code>: <why>` and closes, logging the
+  refusal once; at most 256 connections are being set up at once, each within a
+  deadline, and a wrong token costs at most one Secret read per pool every 5 s;
 - sends the driver a PONG frame between frames when the pod has sent nothing for
   `heartbeat` seconds, so idle links survive load balancers (the driver ignores it).
 """
@@ -37,7 +39,7 @@ from kt.core.errors import ProtocolError
 from kt.core.provider import SUPERVISOR_PORT, PodState
 from kt.core.runtime import new_event_loop
 from kt.k8s import manifests
-from kt.k8s.provider import SELECTOR, K8sProvider, pod_state
+from kt.k8s.provider import SELECTOR, WATCH_S, K8sProvider, _pool_of, pod_state
 
 logger = logging.getLogger("kt.gateway")
 
@@ -47,10 +49,20 @@ class LivePod:
     namespace: str
     pool: str
     name: str
+    ip: str
+
+
+def _said(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 class Refused(Exception):
-    """Why a connection is not relayed (said to the peer, logged once)."""
+    """Why a connection is not relayed (said to the peer, logged once): `code` is one of
+    protocol.GATEWAY_REFUSALS, for the caller to act on; the text is for people."""
+
+    def __init__(self, code: str, why: str) -> None:
+        super().__init__(why)
+        self.code = code
 
 
 class Gateway:
@@ -69,9 +81,13 @@ class Gateway:
         self.heartbeat = heartbeat
         self.source_ip = source_ip  # the address its connections to pods come from
         self.provider = K8sProvider()
+        self.pods: dict[tuple[str, str], LivePod] = {}  # (namespace, name) -> live kt pod
         self.live: dict[str, LivePod] = {}  # pod IP -> the kt pod there
         self.changed = asyncio.Condition()
         self._tokens: dict[tuple[str, str], bytes] = {}
+        self._read_at: dict[tuple[str, str], float] = {}  # when each token was last read
+        self._looked_up: dict[str, float] = {}  # when each address was last asked for
+        self._handshakes = asyncio.Semaphore(256)  # connections being set up at once
         self.relayed = 0
         self.refused = 0
 
@@ -96,11 +112,11 @@ class Gateway:
             ]
         else:
             lists = [await api.list_pod_for_all_namespaces(label_selector=SELECTOR)]
-        live: dict[str, LivePod] = {}
+        pods: dict[tuple[str, str], LivePod] = {}
         for found in lists:
             for pod in found.items:
-                self._note(self.provider._raw(pod), live)
-        await self._publish(live)
+                self._note(self.provider._raw(pod), pods)
+        await self._publish(pods)
         namespace = self.namespaces[0] if self.namespaces and len(self.namespaces) == 1 else None
         version = lists[0].metadata.resource_version if len(lists) == 1 else None
         if version is None:  # several namespaces: one watch each is the chart's job; re-list
@@ -116,104 +132,156 @@ class Gateway:
                         *args,
                         label_selector=SELECTOR,
                         resource_version=version,
-                        timeout_seconds=60,
+                        timeout_seconds=WATCH_S,
                         allow_watch_bookmarks=True,
+                        _request_timeout=WATCH_S + 30,  # a half-open stream ends too
                     ):
                         obj = event["raw_object"]
                         version = obj["metadata"]["resourceVersion"]
                         if event["type"] == "BOOKMARK":
                             continue
-                        live = dict(self.live)
-                        for ip, known in list(live.items()):
-                            if known.name == obj["metadata"]["name"]:
-                                del live[ip]
+                        pods = dict(self.pods)
+                        meta = obj["metadata"]
+                        pods.pop((meta["namespace"], meta["name"]), None)
                         if event["type"] != "DELETED":
-                            self._note(obj, live)
-                        await self._publish(live)
+                            self._note(obj, pods)
+                        await self._publish(pods)
         except ApiException as exc:
             if exc.status != 410:
                 raise
 
-    def _note(self, pod: dict[str, Any], live: dict[str, LivePod]) -> None:
+    def _note(self, pod: dict[str, Any], pods: dict[tuple[str, str], LivePod]) -> None:
         state, _, _ = pod_state(pod, was_ready=True)
         ip = pod.get("status", {}).get("podIP")
         if state is PodState.READY and ip:
             meta = pod["metadata"]
-            pool = (meta.get("annotations") or {}).get(manifests.POOL_ANNOTATION, "")
-            live[ip] = LivePod(meta["namespace"], pool, meta["name"])
+            pods[(meta["namespace"], meta["name"])] = LivePod(
+                meta["namespace"], _pool_of(pod), meta["name"], ip
+            )
 
-    async def _publish(self, live: dict[str, LivePod]) -> None:
+    async def _publish(self, pods: dict[tuple[str, str], LivePod]) -> None:
         async with self.changed:
-            self.live = live
+            self.pods = pods
+            self.live = {p.ip: p for p in pods.values()}
             self.changed.notify_all()
 
     async def _target(self, host: str, port: int) -> LivePod:
+        """The live kt pod at `host`: from the watch, else (it may not have seen the pod
+        yet) asked of the API server once, else waited for until the preamble timeout."""
         if port != SUPERVISOR_PORT:
-            raise Refused(f"port {port} is not a kt supervisor's ({SUPERVISOR_PORT})")
+            raise Refused("target", f"port {port} is not a kt supervisor's ({SUPERVISOR_PORT})")
+        if host not in self.live:
+            await self._look_up(host)
         async with self.changed:
             try:
                 await asyncio.wait_for(
                     self.changed.wait_for(lambda: host in self.live), self.preamble_timeout
                 )
             except TimeoutError:
-                raise Refused(f"{host} is not a live kt pod") from None
+                raise Refused("target", f"{host} is not a live kt pod") from None
             return self.live[host]
+
+    async def _look_up(self, host: str) -> None:
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._looked_up.get(host, -1e9) < 1.0:
+            return  # at most once a second per address, whoever asks
+        self._looked_up[host] = loop.time()
+        api = await self.provider._api()
+        found = await api.list_pod_for_all_namespaces(
+            label_selector=SELECTOR, field_selector=f"status.podIP={host}", _request_timeout=10
+        )
+        pods = dict(self.pods)
+        for pod in found.items:
+            raw = self.provider._raw(pod)
+            if not self.namespaces or raw["metadata"]["namespace"] in self.namespaces:
+                self._note(raw, pods)
+        await self._publish(pods)
 
     async def _token(self, pod: LivePod, fresh: bool = False) -> bytes:
         key = (pod.namespace, pod.pool)
+        loop = asyncio.get_running_loop()
+        if fresh and loop.time() - self._read_at.get(key, -1e9) < 5.0:
+            fresh = False  # read again at most every 5 s: a wrong token costs no API call
         if fresh or key not in self._tokens:
+            self._read_at[key] = loop.time()
             api = await self.provider._api()
             name = manifests.token_secret_name(pod.pool)
             try:
-                secret = await api.read_namespaced_secret(name, pod.namespace)
+                secret = await api.read_namespaced_secret(name, pod.namespace, _request_timeout=10)
             except ApiException as exc:
-                raise Refused(f"pool {pod.pool}'s token cannot be read ({exc.status})") from None
-            data = (secret.data or {}).get("token", "")
-            self._tokens[key] = base64.b64decode(data)
+                why = f"pool {pod.pool}'s token cannot be read ({exc.status})"
+                raise Refused("internal", why) from None
+            self._tokens[key] = base64.b64decode((secret.data or {}).get("token", ""))
         return self._tokens[key]
 
     async def _check_token(self, pod: LivePod, token: str) -> None:
         given = token.encode()
-        if hmac.compare_digest(await self._token(pod), given):
+        known = await self._token(pod)
+        if known and hmac.compare_digest(known, given):
             return
-        if hmac.compare_digest(await self._token(pod, fresh=True), given):  # a new pool
+        known = await self._token(pod, fresh=True)  # the pool may have been made again
+        if known and hmac.compare_digest(known, given):
             return
-        raise Refused(f"wrong token for pool {pod.pool}")
+        raise Refused("token", f"wrong token for pool {pod.pool}")
 
     # -- one connection -------------------------------------------------------------------
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
+        upstream: asyncio.StreamWriter | None = None
         try:
-            try:
-                line = await asyncio.wait_for(_preamble(reader), self.preamble_timeout)
-                host, port, token = protocol.parse_gateway_preamble(line)
-                pod = await self._target(host, port)
-                await self._check_token(pod, token)
-            except TimeoutError:
-                raise Refused("no whole preamble in time") from None
-            except (ProtocolError, OSError) as exc:
-                raise Refused(str(exc)) from None
-            try:
-                local = (self.source_ip, 0) if self.source_ip else None
+            if self._handshakes.locked():
+                raise Refused("internal", "too many connections being set up; try again")
+            async with self._handshakes:
                 pod_reader, upstream = await asyncio.wait_for(
-                    asyncio.open_connection(host, port, local_addr=local), self.preamble_timeout
+                    self._handshake(reader), 2 * self.preamble_timeout + 10
                 )
-            except (TimeoutError, OSError) as exc:
-                raise Refused(f"pod {pod.name} does not accept connections: {exc}") from None
-        except Refused as why:
+            if len(reader._buffer):  # type: ignore[attr-defined]  # sent before `ok`
+                raise Refused("preamble", "bytes after the preamble, before ok")
+        except Exception as exc:
+            why = exc if isinstance(exc, Refused) else Refused("internal", _said(exc))
             self.refused += 1
-            logger.warning("gateway: refused %s: %s", peer, why)
+            logger.warning("gateway: refused %s: %s: %s", peer, why.code, why)
+            if upstream is not None:
+                upstream.close()
             with contextlib.suppress(OSError):
-                writer.write(b"refused: " + str(why).encode()[:512] + b"\n")
+                writer.write(f"refused: {why.code}: {why}"[:512].encode() + b"\n")
                 await writer.drain()
             writer.close()
             return
+        assert upstream is not None
+        try:
+            for w in (writer, upstream):
+                _keepalive(w)
+            writer.write(protocol.GATEWAY_OK)
+            await writer.drain()
+        except OSError:  # the caller went away during the handshake
+            writer.close()
+            upstream.close()
+            return
         self.relayed += 1
-        for w in (writer, upstream):
-            _keepalive(w)
-        writer.write(protocol.GATEWAY_OK)
-        await writer.drain()
         await self._relay(reader, writer, pod_reader, upstream)
+
+    async def _handshake(
+        self, reader: asyncio.StreamReader
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Preamble, target, token, then the connection to the pod."""
+        try:
+            line = await asyncio.wait_for(_preamble(reader), self.preamble_timeout)
+            host, port, token = protocol.parse_gateway_preamble(line)
+        except TimeoutError:
+            raise Refused("preamble", "no whole preamble in time") from None
+        except (ProtocolError, OSError) as exc:
+            raise Refused("preamble", str(exc)) from None
+        pod = await self._target(host, port)
+        await self._check_token(pod, token)
+        try:
+            local = (self.source_ip, 0) if self.source_ip else None
+            return await asyncio.wait_for(
+                asyncio.open_connection(host, port, local_addr=local), self.preamble_timeout
+            )
+        except (TimeoutError, OSError) as exc:
+            why = f"pod {pod.name} does not accept connections: {_said(exc)}"
+            raise Refused("upstream", why) from None
 
     async def _relay(
         self,
@@ -254,6 +322,8 @@ class _Pipe(asyncio.Protocol):
     def attach(self, transport: Any, peer: _Pipe) -> None:
         self.transport, self.peer = transport, peer
         transport.set_protocol(self)
+        if not transport.is_reading():  # the stream it was may have paused it
+            transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         assert self.peer is not None and self.peer.transport is not None

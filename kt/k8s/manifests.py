@@ -205,11 +205,13 @@ def command(kt_version: str, image: str) -> list[str]:
     """The container's command: the supervisor, after installing the driver's exact kt
     when the image has none (pip's own output, then kt's line naming the image, go to the
     container's log; the provider quotes its last lines)."""
-    pip = f"kt-runtime=={kt_version}"
+    pip = f"kt-runtime[k8s]=={kt_version}"  # the k8s extra: idle pods delete themselves
     said = shlex.quote(f"kt: image {image} has no kt, and pip could not install {pip}")
+    # the pod's user (uid 1000) may have no home in the image: install under /tmp
     script = (
+        'export PYTHONUSERBASE="${PYTHONUSERBASE:-/tmp/kt-user}"; '
         'python -c "import kt" 2>/dev/null || '
-        f"python -m pip install --user --quiet {shlex.quote(pip)} "
+        f"HOME=/tmp python -m pip install --user --quiet {shlex.quote(pip)} "
         f"|| {{ echo {said} >&2; exit {NO_KT_EXIT}; }}; "
         "exec python -m kt.supervisor"
     )

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -39,12 +40,20 @@ from kubernetes_asyncio.client.rest import ApiException
 from kubernetes_asyncio.config.incluster_config import InClusterConfigLoader
 
 from kt.core.compute import Compute
-from kt.core.errors import AuthError, ConfigError, LaunchError, PlacementError, PodLostError
+from kt.core.errors import (
+    AuthError,
+    ConfigError,
+    KtError,
+    LaunchError,
+    PlacementError,
+    PodLostError,
+)
 from kt.core.provider import SUPERVISOR_PORT, Pod, PodEvent, PodSpec, PodState, Provider
 from kt.k8s import manifests
 
 SERVICE_ACCOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
 PULL_FAILURES = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull")
+CONFIG_FAILURES = ("CreateContainerConfigError", "CreateContainerError", "RunContainerError")
 SELECTOR = "app.kubernetes.io/managed-by=kt"
 WATCH_S = 60  # each watch request's timeoutSeconds; the next one goes on from its version
 
@@ -101,9 +110,15 @@ def launch_problem(pod: dict[str, Any], image: str) -> Exception | None:
     """The error a pod that is not ready yet will end in, or None while it may start."""
     name, pool = pod["metadata"]["name"], _pool_of(pod)
     scheduled = _condition(pod, "PodScheduled")
-    if scheduled and (scheduled.get("status"), scheduled.get("reason")) == (
-        "False",
-        "Unschedulable",
+    preempting = bool(pod.get("status", {}).get("nominatedNodeName"))  # room is being made
+    if (
+        not preempting
+        and scheduled
+        and (scheduled.get("status"), scheduled.get("reason"))
+        == (
+            "False",
+            "Unschedulable",
+        )
     ):
         return PlacementError(
             f"pod {name} of pool {pool} cannot be scheduled (FailedScheduling): "
@@ -112,6 +127,8 @@ def launch_problem(pod: dict[str, Any], image: str) -> Exception | None:
         )
     for cs in pod.get("status", {}).get("containerStatuses") or []:
         waiting = (cs.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in CONFIG_FAILURES:  # e.g. a Secret named in `secrets` is missing
+            return LaunchError(pool, name, f"{waiting['reason']}: {waiting.get('message', '')}")
         if waiting.get("reason") in PULL_FAILURES:
             return PlacementError(
                 f"pod {name} of pool {pool}: image {image!r} cannot be pulled "
@@ -157,14 +174,25 @@ class K8sProvider(Provider):
 
     def __init__(self) -> None:
         self._client: tuple[asyncio.AbstractEventLoop, client.ApiClient] | None = None
+        self._making: dict[asyncio.AbstractEventLoop, asyncio.Task[client.ApiClient]] = {}
         self._namespace = "default"
+        self._pools: dict[str, str] = {}  # pool -> its namespace, when not the default
         self.driver = manifests.dns_label(f"{socket.gethostname()}-{os.getpid()}")
 
     async def _api(self) -> client.CoreV1Api:
         """The API of the current event loop (a client is bound to the loop it was made in)."""
         loop = asyncio.get_running_loop()
         if self._client is None or self._client[0] is not loop:
-            self._client = (loop, await self._new_client())
+            making = self._making.get(loop)
+            if making is None:  # one client per loop, however many ask at once
+                making = self._making[loop] = loop.create_task(self._new_client())
+            try:
+                made = await asyncio.shield(making)
+            finally:
+                if making.done():
+                    self._making.pop(loop, None)
+            if self._client is None or self._client[0] is not loop:
+                self._client = (loop, made)
         return client.CoreV1Api(self._client[1])
 
     async def close(self) -> None:
@@ -197,8 +225,14 @@ class K8sProvider(Provider):
         self._namespace = os.environ.get("KT_NAMESPACE") or self._namespace
         return client.ApiClient(conf)
 
-    def _ns(self, spec_namespace: str | None = None) -> str:
-        return spec_namespace or self._namespace
+    def open_pool(self, pool: str, namespace: str | None) -> None:
+        if namespace:
+            self._pools[pool] = namespace
+
+    def _ns(self, pool: str | None = None) -> str:
+        """The namespace of a pool (its Compute's, once opened or created), else the
+        configured one."""
+        return (self._pools.get(pool) if pool else None) or self._namespace
 
     def _raw(self, obj: Any) -> dict[str, Any]:
         assert self._client is not None
@@ -256,7 +290,9 @@ class K8sProvider(Provider):
     async def _create(self, spec: PodSpec) -> Pod:
         try:
             api = await self._api()
-            ns = self._ns(spec.namespace)
+            if spec.namespace:
+                self._pools[spec.pool] = spec.namespace
+            ns = self._ns(spec.pool)
             uid = await self._owner_uid(api, spec, ns)
             compute = spec.compute if isinstance(spec.compute, Compute) else Compute()
             body = manifests.pod(
@@ -279,7 +315,8 @@ class K8sProvider(Provider):
                 self._until_ready(api, ns, created, spec.image), spec.launch_timeout
             )
         except BaseException as exc:
-            await self._delete(api, ns, name, grace=0)
+            with contextlib.suppress(KtError, aiohttp.ClientError):  # the first error is news
+                await self._delete(api, ns, name, grace=0)
             if isinstance(exc, TimeoutError):
                 raise LaunchError(
                     spec.pool, name, f"not ready after {spec.launch_timeout:g} s"
@@ -310,6 +347,7 @@ class K8sProvider(Provider):
                         field_selector=f"metadata.name={name}",
                         resource_version=version,
                         timeout_seconds=30,
+                        _request_timeout=60,  # a half-open stream ends too
                     ):
                         obj = event["raw_object"]
                         version = obj["metadata"]["resourceVersion"]
@@ -321,7 +359,11 @@ class K8sProvider(Provider):
             except ApiException as exc:
                 if exc.status != 410:
                     raise LaunchError(_pool_of(pod), name, _api_message(exc)) from exc
-                pod = self._raw(await api.read_namespaced_pod(name, ns))
+                try:
+                    pod = self._raw(await api.read_namespaced_pod(name, ns))
+                except ApiException as again:
+                    why = "it was deleted while starting" if again.status == 404 else ""
+                    raise LaunchError(_pool_of(pod), name, why or _api_message(again)) from again
                 version = pod["metadata"]["resourceVersion"]
 
     async def _log_tail(self, api: client.CoreV1Api, ns: str, name: str, lines: int = 20) -> str:
@@ -342,7 +384,7 @@ class K8sProvider(Provider):
 
     async def delete_pod(self, pool: str, name: str) -> None:
         api = await self._api()
-        ns = self._ns()
+        ns = self._ns(pool)
         await self._delete(api, ns, name, grace=10)
         await self._until_gone(api, ns, f"metadata.name={name}", None, 30)
 
@@ -350,7 +392,7 @@ class K8sProvider(Provider):
         """Delete the pool's owner object: the cluster's garbage collector removes every
         object that names it (pods, Service, token Secret). Waits for the pods to go."""
         api = await self._api()
-        ns = self._ns()
+        ns = self._ns(pool)
         pods = await self.list_pods(pool)
         try:
             await api.delete_namespaced_config_map(
@@ -364,20 +406,38 @@ class K8sProvider(Provider):
         return len(pods)
 
     async def delete_own_pod(self, name: str) -> None:
+        """Delete this pod; the last pod of its pool (KT_POOL) removes the pool's objects
+        too (its owner; the garbage collector takes the Secret and Service)."""
         api = await self._api()
         await self._delete(api, self._ns(), name, grace=5)
+        pool = os.environ.get("KT_POOL")
+        if pool:  # this pod is being deleted now: it does not count
+            await self.release_pool(pool)
         await self.close()
 
     async def release_pool(self, pool: str) -> None:
-        if not await self.list_pods(pool):
+        if not [p for p in await self.list_pods(pool) if p.state is not PodState.LOST]:
             api = await self._api()
             try:
-                await api.delete_namespaced_config_map(manifests.owner_name(pool), self._ns())
+                await api.delete_namespaced_config_map(manifests.owner_name(pool), self._ns(pool))
             except ApiException as exc:
                 if exc.status != 404:
                     raise PodLostError(pool, _api_message(exc)) from exc
 
     async def _until_gone(
+        self, api: client.CoreV1Api, ns: str, fields: str | None, labels: str | None, limit: float
+    ) -> None:
+        """Until no pod matches, or `limit` seconds; raises PodLostError (or AuthError) when
+        the API server cannot tell."""
+        try:
+            await self._wait_gone(api, ns, fields, labels, limit)
+        except ApiException as exc:
+            raise _refused(exc) or PodLostError(fields or labels or ns, _api_message(exc)) from exc
+        except aiohttp.ClientError as exc:
+            why = f"the API server did not answer: {exc}"
+            raise PodLostError(fields or labels or ns, why) from exc
+
+    async def _wait_gone(
         self, api: client.CoreV1Api, ns: str, fields: str | None, labels: str | None, limit: float
     ) -> None:
         loop = asyncio.get_running_loop()
@@ -397,6 +457,7 @@ class K8sProvider(Provider):
                         label_selector=labels or "",
                         resource_version=found.metadata.resource_version,
                         timeout_seconds=max(1, int(deadline - loop.time())),
+                        _request_timeout=limit + 30,
                     ):
                         if event["type"] == "DELETED":
                             break
@@ -413,7 +474,9 @@ class K8sProvider(Provider):
     async def _list(self, pool: str | None) -> tuple[list[dict[str, Any]], str]:
         api = await self._api()
         try:
-            found = await api.list_namespaced_pod(self._ns(), label_selector=self._selector(pool))
+            found = await api.list_namespaced_pod(
+                self._ns(pool), label_selector=self._selector(pool)
+            )
         except ApiException as exc:
             raise _refused(exc) or PodLostError(pool or "(all pools)", _api_message(exc)) from exc
         except aiohttp.ClientError as exc:
@@ -454,11 +517,12 @@ class K8sProvider(Provider):
                     async with watch.Watch() as w:
                         async for raw in w.stream(
                             api.list_namespaced_pod,
-                            self._ns(),
+                            self._ns(pool),
                             label_selector=self._selector(pool),
                             resource_version=version,
                             timeout_seconds=WATCH_S,
                             allow_watch_bookmarks=True,
+                            _request_timeout=WATCH_S + 30,  # a half-open stream ends too
                         ):
                             obj = raw["raw_object"]
                             version = obj["metadata"]["resourceVersion"]
@@ -494,14 +558,14 @@ class K8sProvider(Provider):
         pods = [p for p in await self.list_pods(pool) if pod is None or p.name == pod]
         if not pods:
             which = f"pod {pod!r} of pool {pool!r}" if pod else f"pool {pool!r}"
-            raise ConfigError(f"no {which} in namespace {self._ns()} (see `kt list`)")
+            raise ConfigError(f"no {which} in namespace {self._ns(pool)} (see `kt list`)")
         api = await self._api()
         queue: asyncio.Queue[str | None] = asyncio.Queue()
 
         async def read(name: str) -> None:
             try:
                 reply: Any = await api.read_namespaced_pod_log(  # unread: the raw response
-                    name, self._ns(), container="kt", follow=follow, _preload_content=False
+                    name, self._ns(pool), container="kt", follow=follow, _preload_content=False
                 )
                 async for chunk in reply.content.iter_any():
                     await queue.put(chunk.decode("utf-8", "replace"))
@@ -526,7 +590,9 @@ class K8sProvider(Provider):
     async def read_token(self, pool: str) -> str | None:
         api = await self._api()
         try:
-            secret = await api.read_namespaced_secret(manifests.token_secret_name(pool), self._ns())
+            secret = await api.read_namespaced_secret(
+                manifests.token_secret_name(pool), self._ns(pool)
+            )
         except ApiException as exc:
             if exc.status == 404:
                 return None

@@ -503,6 +503,11 @@ class ApiServer:
         bookmarks = str(query.get("allowWatchBookmarks", "")).lower() in ("1", "true")
         sent = since
         while loop.time() < deadline:
+            if sent < self.store.oldest() - 1:  # fell behind what is kept: say so, skip none
+                gone = status_body(410, "Expired", f"too old resource version: {sent}")
+                await response.write(orjson.dumps({"type": "ERROR", "object": gone}) + b"\n")
+                self.expired += 1
+                return response
             seen = list(self.store.history)
             for rv, kind, rname, obj in seen:
                 if rv <= sent or rname != res.name:

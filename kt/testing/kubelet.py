@@ -278,6 +278,9 @@ class Kubelet:
     def _forget(self, run: PodRun) -> None:
         self.runs.pop(run.uid, None)
         self._ips.discard(run.ip)
+        if run.gone:  # deleted while it ran: nothing of it is left to serve
+            self.logs.pop((run.namespace, run.name), None)
+            shutil.rmtree(run.root, ignore_errors=True)
 
     def _new_ip(self) -> str:
         while True:

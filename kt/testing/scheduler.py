@@ -13,6 +13,7 @@ kube-scheduler words them ("0/4 nodes are available: 4 Insufficient cpu.").
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import uuid
 from collections import Counter
@@ -21,6 +22,8 @@ from typing import Any
 import aiohttp
 
 from kt.testing.rest import Gone, Rest
+
+logger = logging.getLogger(__name__)
 
 _UNITS = {
     "": 1,
@@ -113,7 +116,12 @@ class Scheduler:
         api = Rest(self.url, self.token, self.ca_pem)
         try:
             while True:
-                version = await self.schedule(api)
+                try:
+                    version = await self.schedule(api)
+                except aiohttp.ClientError as exc:  # the server dropped a connection: again
+                    logger.warning("scheduler: the API server did not answer (%s)", exc)
+                    await asyncio.sleep(0.5)
+                    continue
                 await self._wait_for_change(api, version)
         finally:
             await api.close()

@@ -16,8 +16,9 @@ Behaviours covered:
 - an actor on a pod makes a pool of its own (the pod's service account) and hands its
   actor back to the driver, which calls it; deleting the first pool removes the second
   (its owner object belongs to the first's);
+- a Compute with a namespace: its pods, watch and teardown are in that namespace;
 - a pool whose driver died (SIGKILL): each pod deletes itself through its service
-  account once nobody called it for inactivity_ttl.
+  account once nobody called it for inactivity_ttl, and the last one the pool's objects.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import psutil
 import pytest
 
 import kt
+from kt.actors.driver import get_driver
 from tests.conftest import NO_KT_IMAGE, SYSTEM_PYTHON
 from tests.k8s.kubectl import kubectl
 
@@ -66,12 +68,14 @@ def _compute(**options: object) -> kt.Compute:
     return kt.Compute(backend="k8s", name=f"k8s-{uuid.uuid4().hex[:6]}", **options)  # type: ignore[arg-type]
 
 
-def _objects(kubeconfig: pathlib.Path, pool: str) -> list[str]:
+def _objects(kubeconfig: pathlib.Path, pool: str, namespace: str = "default") -> list[str]:
     listed = kubectl(
         "1.33",
         kubeconfig,
         "get",
         "pods,services,secrets,configmaps",
+        "-n",
+        namespace,
         "-l",
         f"kt.dev/pool={pool}",
         "-o",
@@ -140,7 +144,7 @@ def test_an_image_without_kt_fails_naming_it_and_quoting_pip() -> None:
     with pytest.raises(kt.LaunchError) as caught:
         bare.pod.remote().result(timeout=120)
     text = str(caught.value)
-    assert f"image {NO_KT_IMAGE} has no kt, and pip could not install kt-runtime==" in text
+    assert f"image {NO_KT_IMAGE} has no kt, and pip could not install kt-runtime[k8s]==" in text
     assert "exit code 3" in text
     pip_said = text.split("its last lines:")[1].split("kt: image")[0]
     assert pip_said.strip(), text  # what pip printed comes before kt's own line
@@ -212,6 +216,36 @@ def test_kt_list_status_and_logs_on_this_backend(k8s_cluster: pathlib.Path) -> N
     assert "KT_BACKEND=k8s" in config and "default" in config and "direct" in config
 
 
+def test_a_pool_in_another_namespace_is_followed_and_torn_down_there(
+    k8s_cluster: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    namespace = f"team-{uuid.uuid4().hex[:6]}"
+    manifest = tmp_path / "namespace.json"
+    manifest.write_text(
+        json.dumps({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+    )
+    kubectl("1.33", k8s_cluster, "create", "--validate=false", "-f", str(manifest))
+    compute = _compute(cpus=1, replicas=1, namespace=namespace)
+    where = kt.cls(Where).options(compute=compute, max_restarts=0).remote()
+    pod = kt.get(where.pod.remote(), timeout=120)
+    assert compute.name is not None
+    assert f"Pod/{pod}" in _objects(k8s_cluster, compute.name, namespace)
+    assert _objects(k8s_cluster, compute.name) == []  # nothing in the default namespace
+    kubectl("1.33", k8s_cluster, "delete", "pod", pod, "-n", namespace, "--wait=false")
+    deadline = time.monotonic() + 30
+    with pytest.raises(kt.ActorDiedError, match="being deleted"):  # its watch is there too
+        while time.monotonic() < deadline:
+            try:
+                where.pod.remote().result(timeout=30)
+            except kt.PodLostError:
+                pass  # a call that raced the loss
+            time.sleep(0.2)
+    driver = get_driver()
+    name = driver.pool_name(compute, False)
+    driver.runtime.run(driver.pools[name].teardown(), timeout=60)
+    assert _objects(k8s_cluster, compute.name, namespace) == []
+
+
 class Launcher:
     def launch(self, name: str) -> kt.ActorHandle[Where]:
         child = kt.Compute(cpus=1, replicas=1, backend="k8s", name=name)
@@ -263,7 +297,6 @@ def test_an_idle_pod_deletes_itself_after_its_driver_died(
     pod = done.stdout.strip().splitlines()[-1]
     assert f"Pod/{pod}" in _objects(k8s_cluster, pool)
     deadline = time.monotonic() + 30
-    while f"Pod/{pod}" in _objects(k8s_cluster, pool) and time.monotonic() < deadline:
+    while _objects(k8s_cluster, pool) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert f"Pod/{pod}" not in _objects(k8s_cluster, pool)
-    kubectl("1.33", k8s_cluster, "delete", "configmap", f"kt-{pool}")  # the pool's record
+    assert _objects(k8s_cluster, pool) == []  # the pod, and with the last pod the pool's objects

@@ -10,7 +10,8 @@ Behaviours covered:
   kt pod's supervisor port (the API server, an address with no kt pod), a real pod with a
   wrong token, bytes sent before `ok`; a frame after `ok` that is not a HELLO is closed by
   the pod and runs nothing; afterwards a caller's HELLO through the gateway is welcomed;
-- the PONG goes only between frames, whatever the reads' boundaries (pure).
+- the PONG goes only between frames, whatever the reads' boundaries (pure), and is sent
+  when the pod has been quiet for a heartbeat period, never inside a frame.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def gateway(k8s_cluster: pathlib.Path, tmp_path_factory: pytest.TempPathFactory)
                 "--source-ip",
                 SOURCE_IP,
                 "--preamble-timeout",
-                "1",
+                "3",
                 "--heartbeat",
                 "1",
             ],
@@ -171,7 +172,7 @@ def test_a_driver_runs_actors_and_a_group_through_the_gateway(
         for name in (pool, f"{pool}-spmd"):
             for address, token in _pool_pods(name):
                 for peer in _status(address, token)["peers"]:
-                    if str(out["pid"]) in peer["caller"]:
+                    if peer["caller"] == f"driver-{out['pid']}":
                         seen.append(peer["address"])
         assert seen and set(seen) == {SOURCE_IP}, seen
     finally:
@@ -265,6 +266,38 @@ async def _hello_through(gateway: tuple[str, int], pod: tuple[str, int], token: 
     kind = protocol.PREFIX.unpack(prefix)[1]
     writer.close()
     return int(kind)
+
+
+class _Written:
+    """Stands in for the driver's transport: what the gateway wrote to it."""
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+
+def test_a_quiet_pod_gets_the_driver_pongs_and_a_busy_one_does_not() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        down, up = _Pipe(loop.create_future(), frames=True), _Pipe(loop.create_future())
+        driver = _Written()
+        down.peer, up.transport = up, driver  # type: ignore[assignment]
+        beat = asyncio.ensure_future(down.beat(0.05))
+        await asyncio.sleep(0.18)
+        assert driver.data.count(protocol.PONG_FRAME) >= 2  # quiet: a PONG each period
+        frame = protocol.encode(protocol.FrameKind.LOG, 0, {"src": "x"}, b"y" * 100)
+        driver.data = b""
+        down.data_received(frame[:30])  # the pod is in the middle of a frame
+        await asyncio.sleep(0.18)
+        assert driver.data == frame[:30]  # no PONG cut into it
+        down.data_received(frame[30:])
+        await asyncio.sleep(0.18)
+        assert driver.data.startswith(frame) and protocol.PONG_FRAME in driver.data[len(frame) :]
+        beat.cancel()
+
+    asyncio.run(main())
 
 
 def test_a_heartbeat_goes_only_between_frames() -> None:

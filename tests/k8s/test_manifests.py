@@ -163,7 +163,7 @@ def test_ownership_labels_and_the_pods_safety() -> None:
     (container,) = pod["containers"]
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": 7171}
-    assert "kt-runtime==0.1.0" in container["command"][-1]
+    assert "kt-runtime[k8s]==0.1.0" in container["command"][-1]
     assert container["command"][-1].endswith("exec python -m kt.supervisor")
 
 

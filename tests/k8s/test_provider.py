@@ -7,7 +7,8 @@ Behaviours covered:
   is LOST at once (kubectl delete);
 - a pod that will never start says why: Unschedulable -> PlacementError quoting the
   scheduler's message, ErrImagePull/ImagePullBackOff -> PlacementError naming the image,
-  a container that ended -> LaunchError; a pod still coming up -> None.
+  a container that ended or cannot be made (CreateContainerConfigError) -> LaunchError;
+  a pod still coming up, or one the scheduler is preempting for -> None.
 """
 
 from __future__ import annotations
@@ -88,3 +89,12 @@ def test_why_a_pod_will_not_start() -> None:
     assert isinstance(error, kt.PlacementError) and "image 'x' cannot be pulled" in str(error)
     error = launch_problem(_pod(_terminated("Error", 3)), "img")
     assert isinstance(error, kt.LaunchError) and "exit code 3" in str(error)
+    preempting = {**unschedulable, "nominatedNodeName": "node-2"}  # room is being made
+    assert launch_problem(_pod(preempting), "img") is None
+    missing = {
+        "waiting": {"reason": "CreateContainerConfigError", "message": 'secret "s" not found'}
+    }
+    error = launch_problem(
+        _pod({"phase": "Pending", "containerStatuses": [{"state": missing}]}), "i"
+    )
+    assert isinstance(error, kt.LaunchError) and 'secret "s" not found' in str(error)
