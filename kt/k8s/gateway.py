@@ -295,6 +295,14 @@ class Gateway:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         up, down = _Pipe(done), _Pipe(done, frames=True)
+        # what the streams read before the pipes took over (a HELLO sent right after `ok`)
+        early = bytes(reader._buffer)  # type: ignore[attr-defined]
+        if early:
+            upstream.write(early)
+        early = bytes(pod_reader._buffer)  # type: ignore[attr-defined]
+        if early:
+            writer.write(early)
+            down._follow(early)
         up.attach(writer.transport, down)  # reads the driver, writes to the pod
         down.attach(upstream.transport, up)  # reads the pod, writes to the driver
         beat = asyncio.ensure_future(down.beat(self.heartbeat))

@@ -126,6 +126,13 @@ async def _until(
         await asyncio.sleep(0.05)
 
 
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def _ready(pod: Any) -> bool:
     return any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
 
@@ -171,7 +178,9 @@ def test_nodes_env_volumes_probe_and_graceful_deletion(tmp_path: pathlib.Path) -
         ip = ready.status.pod_ip
         assert ip.startswith("127.1.") and ready.status.phase == "Running"
         assert out.read_text().split("\n") == ["web", ip, "hunter2", "hunter2", "default"]
-        pids = [p.pid for p in psutil.process_iter(["cmdline"]) if SERVER in (p.cmdline() or [])]
+        # .info, not .cmdline(): another test's process may be a zombie by now
+        procs = psutil.process_iter(["cmdline"])
+        pids = [p.pid for p in procs if SERVER in (p.info["cmdline"] or [])]
         assert len(pids) == 1
         await api.delete_namespaced_pod("web", "default", grace_period_seconds=10)
         deadline = asyncio.get_running_loop().time() + 20
@@ -179,7 +188,7 @@ def test_nodes_env_volumes_probe_and_graceful_deletion(tmp_path: pathlib.Path) -
             assert asyncio.get_running_loop().time() < deadline
             await asyncio.sleep(0.05)
         assert (tmp_path / "facts.term").read_text() == "TERM"
-        assert not psutil.pid_exists(pids[0]) or psutil.Process(pids[0]).status() == "zombie"
+        assert _gone(pids[0])
 
     asyncio.run(_cluster(tmp_path, body))
 
