@@ -8,6 +8,7 @@ kubernetes_asyncio.
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import shutil
@@ -46,10 +47,18 @@ SYSTEM_PYTHON = "/usr/bin/python3"
 def k8s_cluster() -> Iterator[pathlib.Path]:
     """`python -m kt.testing.cluster` (4 nodes of 16 cpus) for this test process, and
     KUBECONFIG pointing at it; stopped (every pod's processes with it) at the end."""
+    from kt.k8s import manifests
     from kt.testing.cluster import running
+    from tests.k8s.kubectl import kubectl
 
     with running(CLUSTER_NODES, CLUSTER_CPUS, images={NO_KT_IMAGE: SYSTEM_PYTHON}) as kubeconfig:
         os.environ["KUBECONFIG"] = str(kubeconfig)
+        # what a platform team grants kt's pods (the chart's Role): they make pools and
+        # delete themselves through their service account, "default" here
+        rbac = kubeconfig.with_name("kt-rbac.json")
+        objects = [manifests.driver_role("default"), manifests.role_binding("default", "default")]
+        rbac.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}))
+        kubectl("1.33", kubeconfig, "create", "--validate=false", "-f", str(rbac))
         yield kubeconfig
         import kt
 

@@ -89,6 +89,46 @@ def _meta(
     return meta
 
 
+# What a kt driver does through the API, and so what a pod that makes pools (or deletes
+# itself when idle) needs: the least verbs per resource. The chart grants the same.
+DRIVER_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("pods", ("get", "list", "watch", "create", "delete")),  # pools' pods, an idle pod itself
+    ("pods/log", ("get",)),  # kt logs, and why a pod did not start
+    ("configmaps", ("get", "create", "delete")),  # a pool's owner
+    ("secrets", ("get", "create")),  # a pool's token
+    ("services", ("create",)),  # a pool's headless Service
+)
+
+
+def driver_role(namespace: str, name: str = "kt-driver") -> dict[str, Any]:
+    """A Role with DRIVER_RULES in `namespace`."""
+    rules = [
+        {"apiGroups": [""], "resources": [resource], "verbs": list(verbs)}
+        for resource, verbs in DRIVER_RULES
+    ]
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": {"name": name, "namespace": namespace, "labels": dict(MANAGED_BY)},
+        "rules": rules,
+    }
+
+
+def role_binding(namespace: str, service_account: str, role: str = "kt-driver") -> dict[str, Any]:
+    """Binds `role` to a service account of `namespace` (kt's pods run as it)."""
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": {
+            "name": dns_label(f"{role}-{service_account}"),
+            "namespace": namespace,
+            "labels": dict(MANAGED_BY),
+        },
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role},
+        "subjects": [{"kind": "ServiceAccount", "name": service_account, "namespace": namespace}],
+    }
+
+
 def owner(
     pool: str,
     namespace: str,

@@ -10,8 +10,9 @@ it does, per node it registers (a Node object with capacity and a Ready conditio
   own (`127.1.x.y`, the pod's IP), with the Kubernetes service variables set;
 - **volumes without a mount namespace**: each volume of the pod lives under the pod's
   directory, at `$KT_MOUNT_ROOT` + its mountPath (secret and configMap files, emptyDir,
-  a directory per PersistentVolumeClaim, and the service-account token, ca.crt and
-  namespace that a kubelet mounts at /var/run/secrets/kubernetes.io/serviceaccount);
+  a directory per PersistentVolumeClaim, and the service-account token (from the
+  TokenRequest API, for the pod's serviceAccountName), ca.crt and namespace that a
+  kubelet mounts at /var/run/secrets/kubernetes.io/serviceaccount);
   a program that reads a mounted file prefixes KT_MOUNT_ROOT ("" on a real node);
 - **images**: there is no container runtime, so an image is "pulled" when its registry
   resolves; a registry under the reserved `.invalid` domain does not, and the pod waits
@@ -133,7 +134,6 @@ class Kubelet:
         shape: NodeShape | None = None,
         python_bin: str | None = None,
         images: dict[str, str] | None = None,
-        service_account_token: str | None = None,
     ) -> None:
         self.url, self.token, self.ca_pem = url, token, ca_pem
         self.workdir = workdir
@@ -141,7 +141,6 @@ class Kubelet:
         self.nodes = [f"node-{i + 1}" for i in range(nodes)]
         self.python_bin = python_bin
         self.images = dict(images or {})  # image -> the python it holds
-        self.sa_token = service_account_token or token
         self.runs: dict[str, PodRun] = {}
         self.registered: list[str] = []
         self.finished: set[str] = set()  # uids whose container ended; kept until deleted
@@ -468,9 +467,18 @@ class Kubelet:
                 sources[volume["name"]] = claim
         mounts = list(container.get("volumeMounts", []))
         if run.pod["spec"].get("automountServiceAccountToken", True):
+            account = run.pod["spec"].get("serviceAccountName") or "default"
+            issued = await self.api.request(  # TokenRequest, as a kubelet's projected volume
+                "POST",
+                f"/api/v1/namespaces/{ns}/serviceaccounts/{account}/token",
+                {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {}},
+                ok=(404,),
+            )
+            if issued is None:  # no such service account (yet)
+                return False
             sa = run.root / "volumes" / "kube-api-access"
             sa.mkdir(parents=True, exist_ok=True)
-            (sa / "token").write_text(self.sa_token)
+            (sa / "token").write_text(issued["status"]["token"])
             (sa / "ca.crt").write_bytes(self.ca_pem)
             (sa / "namespace").write_text(ns)
             sources["kube-api-access"] = sa

@@ -18,7 +18,9 @@ Behaviours covered:
   (its owner object belongs to the first's);
 - a Compute with a namespace: its pods, watch and teardown are in that namespace;
 - a pool whose driver died (SIGKILL): each pod deletes itself through its service
-  account once nobody called it for inactivity_ttl, and the last one the pool's objects.
+  account once nobody called it for inactivity_ttl, and the last one the pool's objects;
+  a pod whose service account has no Role for it stays, and its log says what RBAC
+  refused (the kubelet mounts each pod's own service-account token).
 """
 
 from __future__ import annotations
@@ -277,24 +279,55 @@ import os, signal, sys, kt
 class Where:
     def pod(self):
         return os.environ["KT_POD"]
-compute = kt.Compute(cpus=1, replicas=1, backend="k8s", name=sys.argv[1], inactivity_ttl=2)
+account = sys.argv[2] if len(sys.argv) > 2 else None
+compute = kt.Compute(
+    cpus=1, replicas=1, backend="k8s", name=sys.argv[1], inactivity_ttl=2, service_account=account
+)
 print(kt.cls(Where).options(compute=compute).remote().pod(), flush=True)
 os.kill(os.getpid(), signal.SIGKILL)  # no teardown: only the pod's own timer is left
 """
+
+
+def _orphan(kubeconfig: pathlib.Path, tmp_path: pathlib.Path, pool: str, *args: str) -> str:
+    """A driver that makes a pool with inactivity_ttl=2, then dies by SIGKILL; its pod."""
+    script = tmp_path / "orphan.py"
+    script.write_text(ORPHAN)
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+    done = subprocess.run(
+        [sys.executable, str(script), pool, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == -9, done.stderr
+    return done.stdout.strip().splitlines()[-1]
+
+
+def test_an_idle_pod_without_the_right_stays_and_says_why(
+    k8s_cluster: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    manifest = tmp_path / "account.json"
+    account = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "nobody"}}
+    manifest.write_text(json.dumps(account))
+    kubectl("1.33", k8s_cluster, "create", "--validate=false", "-f", str(manifest))
+    pool = f"k8s-norights-{uuid.uuid4().hex[:6]}"
+    pod = _orphan(k8s_cluster, tmp_path, pool, "nobody")  # no Role bound to it
+    deadline = time.monotonic() + 30
+    log = ""
+    while "not deleted" not in log and time.monotonic() < deadline:
+        time.sleep(0.5)
+        log = kubectl("1.33", k8s_cluster, "logs", pod)
+    assert 'cannot delete resource "pods"' in log and "nobody" in log
+    assert f"Pod/{pod}" in _objects(k8s_cluster, pool)  # it stays (Succeeded), as RBAC says
+    kubectl("1.33", k8s_cluster, "delete", "configmap", f"kt-{pool}")
 
 
 def test_an_idle_pod_deletes_itself_after_its_driver_died(
     k8s_cluster: pathlib.Path, tmp_path: pathlib.Path
 ) -> None:
     pool = f"k8s-orphan-{uuid.uuid4().hex[:6]}"
-    script = tmp_path / "orphan.py"
-    script.write_text(ORPHAN)
-    env = {**os.environ, "KUBECONFIG": str(k8s_cluster)}
-    done = subprocess.run(
-        [sys.executable, str(script), pool], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == -9, done.stderr
-    pod = done.stdout.strip().splitlines()[-1]
+    pod = _orphan(k8s_cluster, tmp_path, pool)
     assert f"Pod/{pod}" in _objects(k8s_cluster, pool)
     deadline = time.monotonic() + 30
     while _objects(k8s_cluster, pool) and time.monotonic() < deadline:

@@ -81,7 +81,11 @@ def _child_owner() -> dict[str, Any]:
 
 @pytest.mark.parametrize("version", ["1.30.0", "1.37.0"])
 def test_every_object_validates_strictly(version: str) -> None:
-    for kind, body in {**_objects(), "child owner": _child_owner()}.items():
+    rbac = {
+        "role": manifests.driver_role("ml"),
+        "role binding": manifests.role_binding("ml", "kt-runner"),
+    }
+    for kind, body in {**_objects(), "child owner": _child_owner(), **rbac}.items():
         try:
             kubernetes_validate.validate(body, version, strict=True)
         except kubernetes_validate.ValidationError as exc:
