@@ -352,30 +352,6 @@ def _rtt_us(handle: Any, n: int = 2000) -> float:
     return statistics.median(lat)
 
 
-@contextlib.contextmanager
-def _gateway(kubeconfig: Path) -> Iterator[str]:
-    """`python -m kt.k8s.gateway` for the test cluster; yields its "host:port"."""
-    import socket
-    import subprocess
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
-    argv = [sys.executable, "-m", "kt.k8s.gateway", "--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(100):
-            with contextlib.suppress(OSError):
-                socket.create_connection(("127.0.0.1", port), 0.5).close()
-                break
-            time.sleep(0.1)
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
 def row_k8s() -> Result:
     """The Kubernetes backend on the test cluster (`kt.testing.cluster`, 4 nodes), kt
     only: a pool of 4 pods from `.to()` until each replica answered its first call (pod
@@ -383,9 +359,13 @@ def row_k8s() -> Result:
     backend's, and through the kt gateway next to direct, measured alternately (the same
     hot path: the first ratio should be near 1; the gateway's relay adds what it adds)."""
     from kt.core.config import config
+    from kt.testing.cluster import gateway as gateway_of
     from kt.testing.cluster import running
 
-    with running(nodes=4, cpus_per_node=4) as kubeconfig, _gateway(kubeconfig) as gateway:
+    with (
+        running(nodes=4, cpus_per_node=4) as kubeconfig,
+        gateway_of(kubeconfig, kubeconfig.with_name("gateway.log")) as gateway,
+    ):
         os.environ["KUBECONFIG"] = str(kubeconfig)
         compute = kt.Compute(cpus=1, replicas=4, backend="k8s", name="bench-k8s")
         t0 = time.perf_counter()

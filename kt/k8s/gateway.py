@@ -31,7 +31,6 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-from kubernetes_asyncio import watch
 from kubernetes_asyncio.client.rest import ApiException
 
 from kt.core import protocol
@@ -39,7 +38,7 @@ from kt.core.errors import ProtocolError
 from kt.core.provider import SUPERVISOR_PORT, PodState
 from kt.core.runtime import new_event_loop
 from kt.k8s import manifests
-from kt.k8s.provider import SELECTOR, WATCH_S, K8sProvider, _pool_of, pod_state
+from kt.k8s.provider import SELECTOR, K8sProvider, _pool_of, pod_state
 
 logger = logging.getLogger("kt.gateway")
 
@@ -93,62 +92,33 @@ class Gateway:
 
     # -- what is live -------------------------------------------------------------------
     async def watch(self) -> None:
-        """Follow kt's pods: a Ready one is a target, until it is not. Lists again on 410
-        and whenever a watch ends in an error."""
+        """Follow kt's pods in each namespace served (or in all): a Ready one is a target,
+        until it is not."""
+        scopes: list[str | None] = list(self.namespaces) if self.namespaces else [None]
+        await asyncio.gather(*(self._follow(ns) for ns in scopes))
+
+    async def _follow(self, namespace: str | None) -> None:
+        """One namespace's (None: every namespace's) pods, through the provider's `follow`;
+        a watch that ends in an error starts again from a list."""
         while True:
             try:
-                await self._follow()
+                async for kind, payload in self.provider.follow(namespace, SELECTOR):
+                    pods = dict(self.pods)
+                    if kind == "LIST":  # what this watch covers is replaced, the rest kept
+                        pods = {k: v for k, v in pods.items() if namespace not in (None, k[0])}
+                        for pod in payload:
+                            self._note(pod, pods)
+                    else:
+                        meta = payload["metadata"]
+                        pods.pop((meta["namespace"], meta["name"]), None)
+                        if kind != "DELETED":
+                            self._note(payload, pods)
+                    await self._publish(pods)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the API server went away: list and watch again
                 logger.warning("gateway: the pod watch failed (%s); watching again", exc)
                 await asyncio.sleep(1.0)
-
-    async def _follow(self) -> None:
-        api = await self.provider._api()
-        if self.namespaces:
-            lists = [
-                await api.list_namespaced_pod(ns, label_selector=SELECTOR) for ns in self.namespaces
-            ]
-        else:
-            lists = [await api.list_pod_for_all_namespaces(label_selector=SELECTOR)]
-        pods: dict[tuple[str, str], LivePod] = {}
-        for found in lists:
-            for pod in found.items:
-                self._note(self.provider._raw(pod), pods)
-        await self._publish(pods)
-        namespace = self.namespaces[0] if self.namespaces and len(self.namespaces) == 1 else None
-        version = lists[0].metadata.resource_version if len(lists) == 1 else None
-        if version is None:  # several namespaces: one watch each is the chart's job; re-list
-            await asyncio.sleep(2.0)
-            return
-        func = api.list_namespaced_pod if namespace else api.list_pod_for_all_namespaces
-        args = (namespace,) if namespace else ()
-        try:
-            while True:
-                async with watch.Watch() as w:
-                    async for event in w.stream(
-                        func,
-                        *args,
-                        label_selector=SELECTOR,
-                        resource_version=version,
-                        timeout_seconds=WATCH_S,
-                        allow_watch_bookmarks=True,
-                        _request_timeout=WATCH_S + 30,  # a half-open stream ends too
-                    ):
-                        obj = event["raw_object"]
-                        version = obj["metadata"]["resourceVersion"]
-                        if event["type"] == "BOOKMARK":
-                            continue
-                        pods = dict(self.pods)
-                        meta = obj["metadata"]
-                        pods.pop((meta["namespace"], meta["name"]), None)
-                        if event["type"] != "DELETED":
-                            self._note(obj, pods)
-                        await self._publish(pods)
-        except ApiException as exc:
-            if exc.status != 410:
-                raise
 
     def _note(self, pod: dict[str, Any], pods: dict[tuple[str, str], LivePod]) -> None:
         state, _, _ = pod_state(pod, was_ready=True)

@@ -29,7 +29,7 @@ import base64
 import contextlib
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -386,7 +386,7 @@ class K8sProvider(Provider):
         api = await self._api()
         ns = self._ns(pool)
         await self._delete(api, ns, name, grace=10)
-        await self._until_gone(api, ns, f"metadata.name={name}", None, 30)
+        await self._until_gone(ns, f"metadata.name={name}", "", 30)
 
     async def delete_pool(self, pool: str) -> int:
         """Delete the pool's owner object: the cluster's garbage collector removes every
@@ -402,7 +402,7 @@ class K8sProvider(Provider):
             if exc.status != 404:
                 raise PodLostError(pool, _api_message(exc)) from exc
             await asyncio.gather(*(self._delete(api, ns, p.name, grace=10) for p in pods))
-        await self._until_gone(api, ns, None, self._selector(pool), 30)
+        await self._until_gone(ns, "", self._selector(pool), 30)
         return len(pods)
 
     async def delete_own_pod(self, name: str) -> None:
@@ -424,46 +424,29 @@ class K8sProvider(Provider):
                 if exc.status != 404:
                     raise PodLostError(pool, _api_message(exc)) from exc
 
-    async def _until_gone(
-        self, api: client.CoreV1Api, ns: str, fields: str | None, labels: str | None, limit: float
-    ) -> None:
+    async def _until_gone(self, ns: str, fields: str, labels: str, limit: float) -> None:
         """Until no pod matches, or `limit` seconds; raises PodLostError (or AuthError) when
         the API server cannot tell."""
+        left: set[str] = set()
         try:
-            await self._wait_gone(api, ns, fields, labels, limit)
+            async with (
+                asyncio.timeout(limit),
+                contextlib.aclosing(self.follow(ns, labels, fields)) as changes,
+            ):
+                async for kind, payload in changes:
+                    if kind == "LIST":
+                        left = {p["metadata"]["name"] for p in payload}
+                    elif kind == "DELETED":
+                        left.discard(payload["metadata"]["name"])
+                    if not left:
+                        return
+        except TimeoutError:
+            return
         except ApiException as exc:
             raise _refused(exc) or PodLostError(fields or labels or ns, _api_message(exc)) from exc
         except aiohttp.ClientError as exc:
             why = f"the API server did not answer: {exc}"
             raise PodLostError(fields or labels or ns, why) from exc
-
-    async def _wait_gone(
-        self, api: client.CoreV1Api, ns: str, fields: str | None, labels: str | None, limit: float
-    ) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + limit
-        while loop.time() < deadline:
-            found = await api.list_namespaced_pod(
-                ns, field_selector=fields or "", label_selector=labels or ""
-            )
-            if not found.items:
-                return
-            try:
-                async with watch.Watch() as w:
-                    async for event in w.stream(
-                        api.list_namespaced_pod,
-                        ns,
-                        field_selector=fields or "",
-                        label_selector=labels or "",
-                        resource_version=found.metadata.resource_version,
-                        timeout_seconds=max(1, int(deadline - loop.time())),
-                        _request_timeout=limit + 30,
-                    ):
-                        if event["type"] == "DELETED":
-                            break
-            except ApiException as exc:
-                if exc.status != 410:
-                    raise
 
     # -- reading ----------------------------------------------------------------------------
     def _selector(self, pool: str | None) -> str:
@@ -495,52 +478,76 @@ class K8sProvider(Provider):
             pods.append(_as_pod(obj, state, reason, oom))
         return pods
 
-    async def watch_pods(self, pool: str) -> AsyncIterator[PodEvent]:
-        """The pool's pods as they change: the list first, then a watch from its version;
-        a 410 (the version is too old) lists again and reports what changed meanwhile."""
-        known: dict[str, PodState] = {}
+    async def follow(
+        self, namespace: str | None, labels: str, fields: str = ""
+    ) -> AsyncGenerator[tuple[str, Any], None]:
+        """The pods that match, as plain dicts: ("LIST", [pods]) first, then ("ADDED" |
+        "MODIFIED" | "DELETED", pod) as they change, each watch request going on from the
+        last version seen; after a 410 (that version is too old) another LIST. `namespace`
+        None: every namespace. Raises ApiException (not 410) and aiohttp's errors."""
+        api = await self._api()
+        scope: tuple[Any, ...] = (namespace,) if namespace else ()
+        func = api.list_namespaced_pod if namespace else api.list_pod_for_all_namespaces
         while True:
-            items, version = await self._list(pool)
-            seen = set()
-            for obj in items:
-                seen.add(obj["metadata"]["name"])
-                event = self._event(obj, known)
-                if event is not None:
-                    yield event
-            for name in [n for n in known if n not in seen]:
-                del known[name]
-                gone = Pod(name, pool, "", SUPERVISOR_PORT, PodState.DELETED)
-                yield PodEvent(gone, PodState.DELETED)
-            api = await self._api()
+            found = await func(*scope, label_selector=labels, field_selector=fields)
+            version = found.metadata.resource_version
+            yield "LIST", [self._raw(p) for p in found.items]
             try:
                 while True:
                     async with watch.Watch() as w:
-                        async for raw in w.stream(
-                            api.list_namespaced_pod,
-                            self._ns(pool),
-                            label_selector=self._selector(pool),
+                        async for event in w.stream(
+                            func,
+                            *scope,
+                            label_selector=labels,
+                            field_selector=fields,
                             resource_version=version,
                             timeout_seconds=WATCH_S,
                             allow_watch_bookmarks=True,
                             _request_timeout=WATCH_S + 30,  # a half-open stream ends too
                         ):
-                            obj = raw["raw_object"]
+                            obj = event["raw_object"]
                             version = obj["metadata"]["resourceVersion"]
-                            if raw["type"] == "BOOKMARK" or _pool_of(obj) != pool:
-                                continue
-                            name = obj["metadata"]["name"]
-                            if raw["type"] == "DELETED":
-                                was = known.pop(name, None)
-                                if was not in (None, PodState.LOST, PodState.FAILED):
-                                    gone = _as_pod(obj, PodState.DELETED, "it was deleted")
-                                    yield PodEvent(gone, PodState.DELETED)
-                                continue
+                            if event["type"] != "BOOKMARK":
+                                yield event["type"], obj
+            except ApiException as exc:
+                if exc.status != 410:
+                    raise
+
+    async def watch_pods(self, pool: str) -> AsyncIterator[PodEvent]:
+        """The pool's pods as they change (`follow`); after a 410 the new list reports
+        what changed meanwhile."""
+        known: dict[str, PodState] = {}
+        try:
+            async with contextlib.aclosing(self.follow(self._ns(pool), self._selector(pool))) as c:
+                async for kind, payload in c:
+                    if kind == "LIST":
+                        items = [o for o in payload if _pool_of(o) == pool]
+                        for obj in items:
                             event = self._event(obj, known)
                             if event is not None:
                                 yield event
-            except ApiException as exc:
-                if exc.status != 410:
-                    raise PodLostError(pool, _api_message(exc)) from exc
+                        seen = {o["metadata"]["name"] for o in items}
+                        for name in [n for n in known if n not in seen]:
+                            del known[name]
+                            gone = Pod(name, pool, "", SUPERVISOR_PORT, PodState.DELETED)
+                            yield PodEvent(gone, PodState.DELETED)
+                        continue
+                    obj = payload
+                    if _pool_of(obj) != pool:
+                        continue
+                    if kind == "DELETED":
+                        was = known.pop(obj["metadata"]["name"], None)
+                        if was not in (None, PodState.LOST, PodState.FAILED):
+                            gone = _as_pod(obj, PodState.DELETED, "it was deleted")
+                            yield PodEvent(gone, PodState.DELETED)
+                        continue
+                    event = self._event(obj, known)
+                    if event is not None:
+                        yield event
+        except ApiException as exc:
+            raise _refused(exc) or PodLostError(pool, _api_message(exc)) from exc
+        except aiohttp.ClientError as exc:
+            raise PodLostError(pool, f"the API server did not answer: {exc}") from exc
 
     def _event(self, obj: dict[str, Any], known: dict[str, PodState]) -> PodEvent | None:
         name = obj["metadata"]["name"]

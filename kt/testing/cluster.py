@@ -139,6 +139,39 @@ def running(
             shutil.rmtree(root, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def gateway(kubeconfig: Path, log: Path, *options: str, limit: float = 30) -> Iterator[str]:
+    """`python -m kt.k8s.gateway` for a cluster, on a free loopback port, its output in
+    `log`: yields its "host:port" once it accepts connections; stops it on the way out.
+
+    Raises:
+        RuntimeError: it did not accept connections within `limit` seconds.
+    """
+    port = _free_port("127.0.0.1")
+    argv = [sys.executable, "-m", "kt.k8s.gateway", "--host", "127.0.0.1", "--port", str(port)]
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([*argv, *options], env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + limit
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.5).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the gateway did not start: {log.read_text()}") from None
+                time.sleep(0.1)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m kt.testing.cluster", description=__doc__)
     parser.add_argument("--kubeconfig", required=True, help="where to write the kubeconfig")

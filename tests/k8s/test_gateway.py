@@ -23,7 +23,6 @@ import pathlib
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -36,7 +35,7 @@ from kt.actors.driver import get_driver
 from kt.core import protocol
 from kt.core.provider import get_provider
 from kt.k8s.gateway import _Pipe
-from tests.distributed.torchrun import free_port
+from kt.testing import cluster
 
 pytestmark = pytest.mark.timeout(240)
 SOURCE_IP = "127.254.0.1"
@@ -44,45 +43,16 @@ SOURCE_IP = "127.254.0.1"
 
 @pytest.fixture(scope="module")
 def gateway(k8s_cluster: pathlib.Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    port = free_port()
     log = tmp_path_factory.mktemp("gateway") / "gateway.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "kt.k8s.gateway",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--source-ip",
-                SOURCE_IP,
-                "--preamble-timeout",
-                "3",
-                "--heartbeat",
-                "1",
-            ],
-            env={**os.environ, "KUBECONFIG": str(k8s_cluster)},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.5).close()
-            break
-        except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
+    options = ("--source-ip", SOURCE_IP, "--preamble-timeout", "3", "--heartbeat", "1")
+    with cluster.gateway(k8s_cluster, log, *options) as address:
+        host, port = address.rsplit(":", 1)
 
-    class Gw:
-        address = ("127.0.0.1", port)
-        log_path = log
+        class Gw:
+            address = (host, int(port))
+            log_path = log
 
-    yield Gw
-    proc.terminate()
-    proc.wait(10)
+        yield Gw
 
 
 DRIVER = r"""
