@@ -30,6 +30,12 @@ class Config:
     gateway: str | None = field(default_factory=lambda: os.environ.get("KT_GATEWAY") or None)
     """"host:port" of a kt gateway (kt.k8s.gateway): every connection to a pod goes through
     it, for a driver outside the cluster that cannot reach pod addresses (KT_GATEWAY)."""
+    service_account: str | None = field(
+        default_factory=lambda: os.environ.get("KT_SERVICE_ACCOUNT") or None
+    )
+    """The service account of Kubernetes pools whose Compute names none (KT_SERVICE_ACCOUNT;
+    the chart's is "kt-pod"). A pod's own is set in its environment, so pools made inside a
+    pod run as it too."""
 
 
 config = Config()

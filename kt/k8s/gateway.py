@@ -13,7 +13,8 @@ the pod's address and its pool's token. The gateway
   constant time) before it relays a byte;
 - answers `ok` and relays bytes unchanged both ways (a full side pauses the other's
   reads: back-pressure), or answers `refused: <code>: <why>` and closes, logging the
-  refusal once; at most 256 connections are being set up at once, each within a
+  refusal once (a connection closed before its first byte is a health probe: closed,
+  not logged); at most 256 connections are being set up at once, each within a
   deadline, and a wrong token costs at most one Secret read per pool every 5 s;
 - sends the driver a PONG frame between frames when the pod has sent nothing for
   `heartbeat` seconds, so idle links survive load balancers (the driver ignores it).
@@ -64,6 +65,10 @@ class Refused(Exception):
         self.code = code
 
 
+class _Probe(Exception):
+    """The connection closed before sending a byte: a TCP health check."""
+
+
 class Gateway:
     """Relays drivers' call channels to the live kt pods of `namespaces`."""
 
@@ -89,6 +94,7 @@ class Gateway:
         self._handshakes = asyncio.Semaphore(256)  # connections being set up at once
         self.relayed = 0
         self.refused = 0
+        self.probes = 0
 
     # -- what is live -------------------------------------------------------------------
     async def watch(self) -> None:
@@ -157,14 +163,24 @@ class Gateway:
             return  # at most once a second per address, whoever asks
         self._looked_up[host] = loop.time()
         api = await self.provider._api()
-        found = await api.list_pod_for_all_namespaces(
-            label_selector=SELECTOR, field_selector=f"status.podIP={host}", _request_timeout=10
-        )
+        at = f"status.podIP={host}"
+        if self.namespaces:  # its Roles cover these namespaces only
+            lists = [
+                await api.list_namespaced_pod(
+                    ns, label_selector=SELECTOR, field_selector=at, _request_timeout=10
+                )
+                for ns in self.namespaces
+            ]
+        else:
+            lists = [
+                await api.list_pod_for_all_namespaces(
+                    label_selector=SELECTOR, field_selector=at, _request_timeout=10
+                )
+            ]
         pods = dict(self.pods)
-        for pod in found.items:
-            raw = self.provider._raw(pod)
-            if not self.namespaces or raw["metadata"]["namespace"] in self.namespaces:
-                self._note(raw, pods)
+        for found in lists:
+            for pod in found.items:
+                self._note(self.provider._raw(pod), pods)
         await self._publish(pods)
 
     async def _token(self, pod: LivePod, fresh: bool = False) -> bytes:
@@ -207,6 +223,10 @@ class Gateway:
                 )
             if len(reader._buffer):  # type: ignore[attr-defined]  # sent before `ok`
                 raise Refused("preamble", "bytes after the preamble, before ok")
+        except _Probe:  # a health check (the chart's tcpSocket probe): not an attack
+            self.probes += 1
+            writer.close()
+            return
         except Exception as exc:
             why = exc if isinstance(exc, Refused) else Refused("internal", _said(exc))
             self.refused += 1
@@ -358,12 +378,15 @@ async def _preamble(reader: asyncio.StreamReader) -> bytes:
 
     Raises:
         ProtocolError: longer, cut short, or followed by more bytes.
+        _Probe: closed before its first byte.
     """
     cap = protocol.GATEWAY_PREAMBLE_MAX
     line = b""
     while not line.endswith(b"\n"):
         chunk = await reader.read(cap + 1 - len(line))
         if not chunk:
+            if not line:
+                raise _Probe()
             raise ProtocolError("the connection closed before a whole preamble")
         line += chunk
         if len(line) > cap or (b"\n" in line and not line.endswith(b"\n")):

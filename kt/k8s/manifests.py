@@ -26,6 +26,7 @@ import shlex
 from typing import Any
 
 from kt.core.compute import Compute, parse_memory
+from kt.core.config import config
 from kt.core.errors import ConfigError
 from kt.core.provider import SUPERVISOR_PORT, PodSpec
 
@@ -33,6 +34,9 @@ MANAGED_BY = {"app.kubernetes.io/managed-by": "kt", "app.kubernetes.io/name": "k
 POOL_LABEL = "kt.dev/pool"
 POOL_ANNOTATION = "kt.dev/pool-name"  # the exact name (the label is its DNS-1123 form)
 DRIVER_LABEL = "kt.dev/driver"
+# the chart's gateway pods (charts/kt, "kt.gatewaySelector"): a driver outside the cluster
+# opens a port-forward to one of them
+GATEWAY_SELECTOR = "app.kubernetes.io/name=kt,app.kubernetes.io/component=gateway"
 TOKEN_DIR = "/var/run/secrets/kt"
 UID = 1000  # the supervisor runs as this user: never root
 
@@ -286,6 +290,11 @@ def pod(
         {"name": "KT_POOL", "value": spec.pool},
         {"name": "KT_TOKEN_FILE", "value": f"{TOKEN_DIR}/token"},
         {"name": "KT_BACKEND", "value": "k8s"},  # an idle pod deletes itself through the API
+        # pools made inside the pod run as the pod's own service account
+        {
+            "name": "KT_SERVICE_ACCOUNT",
+            "valueFrom": {"fieldRef": {"fieldPath": "spec.serviceAccountName"}},
+        },
         *({"name": k, "value": v} for k, v in sorted({**compute.env, **spec.env}.items())),
     ]
     if spec.inactivity_ttl is not None:
@@ -353,6 +362,7 @@ def pod(
         pod_spec["tolerations"] = [dict(t) for t in compute.tolerations]
     if compute.priority_class:
         pod_spec["priorityClassName"] = compute.priority_class
-    if compute.service_account:
-        pod_spec["serviceAccountName"] = compute.service_account
+    account = compute.service_account or config.service_account
+    if account:
+        pod_spec["serviceAccountName"] = account
     return body

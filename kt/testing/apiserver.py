@@ -58,6 +58,7 @@ class Resource:
 
 
 RBAC = "rbac.authorization.k8s.io"
+NETWORKING = "networking.k8s.io"  # NetworkPolicies are stored, not enforced
 RESOURCES = {
     r.name: r
     for r in (
@@ -73,8 +74,10 @@ RESOURCES = {
         Resource("rolebindings", "RoleBinding", True, (), (), RBAC),
         Resource("clusterroles", "ClusterRole", False, (), (), RBAC),
         Resource("clusterrolebindings", "ClusterRoleBinding", False, (), (), RBAC),
+        Resource("networkpolicies", "NetworkPolicy", True, ("netpol",), (), NETWORKING),
     )
 }
+GROUPS = (RBAC, NETWORKING)  # the API groups besides the core one
 VERBS = ["create", "delete", "get", "list", "patch", "update", "watch"]
 
 
@@ -399,13 +402,15 @@ class ApiServer:
         return _json({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []})
 
     async def api_groups(self, request: web.Request) -> web.Response:
-        version = {"groupVersion": f"{RBAC}/v1", "version": "v1"}
-        group = {"name": RBAC, "versions": [version], "preferredVersion": version}
-        return _json({"kind": "APIGroupList", "apiVersion": "v1", "groups": [group]})
+        groups = []
+        for name in GROUPS:
+            version = {"groupVersion": f"{name}/v1", "version": "v1"}
+            groups.append({"name": name, "versions": [version], "preferredVersion": version})
+        return _json({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
 
     async def api_resources(self, request: web.Request) -> web.Response:
         group = request.match_info.get("group", "")
-        if group not in ("", RBAC):
+        if group not in ("", *GROUPS):
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
         items = []
         for res in RESOURCES.values():

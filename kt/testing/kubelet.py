@@ -20,7 +20,8 @@ it does, per node it registers (a Node object with capacity and a Ready conditio
   `python`: the cluster's own (first on PATH), or for an image named in `images` the
   interpreter given there (so a test can run an image without kt);
 - reports status: phase, podIP, hostIP, startTime, conditions (PodScheduled,
-  Initialized, ContainersReady, Ready from the readiness probe: `httpGet`, probed every
+  Initialized, ContainersReady, Ready from the readiness probe: `httpGet` or
+  `tcpSocket`, probed every
   0.1 s until it first passes, then every periodSeconds), containerStatuses (running, or
   terminated with exitCode and reason Completed, Error or OOMKilled);
 - **memory limits**: the container's processes are summed (RSS) every 0.1 s; over
@@ -556,21 +557,30 @@ class Kubelet:
 
     async def _probe(self, run: PodRun, container: dict[str, Any], ports: dict[str, int]) -> None:
         probe = container.get("readinessProbe")
-        if probe is None or "httpGet" not in probe:
+        how = next((k for k in ("httpGet", "tcpSocket") if k in (probe or {})), None)
+        if probe is None or how is None:
             await self._status(run, container, running=True, ready=True)
             return
-        get = probe["httpGet"]
-        port = ports.get(get["port"], get["port"]) if isinstance(get["port"], str) else get["port"]
-        url = f"http://{run.ip}:{port}{get.get('path', '/')}"
+        target = probe[how]
+        port = target["port"]
+        port = ports.get(port, port) if isinstance(port, str) else port
+        url = f"http://{run.ip}:{port}{target.get('path', '/')}"
         period = float(probe.get("periodSeconds", 10))
         threshold = int(probe.get("failureThreshold", 3))
         ready, failures = False, 0
-        timeout = aiohttp.ClientTimeout(total=float(probe.get("timeoutSeconds", 1)))
-        async with aiohttp.ClientSession(timeout=timeout) as http:
+        seconds = float(probe.get("timeoutSeconds", 1))
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=seconds)) as http:
             while True:
                 try:
-                    async with http.get(url) as reply:
-                        ok = 200 <= reply.status < 400
+                    if how == "tcpSocket":  # connects, and closes without a byte
+                        _, writer = await asyncio.wait_for(
+                            asyncio.open_connection(run.ip, port), seconds
+                        )
+                        writer.close()
+                        ok = True
+                    else:
+                        async with http.get(url) as reply:
+                            ok = 200 <= reply.status < 400
                 except (aiohttp.ClientError, OSError, TimeoutError):
                     ok = False
                 failures = 0 if ok else failures + 1

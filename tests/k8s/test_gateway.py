@@ -8,7 +8,8 @@ Behaviours covered:
 - attacks, each refused with one logged line and nothing relayed: bytes that are not a
   preamble, a preamble never finished, one over the size cap, a target that is not a
   kt pod's supervisor port (the API server, an address with no kt pod), a real pod with a
-  wrong token, bytes sent before `ok`; a frame after `ok` that is not a HELLO is closed by
+  wrong token, bytes sent before `ok`; a connection closed before its first byte (a health
+  probe) is not logged; a frame after `ok` that is not a HELLO is closed by
   the pod and runs nothing; afterwards a caller's HELLO through the gateway is welcomed;
 - the PONG goes only between frames, whatever the reads' boundaries (pure), and is sent
   when the pod has been quiet for a heartbeat period, never inside a frame.
@@ -23,6 +24,7 @@ import pathlib
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -202,8 +204,11 @@ def test_attacks_are_refused_and_the_gateway_keeps_serving(
     for name, (data, said) in attacks.items():
         answer = _ask(gateway.address, data).decode("utf-8", "replace")
         assert answer.startswith("refused: ") and said in answer, (name, answer)
+    for _ in range(3):  # health probes (the chart's tcpSocket): connect, close, not logged
+        socket.create_connection(gateway.address, 5).close()
+    time.sleep(0.5)
     after = gateway.log_path.read_text().count("refused")
-    assert after - before == len(attacks)  # one logged line each
+    assert after - before == len(attacks)  # one logged line each, none for the probes
     # bytes after the preamble, before `ok`: refused too (a driver waits for `ok`)
     answer = _ask(gateway.address, protocol.gateway_preamble(pod, token) + b"\x00" * 64)
     assert answer.startswith(b"refused: ")

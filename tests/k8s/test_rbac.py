@@ -75,7 +75,10 @@ def test_a_service_accounts_token_can_do_what_its_roles_allow_and_nothing_else(
         core, auth = client.CoreV1Api(admin_client), client.RbacAuthorizationV1Api(admin_client)
         try:
             groups = await client.ApisApi(admin_client).get_api_versions()
-            assert [g.name for g in groups.groups] == ["rbac.authorization.k8s.io"]
+            assert [g.name for g in groups.groups] == [
+                "rbac.authorization.k8s.io",
+                "networking.k8s.io",
+            ]
             for ns in ("team-a", "team-b"):
                 await core.create_namespace({"metadata": {"name": ns}})
             await core.create_namespaced_service_account("team-a", {"metadata": {"name": "runner"}})
