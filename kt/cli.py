@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 import kt
+from kt.core.dial import Route
 from kt.core.errors import ConfigError, KtError
 from kt.core.provider import Pod, Provider, explain_backend, get_provider, resolve_backend
 
@@ -144,18 +145,20 @@ def cmd_teardown(args: argparse.Namespace) -> int:
 
 def cmd_config(args: argparse.Namespace) -> int:
     """What this machine's kt would use, and why."""
-    from kt.core.config import config
-
     backend, why = explain_backend(args.backend)
     table = Table("setting", "value", "why")
     table.add_row("backend", backend, why)
-    if config.gateway:
-        table.add_row("connections to pods", f"through the gateway {config.gateway}", "KT_GATEWAY")
-    else:
-        how = "set KT_GATEWAY=host:port to go through a kt gateway"
-        table.add_row("connections to pods", "direct, to each pod's address", how)
+    provider = _provider(args)
+
+    async def route() -> Route:
+        return await provider.route()
+
+    try:
+        chosen = _run(provider, route)
+        table.add_row("connections to pods", chosen.how.value, chosen.why)
+    except KtError as exc:
+        table.add_row("connections to pods", "?", f"the cluster did not answer: {exc}")
     if backend == "k8s":
-        provider = _provider(args)
 
         async def namespace() -> str:
             await provider.list_pods()  # loads the config (and checks the API answers)

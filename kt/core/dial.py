@@ -3,20 +3,65 @@
 Who calls it: the runtime's links (`kt.core.runtime.Link.open`) and the driver's
 reachability check. With `kt.config.gateway` set ("host:port", or KT_GATEWAY), every
 connection goes to the gateway, which relays it to the pod after the routing preamble
-(`kt.core.protocol.gateway_preamble`) and its one-line answer; without it, to the pod's
-address itself.
+(`kt.core.protocol.gateway_preamble`) and its one-line answer. Without it, a provider may
+have found a way in itself (`Route`, `choose_route`): the Kubernetes provider, outside
+the cluster, opens a port-forward to the chart's gateway and names the pods reached
+through it (`via`); every other pod is dialed at its own address.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import socket
+from dataclasses import dataclass
 
 from kt.core import protocol
 from kt.core.config import config
 from kt.core.errors import AuthError, ConfigError, PodLostError
 
 Address = tuple[str, int]
+_via: dict[Address, Address] = {}  # pod -> the gateway a provider reaches it through
+
+
+class How(str, enum.Enum):
+    DIRECT = "direct"
+    GATEWAY = "gateway"
+    PORT_FORWARD = "port-forward"
+
+
+@dataclass(frozen=True)
+class Route:
+    """How a provider's pods are reached, and why (`kt config` shows both)."""
+
+    how: How
+    why: str
+
+
+def choose_route(
+    *, configured: str | None, in_cluster: bool, gateway: str | None, namespace: str
+) -> Route:
+    """The way to a cluster's pods: the configured gateway; inside the cluster, the pods'
+    own addresses; outside, a port-forward to the gateway the namespace advertises
+    (`gateway`: "namespace/pod"), else the pods' addresses (a cluster whose pod network
+    this machine reaches, like the test cluster)."""
+    if configured:
+        return Route(How.GATEWAY, f"through the gateway {configured} (KT_GATEWAY)")
+    if in_cluster:
+        return Route(How.DIRECT, "inside the cluster: pod addresses are reachable")
+    if gateway:
+        why = f"outside the cluster: a port-forward through the API server to the gateway {gateway}"
+        return Route(How.PORT_FORWARD, why)
+    why = (
+        f"outside the cluster, and namespace {namespace} advertises no kt gateway (the "
+        "chart's ConfigMap kt-gateway): pods are dialed at their addresses"
+    )
+    return Route(How.DIRECT, why)
+
+
+def via(pod: Address, gateway: Address) -> None:
+    """Connections to `pod` go through `gateway` (a provider's port-forward)."""
+    _via[pod] = gateway
 
 
 def gateway_address() -> Address | None:
@@ -42,7 +87,7 @@ async def through_gateway(address: Address, token: str, timeout: float) -> socke
         AuthError: the gateway refused the pool's token.
         PodLostError: the gateway cannot be reached, or refused the target.
     """
-    gateway = gateway_address()
+    gateway = gateway_address() or _via.get(address)
     if gateway is None:
         return None
     loop = asyncio.get_running_loop()

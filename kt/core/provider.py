@@ -20,6 +20,7 @@ from kt.core.errors import ConfigError
 
 if TYPE_CHECKING:
     from kt.core.compute import Compute
+    from kt.core.dial import Route
 
 SUPERVISOR_PORT = 7170
 """The call-channel port every supervisor listens on; control HTTP is on the next one."""
@@ -154,6 +155,15 @@ class Provider(abc.ABC):
     async def read_token(self, pool: str) -> str | None:
         """The token of an existing pool, for a second driver; None when unknown."""
         return None
+
+    async def route(self) -> Route:
+        """How this backend's pods are reached, and why (`kt config`)."""
+        from kt.core.config import config  # config -> compute -> this module
+        from kt.core.dial import How, Route
+
+        if config.gateway:
+            return Route(How.GATEWAY, f"through the gateway {config.gateway} (KT_GATEWAY)")
+        return Route(How.DIRECT, "the pods run on this machine")
 
 
 def resolve_backend(requested: str | None) -> str:

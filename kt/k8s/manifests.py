@@ -37,6 +37,9 @@ DRIVER_LABEL = "kt.dev/driver"
 # the chart's gateway pods (charts/kt, "kt.gatewaySelector"): a driver outside the cluster
 # opens a port-forward to one of them
 GATEWAY_SELECTOR = "app.kubernetes.io/name=kt,app.kubernetes.io/component=gateway"
+# where a served namespace advertises its gateway (the chart's; data: namespace, selector,
+# port); a dot in the name keeps it apart from every pool's owner ConfigMap
+GATEWAY_CONFIGMAP = "kt.gateway"
 TOKEN_DIR = "/var/run/secrets/kt"
 UID = 1000  # the supervisor runs as this user: never root
 

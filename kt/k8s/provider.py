@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import logging
 import os
 import socket
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -39,7 +40,9 @@ from kubernetes_asyncio import client, config, watch
 from kubernetes_asyncio.client.rest import ApiException
 from kubernetes_asyncio.config.incluster_config import InClusterConfigLoader
 
+from kt.core import dial
 from kt.core.compute import Compute
+from kt.core.config import config as kt_config
 from kt.core.errors import (
     AuthError,
     ConfigError,
@@ -50,7 +53,9 @@ from kt.core.errors import (
 )
 from kt.core.provider import SUPERVISOR_PORT, Pod, PodEvent, PodSpec, PodState, Provider
 from kt.k8s import manifests
+from kt.k8s.portforward import PortForward
 
+logger = logging.getLogger("kt.k8s")
 SERVICE_ACCOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
 PULL_FAILURES = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull")
 CONFIG_FAILURES = ("CreateContainerConfigError", "CreateContainerError", "RunContainerError")
@@ -176,7 +181,11 @@ class K8sProvider(Provider):
         self._client: tuple[asyncio.AbstractEventLoop, client.ApiClient] | None = None
         self._making: dict[asyncio.AbstractEventLoop, asyncio.Task[client.ApiClient]] = {}
         self._namespace = "default"
+        self._in_cluster = False  # configured from a pod's service account
+        self._conf: client.Configuration | None = None
         self._pools: dict[str, str] = {}  # pool -> its namespace, when not the default
+        self._routes: dict[asyncio.AbstractEventLoop, asyncio.Task[dial.Route]] = {}
+        self._forwards: dict[asyncio.AbstractEventLoop, tuple[PortForward, dial.Address]] = {}
         self.driver = manifests.dns_label(f"{socket.gethostname()}-{os.getpid()}")
 
     async def _api(self) -> client.CoreV1Api:
@@ -196,7 +205,12 @@ class K8sProvider(Provider):
         return client.CoreV1Api(self._client[1])
 
     async def close(self) -> None:
-        if self._client is not None and self._client[0] is asyncio.get_running_loop():
+        loop = asyncio.get_running_loop()
+        forward = self._forwards.pop(loop, None)
+        if forward is not None:
+            await forward[0].close()
+        self._routes.pop(loop, None)
+        if self._client is not None and self._client[0] is loop:
             await self._client[1].close()
             self._client = None
 
@@ -218,12 +232,84 @@ class K8sProvider(Provider):
                 ).load_and_set(conf)
                 ns_file = Path(_mounted(f"{SERVICE_ACCOUNT}/namespace"))
                 self._namespace = ns_file.read_text().strip() if ns_file.exists() else "default"
+                self._in_cluster = True
         except (config.ConfigException, OSError, ValueError, KeyError) as exc:
             raise ConfigError(
                 f"no Kubernetes cluster configured ({exc}): set KUBECONFIG, or run in a pod"
             ) from exc
         self._namespace = os.environ.get("KT_NAMESPACE") or self._namespace
+        self._conf = conf
         return client.ApiClient(conf)
+
+    # -- the way to the pods ----------------------------------------------------------------
+    async def route(self) -> dial.Route:
+        """How this driver reaches the cluster's pods (decided once per event loop): the
+        configured gateway; in a pod, directly; outside, through a port-forward to the
+        gateway its namespace advertises (charts/kt's ConfigMap), else directly."""
+        loop = asyncio.get_running_loop()
+        finding = self._routes.get(loop)
+        if finding is None:
+            finding = self._routes[loop] = loop.create_task(self._find_route())
+        try:
+            return await asyncio.shield(finding)
+        except BaseException:
+            if finding.done():
+                self._routes.pop(loop, None)  # a ConfigError: ask again next time
+            raise
+
+    async def _find_route(self) -> dial.Route:
+        api = await self._api()
+        advertised: dict[str, str] = {}
+        if not kt_config.gateway and not self._in_cluster:
+            try:
+                found = await api.read_namespaced_config_map(
+                    manifests.GATEWAY_CONFIGMAP, self._namespace, _request_timeout=10
+                )
+                advertised = dict(found.data or {})
+            except ApiException as exc:
+                if exc.status not in (403, 404):
+                    logger.warning("kt: could not look for a gateway: %s", _api_message(exc))
+            except aiohttp.ClientError as exc:
+                logger.warning("kt: could not look for a gateway: %s", exc)
+        where = advertised.get("namespace", "")
+        route = dial.choose_route(
+            configured=kt_config.gateway,
+            in_cluster=self._in_cluster,
+            gateway=f"{where}/{advertised.get('selector', '')}" if where else None,
+            namespace=self._namespace,
+        )
+        if route.how is dial.How.PORT_FORWARD:
+            assert self._conf is not None
+            selector, port = advertised.get("selector", ""), int(advertised.get("port", "7180"))
+            forward = PortForward(
+                self._conf, where, lambda: self._gateway_pod(where, selector), port
+            )
+            self._forwards[asyncio.get_running_loop()] = (forward, await forward.start())
+        return route
+
+    async def _gateway_pod(self, namespace: str, selector: str) -> str:
+        """A Ready gateway pod's name.
+
+        Raises:
+            LookupError: none is Ready.
+        """
+        api = await self._api()
+        found = await api.list_namespaced_pod(namespace, label_selector=selector)
+        ready = sorted(
+            self._raw(p)["metadata"]["name"]
+            for p in found.items
+            if (_condition(self._raw(p), "Ready") or {}).get("status") == "True"
+        )
+        if not ready:
+            raise LookupError(f"no Ready kt gateway pod in {namespace} ({selector})")
+        return ready[0]
+
+    def _reach(self, pod: Pod) -> Pod:
+        """Note a pod's way in: through this loop's port-forward, when there is one."""
+        forward = self._forwards.get(asyncio.get_running_loop())
+        if forward is not None and pod.host:
+            dial.via(pod.address, forward[1])
+        return pod
 
     def open_pool(self, pool: str, namespace: str | None) -> None:
         if namespace:
@@ -240,7 +326,9 @@ class K8sProvider(Provider):
 
     # -- creating ---------------------------------------------------------------------------
     async def create_pods(self, specs: list[PodSpec]) -> list[Pod]:
-        return list(await asyncio.gather(*(self._create(spec) for spec in specs)))
+        await self.route()
+        pods = await asyncio.gather(*(self._create(spec) for spec in specs))
+        return [self._reach(pod) for pod in pods]
 
     async def _owner_uid(self, api: client.CoreV1Api, spec: PodSpec, ns: str) -> str:
         """The pool's owner ConfigMap (made if missing), its token Secret and its Service."""
@@ -471,11 +559,12 @@ class K8sProvider(Provider):
         )
 
     async def list_pods(self, pool: str | None = None) -> list[Pod]:
+        await self.route()
         items, _ = await self._list(pool)
         pods = []
         for obj in items:
             state, reason, oom = pod_state(obj, was_ready=True)
-            pods.append(_as_pod(obj, state, reason, oom))
+            pods.append(self._reach(_as_pod(obj, state, reason, oom)))
         return pods
 
     async def follow(

@@ -39,6 +39,7 @@ from aiohttp import web
 
 from kt.testing import rbac
 
+CHANNEL_V4 = "v4.channel.k8s.io"  # the streaming subprotocol: one channel byte per message
 HISTORY = 2000  # watch events kept; an older resourceVersion gets 410 Gone
 GIT_VERSION = "v1.33.0"
 
@@ -62,7 +63,7 @@ NETWORKING = "networking.k8s.io"  # NetworkPolicies are stored, not enforced
 RESOURCES = {
     r.name: r
     for r in (
-        Resource("pods", "Pod", True, ("po",), ("status", "binding", "log")),
+        Resource("pods", "Pod", True, ("po",), ("status", "binding", "log", "portforward")),
         Resource("services", "Service", True, ("svc",), ("status",)),
         Resource("secrets", "Secret", True),
         Resource("configmaps", "ConfigMap", True, ("cm",)),
@@ -359,17 +360,20 @@ class ApiServer:
                 return user
         return None
 
-    def _authorize(self, request: web.Request, res: Resource, ns: str, name: str = "") -> None:
-        """403, in kube-apiserver's words, unless RBAC allows the request's user."""
+    def _authorize(
+        self, request: web.Request, res: Resource, ns: str, name: str = "", verb: str = ""
+    ) -> None:
+        """403, in kube-apiserver's words, unless RBAC allows the request's user `verb`
+        (default: the request's own)."""
         user = request[USER]
         if user == ADMIN:
             return
         sub = request.match_info.get("sub")
         method = request.method
-        if method == "GET":
+        if not verb and method == "GET":
             watching = str(request.query.get("watch", "")).lower() in ("1", "true")
             verb = "get" if name else ("watch" if watching else "list")
-        else:
+        elif not verb:
             verb = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}.get(
                 method, method.lower()
             )
@@ -427,12 +431,18 @@ class ApiServer:
                 }
             )
             for sub in res.subresources:
-                verbs = {"binding": ["create"], "log": ["get"], "token": ["create"]}.get(
-                    sub, ["get", "patch", "update"]
-                )
-                kind = {"binding": "Binding", "log": "Pod", "token": "TokenRequest"}.get(
-                    sub, res.kind
-                )
+                verbs = {
+                    "binding": ["create"],
+                    "log": ["get"],
+                    "token": ["create"],
+                    "portforward": ["create", "get"],
+                }.get(sub, ["get", "patch", "update"])
+                kind = {
+                    "binding": "Binding",
+                    "log": "Pod",
+                    "token": "TokenRequest",
+                    "portforward": "PodPortForwardOptions",
+                }.get(sub, res.kind)
                 items.append(
                     {
                         "name": f"{res.name}/{sub}",
@@ -555,6 +565,10 @@ class ApiServer:
             return await self._token_request(ns, name)
         if sub == "log" and res.name == "pods" and request.method == "GET":
             return await self._pod_log(request, ns, name)
+        if sub == "portforward" and res.name == "pods" and request.method == "GET":
+            # a websocket upgrade is a GET; newer kube-apiservers also require create
+            self._authorize(request, res, ns, name, verb="create")
+            return await self._port_forward(request, ns, name)
         if sub == "binding" and res.name == "pods" and request.method == "POST":
             body = orjson.loads(await request.read())
             pod = copy.deepcopy(store.get(res, ns, name))
@@ -630,6 +644,52 @@ class ApiServer:
                 await reply.write(chunk)
         await reply.write_eof()
         return reply
+
+    async def _port_forward(self, request: web.Request, ns: str, name: str) -> web.StreamResponse:
+        """`pods/<name>/portforward` over a websocket (subprotocol v4.channel.k8s.io), one
+        port: channel 0 carries data, channel 1 errors, and each first sends the port (two
+        bytes, little-endian). kube-apiserver hands the stream to the pod's kubelet, which
+        connects to the port inside the pod's network namespace; the test cluster's pods
+        have host addresses, so this server connects to podIP:port itself."""
+        pod = self.store.get(RESOURCES["pods"], ns, name)
+        ports = [p for v in request.query.getall("ports", []) for p in v.split(",") if p]
+        if len(ports) != 1 or not ports[0].isdigit() or not 0 < int(ports[0]) < 65536:
+            raise ApiError(400, "BadRequest", 'query parameter "ports" must name one port')
+        port, status = int(ports[0]), pod.get("status", {})
+        if status.get("phase") != "Running" or not status.get("podIP"):
+            raise ApiError(400, "BadRequest", f"pod {name} is not running")
+        ws = web.WebSocketResponse(protocols=(CHANNEL_V4,))
+        if ws.can_prepare(request).protocol != CHANNEL_V4:
+            raise ApiError(400, "BadRequest", f"upgrade to a websocket with {CHANNEL_V4}")
+        await ws.prepare(request)
+        prefix = port.to_bytes(2, "little")
+        await ws.send_bytes(b"\x00" + prefix)
+        await ws.send_bytes(b"\x01" + prefix)
+        try:
+            reader, writer = await asyncio.open_connection(status["podIP"], port)
+        except OSError as exc:
+            said = f"error forwarding port {port} to pod {name}: {exc}"
+            await ws.send_bytes(b"\x01" + said.encode())
+            await ws.close()
+            return ws
+
+        async def down() -> None:
+            while chunk := await reader.read(1 << 16):
+                await ws.send_bytes(b"\x00" + chunk)
+            await ws.close()
+
+        sending = asyncio.ensure_future(down())
+        try:
+            async for msg in ws:
+                if msg.type is aiohttp.WSMsgType.BINARY and msg.data[:1] == b"\x00":
+                    writer.write(msg.data[1:])
+                    await writer.drain()
+        except OSError:
+            pass  # the pod went away: the websocket ends
+        finally:
+            sending.cancel()
+            writer.close()
+        return ws
 
 
 @dataclass(frozen=True)

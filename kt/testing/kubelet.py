@@ -5,7 +5,8 @@ API, `kt.testing.rest`), so it would run unchanged against a real kube-apiserver
 it does, per node it registers (a Node object with capacity and a Ready condition):
 
 - watches pods (list, then watch from the list's resourceVersion; a 410 lists again);
-- runs each bound pod's one container as a process group: `command` + `args`, the pod's
+- runs each bound pod's one container as a process group: `command` + `args` (with
+  `$(VAR)` expanded from its env), the pod's
   env (values, fieldRefs, secret/configMap keys, envFrom), on a loopback address of its
   own (`127.1.x.y`, the pod's IP), with the Kubernetes service variables set;
 - **volumes without a mount namespace**: each volume of the pod lives under the pod's
@@ -66,6 +67,22 @@ OOM_EXIT = 137
 
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+_REFERENCE = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+
+
+def _expand(arg: str, env: dict[str, str]) -> str:
+    """`$(VAR)` in a command or argument is the container's VAR, as a kubelet expands it
+    (left as written when VAR is not set; `$$` is a literal `$`)."""
+
+    def one(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name is None:
+            return "$"
+        return env.get(name, match.group(0))
+
+    return _REFERENCE.sub(one, arg)
 
 
 @dataclass(frozen=True)
@@ -410,6 +427,7 @@ class Kubelet:
             if await self._deleted_within(run, backoff if not pulled else 1.0):
                 return None
         argv = [*container.get("command", []), *container.get("args", [])]
+        argv = [_expand(arg, env) for arg in argv]
         self.logs[(run.namespace, run.name)] = run.root / "container.log"
         log = open(run.root / "container.log", "ab")
         workdir = run.root / container.get("workingDir", "/").lstrip("/")

@@ -73,7 +73,8 @@ def test_the_chart_lints_and_every_object_validates(which: str) -> None:
     assert not report["errors"] and not problems, report
     objects = render(VALUES[which])
     kinds = sorted({o["kind"] for o in objects})
-    expected = ["Deployment", "NetworkPolicy", "Role", "RoleBinding", "Service", "ServiceAccount"]
+    expected = ["ConfigMap", "Deployment", "NetworkPolicy", "Role", "RoleBinding", "Service"]
+    expected.append("ServiceAccount")
     assert kinds == sorted(expected + (["Ingress"] if which == "all-options" else []))
     for obj in objects:
         for version in ("1.30.0", "1.37.0"):
@@ -169,6 +170,15 @@ def test_the_gateway_runs_locked_down_and_the_policy_admits_only_kt() -> None:
             pair.split("=") for pair in manifests.GATEWAY_SELECTOR.split(",")
         ) | {"app.kubernetes.io/instance": "kt"}
         assert extra == values["networkPolicy"]["extraFrom"][0]
+    # each served namespace advertises where its gateway is (a driver outside reads it)
+    adverts = [o for o in objects if o["kind"] == "ConfigMap"]
+    assert sorted(a["metadata"]["namespace"] for a in adverts) == values["namespaces"]
+    for advert in adverts:
+        assert advert["metadata"]["name"] == manifests.GATEWAY_CONFIGMAP
+        data = dict(advert["data"])
+        selector = set(data.pop("selector").split(","))
+        assert data == {"namespace": "kt-system", "port": str(values["gateway"]["port"])}
+        assert selector == {*manifests.GATEWAY_SELECTOR.split(","), "app.kubernetes.io/instance=kt"}
 
 
 # -- on the test cluster -------------------------------------------------------------------
@@ -235,7 +245,7 @@ def test_the_rendered_rbac_is_enforced_and_the_gateway_pod_serves(
     applied = [
         o
         for o in objects
-        if o["kind"] in ("ServiceAccount", "Role", "RoleBinding", "NetworkPolicy")
+        if o["kind"] in ("ServiceAccount", "Role", "RoleBinding", "NetworkPolicy", "ConfigMap")
     ]
     kubectl(
         "1.33", k8s_cluster, "create", "--validate=false", "-f", _list(tmp_path, "rbac", applied)

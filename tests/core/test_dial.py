@@ -6,7 +6,10 @@ Behaviours covered:
 - no gateway: through_gateway returns None (dial the pod itself);
 - the preamble sent is the protocol's; `ok` gives a socket; `refused: token: ...` is an
   AuthError and any other refusal (`target`, even one whose text says "token") a
-  PodLostError; a gateway that does not answer is a PodLostError.
+  PodLostError; a gateway that does not answer is a PodLostError;
+- a pod a provider named with `via` is dialed through that gateway, any other directly;
+- the route to a cluster's pods (pure): the configured gateway, else directly inside the
+  cluster, else a port-forward to an advertised gateway, else directly.
 """
 
 from __future__ import annotations
@@ -76,3 +79,43 @@ def test_answers_become_a_socket_or_the_right_error(
             server.close()
 
     asyncio.run(main())
+
+
+def test_a_pod_a_provider_reaches_through_a_gateway_is_dialed_there(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def main() -> None:
+        seen: list[bytes] = []
+        server = await asyncio.start_server(_answering(b"ok\n", seen), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        monkeypatch.setattr(config, "gateway", None)
+        monkeypatch.setattr(dial, "_via", {})
+        try:
+            dial.via(("10.0.0.2", 7170), ("127.0.0.1", port))
+            sock = await dial.through_gateway(("10.0.0.2", 7170), "secret", 2)
+            assert sock is not None
+            sock.close()
+            assert seen == [protocol.gateway_preamble(("10.0.0.2", 7170), "secret")]
+            assert await dial.through_gateway(("10.0.0.3", 7170), "secret", 2) is None
+        finally:
+            server.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    ("configured", "in_cluster", "gateway", "how", "said"),
+    [
+        ("gw:7180", False, "kt/sel", dial.How.GATEWAY, "through the gateway gw:7180"),
+        (None, True, "kt/sel", dial.How.DIRECT, "inside the cluster"),
+        (None, False, "kt/sel", dial.How.PORT_FORWARD, "port-forward through the API server"),
+        (None, False, None, dial.How.DIRECT, "team-a advertises no kt gateway"),
+    ],
+)
+def test_the_route_to_a_clusters_pods(
+    configured: str | None, in_cluster: bool, gateway: str | None, how: dial.How, said: str
+) -> None:
+    route = dial.choose_route(
+        configured=configured, in_cluster=in_cluster, gateway=gateway, namespace="team-a"
+    )
+    assert route.how is how and said in route.why

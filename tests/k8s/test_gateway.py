@@ -38,6 +38,10 @@ from kt.core import protocol
 from kt.core.provider import get_provider
 from kt.k8s.gateway import _Pipe
 from kt.testing import cluster
+from tests.charts import chart
+from tests.distributed.torchrun import free_port
+from tests.k8s import netns
+from tests.k8s.kubectl import kubectl
 
 pytestmark = pytest.mark.timeout(240)
 SOURCE_IP = "127.254.0.1"
@@ -106,8 +110,9 @@ def _status(address: tuple[str, int], token: str) -> dict[str, Any]:
         return dict(json.loads(reply.read()))
 
 
-def _pool_pods(pool: str) -> list[tuple[tuple[str, int], str]]:
+def _pool_pods(pool: str, namespace: str | None = None) -> list[tuple[tuple[str, int], str]]:
     provider = get_provider("k8s")
+    provider.open_pool(pool, namespace)
     runtime = get_driver().runtime
     pods = runtime.run(provider.list_pods(pool))
     token = runtime.run(provider.read_token(pool))
@@ -115,19 +120,19 @@ def _pool_pods(pool: str) -> list[tuple[tuple[str, int], str]]:
     return [(p.address, token) for p in pods]
 
 
-def test_a_driver_runs_actors_and_a_group_through_the_gateway(
-    gateway: Any, k8s_cluster: pathlib.Path, tmp_path: pathlib.Path
-) -> None:
-    pool = f"gw-{uuid.uuid4().hex[:6]}"
-    script = tmp_path / "driver.py"
-    script.write_text(DRIVER)
-    env = {
-        **os.environ,
-        "KUBECONFIG": str(k8s_cluster),
-        "KT_GATEWAY": f"{gateway.address[0]}:{gateway.address[1]}",
-    }
+def _api_address(kubeconfig: pathlib.Path) -> tuple[str, int]:
+    server = json.loads(kubeconfig.read_text())["clusters"][0]["cluster"]["server"]
+    host, port = server.removeprefix("https://").rsplit(":", 1)
+    return host, int(port)
+
+
+def _drive(
+    argv: list[str], env: dict[str, str], pool: str, namespace: str | None = None
+) -> set[str]:
+    """Run DRIVER (fan-out over actors, an SPMD group) and the addresses its connections
+    reached the pods from."""
     driver = subprocess.Popen(
-        [sys.executable, str(script), pool],
+        [*argv, pool],
         env=env,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -140,19 +145,78 @@ def test_a_driver_runs_actors_and_a_group_through_the_gateway(
         assert line, driver.stderr.read() if driver.stderr else ""
         out = json.loads(line)
         assert out["sums"] == [6.0, 6.0, 6.0, 6.0]
-        seen = []
+        seen = set()
         for name in (pool, f"{pool}-spmd"):
-            for address, token in _pool_pods(name):
+            for address, token in _pool_pods(name, namespace):
                 for peer in _status(address, token)["peers"]:
                     if peer["caller"] == f"driver-{out['pid']}":
-                        seen.append(peer["address"])
-        assert seen and set(seen) == {SOURCE_IP}, seen
+                        seen.add(peer["address"])
     finally:
         if driver.stdin is not None:
             driver.stdin.write("\n")
             driver.stdin.flush()
         driver.wait(60)
     assert driver.returncode == 0, driver.stderr.read() if driver.stderr else ""
+    return seen
+
+
+def test_a_driver_that_reaches_only_the_gateway_runs_actors_and_a_group(
+    gateway: Any, k8s_cluster: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(k8s_cluster),
+        "KT_GATEWAY": f"{gateway.address[0]}:{gateway.address[1]}",
+    }
+    # its own network namespace: the API server and the gateway, nothing else
+    with netns.reaching([_api_address(k8s_cluster), gateway.address], tmp_path) as prefix:
+        seen = _drive([*prefix, sys.executable, str(script)], env, f"gw-{uuid.uuid4().hex[:6]}")
+    assert seen == {SOURCE_IP}, seen  # every connection came from the gateway
+
+
+def test_outside_the_cluster_kt_finds_the_gateway_and_port_forwards_to_it(
+    k8s_cluster: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    tag = uuid.uuid4().hex[:6]
+    release, served = f"kt-{tag}", f"team-{tag}"
+    port = free_port()  # the gateway pod binds the host's port: one free here
+    objects = chart.render({"namespaces": [served], "gateway": {"port": port}}, namespace=release)
+    namespaces = [
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}
+        for ns in (release, served)
+    ]
+    kinds = ("ServiceAccount", "Role", "RoleBinding", "ConfigMap")
+    installed = [o for o in objects if o["kind"] in kinds]
+    pod = chart.gateway_pod(objects, f"kt-{tag}-gateway-0")
+    for name, items in (("ns", namespaces), ("chart", installed), ("pod", [pod])):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
+        kubectl("1.33", k8s_cluster, "create", "--validate=false", "-f", str(path))
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    env = {**os.environ, "KUBECONFIG": str(k8s_cluster), "KT_NAMESPACE": served}
+    env |= {"KT_BACKEND": "k8s", "COLUMNS": "300"}
+    env.pop("KT_GATEWAY", None)
+    # only the API server: the gateway is reached through a port-forward
+    with netns.reaching([_api_address(k8s_cluster)], tmp_path) as prefix:
+        said = subprocess.run(
+            [*prefix, sys.executable, "-m", "kt.cli", "config"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert said.returncode == 0, said.stderr
+        assert "port-forward" in said.stdout and f"gateway {release}/" in said.stdout, said.stdout
+        seen = _drive([*prefix, sys.executable, str(script)], env, f"pf-{tag}", served)
+    name = pod["metadata"]["name"]
+    found = json.loads(
+        kubectl("1.33", k8s_cluster, "get", "pod", name, "-n", release, "-o", "json")
+    )
+    assert seen == {found["status"]["podIP"]}, seen  # every connection came from the gateway pod
+    kubectl("1.33", k8s_cluster, "delete", "pod", name, "-n", release)
 
 
 def _ask(address: tuple[str, int], data: bytes, wait: float = 5.0) -> bytes:
