@@ -25,6 +25,7 @@ from kt.core.config import config
 from kt.core.errors import (
     ActorDiedError,
     ActorNotFoundError,
+    ArgumentError,
     AuthError,
     CancelledError,
     ConfigError,
@@ -52,6 +53,7 @@ __all__ = [
     "ActorMethod",
     "ActorNotFoundError",
     "ActorOptions",
+    "ArgumentError",
     "AuthError",
     "CancelledError",
     "Compute",

@@ -27,8 +27,21 @@ from kt.core import image as image_steps
 from kt.core import protocol
 from kt.core.compute import Compute, DistributedCompute, parse_cpus, parse_memory
 from kt.core.config import config
-from kt.core.errors import ConfigError, GetTimeoutError, check_option_names, seconds
-from kt.core.methods import MethodKind, method_kind, public_methods
+from kt.core.errors import (
+    ArgumentError,
+    ConfigError,
+    GetTimeoutError,
+    check_option_names,
+    seconds,
+)
+from kt.core.methods import (
+    CALL_ARITY,
+    MethodKind,
+    arity,
+    method_kind,
+    public_arities,
+    public_methods,
+)
 from kt.core.protocol import FrameKind
 from kt.core.ref import PendingRefError, Ref, StreamRef
 from kt.core.serialization import dumps_bytes, dumps_value
@@ -97,6 +110,8 @@ class RemoteClass(Generic[T]):
         self._identity = cls if identity is None else identity  # what `.to()` deploys
         self._options = options or ActorOptions()
         self._methods = public_methods(cls)
+        self._arities = public_arities(cls)  # calls are checked against them before sending
+        self._init = arity(cls.__init__, bound=True) if "__init__" in vars(cls) else None
         self.__name__ = cls.__name__
         self.__doc__ = cls.__doc__
 
@@ -135,6 +150,10 @@ class RemoteClass(Generic[T]):
         kwargs: dict[str, Any],
         synced: Manifest | None,
     ) -> ActorHandle[T]:
+        init = self._init
+        why = init.refusal(f"{self.__name__}.__init__", args, kwargs) if init else None
+        if why is not None:
+            raise ArgumentError(why)
         driver = get_driver()
         if opts.name is not None:
             existing = driver.runtime.run(driver.lookup(opts.name, opts.namespace), timeout=60)
@@ -154,7 +173,9 @@ class RemoteClass(Generic[T]):
             except PendingRefError as exc:  # a Ref in the init arguments: wait for it
                 with contextlib.suppress(Exception):
                     exc.ref.result()
-        handle: ActorHandle[T] = ActorHandle(actor_id, self.__name__, self._methods, name=opts.name)
+        handle: ActorHandle[T] = ActorHandle(
+            actor_id, self.__name__, self._methods, name=opts.name, arities=self._arities
+        )
         handle._retries = opts.max_task_retries
         header: dict[str, Any] = {
             "actor": actor_id,
@@ -429,7 +450,9 @@ class RemoteFunction(Generic[P, R]):
 
     def _class(self, options: dict[str, Any]) -> RemoteClass[Any]:
         wrapper = _WRAPPERS[method_kind(self._fn)]
-        named = type(self.__name__, (wrapper,), {"__module__": wrapper.__module__})
+        # calls are checked against the function's own signature, not the wrapper's
+        checked = {"__module__": wrapper.__module__, CALL_ARITY: arity(self._fn, bound=False)}
+        named = type(self.__name__, (wrapper,), checked)
         return RemoteClass(named, ActorOptions(**{"cpus": 0, **options}), identity=self._fn)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:

@@ -22,13 +22,14 @@ import orjson
 from kt.core import protocol
 from kt.core.errors import (
     ActorDiedError,
+    ArgumentError,
     KtError,
     PodLostError,
     ShutdownError,
     check_move,
     seconds,
 )
-from kt.core.methods import RUN_METHOD, MethodKind, hook_name
+from kt.core.methods import RUN_METHOD, Arity, MethodKind, hook_name
 from kt.core.protocol import FrameFlag, FrameKind
 from kt.core.ref import PendingRefError, Ref, StreamRef, lending, release
 from kt.core.serialization import Parts, dumps_call, parts_size
@@ -46,16 +47,29 @@ Address = tuple[str, int]
 class ActorMethod(Generic[P, R]):
     """`handle.method`: `.remote(...)` returns a Ref, calling it blocks for the result."""
 
-    __slots__ = ("_handle", "_header", "_label", "_name", "_streams")
+    __slots__ = ("_arity", "_handle", "_header", "_label", "_name", "_streams")
 
-    def __init__(self, handle: ActorHandle, name: str, kind: MethodKind) -> None:
+    def __init__(
+        self, handle: ActorHandle, name: str, kind: MethodKind, arity: Arity | None = None
+    ) -> None:
         self._handle = handle
         self._name = name
         self._streams = kind.streams
+        self._arity = arity
         self._header = orjson.dumps({"a": handle._actor_id, "m": name})
         self._label = f"{handle._cls_name}.{name}"
 
     def remote(self, *args: P.args, **kwargs: P.kwargs) -> Ref[R]:
+        """Send the call; its Ref.
+
+        Raises:
+            ArgumentError: the arguments do not fit the method (nothing is sent).
+        """
+        arity = self._arity
+        if arity is not None:
+            why = arity.refusal(self._label, args, kwargs)
+            if why is not None:
+                raise ArgumentError(why)
         h = self._handle
         for v in args:
             if isinstance(v, Ref):
@@ -146,8 +160,10 @@ class ActorHandle(Generic[T]):
         address: Address | None = None,
         token: str = "",
         name: str | None = None,
+        arities: dict[str, Arity] | None = None,
     ) -> None:
         self._actor_id = actor_id
+        self._arities = arities or {}  # where the class is known here (not pickled)
         self._cls_name = cls_name
         self._name = name
         self._methods = methods
@@ -181,7 +197,7 @@ class ActorHandle(Generic[T]):
                 raise AttributeError(
                     f"{self._cls_name} has no method {name!r} (methods: {sorted(self._methods)})"
                 )
-            proxy = self._proxies[name] = ActorMethod(self, name, kind)
+            proxy = self._proxies[name] = ActorMethod(self, name, kind, self._arities.get(name))
         return proxy
 
     def _runtime(self) -> Runtime:

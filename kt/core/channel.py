@@ -7,6 +7,12 @@
   they keep). A frame larger than `BIG_FRAME` gets a bytearray of its own that the socket
   reads into directly, so a 100 MiB payload is copied once, by the kernel, and out-of-band
   buffers unpickled from it stay valid for as long as the value lives.
+- Limits. A length prefix shorter than the fixed prefix, or longer than `max_frame`, is
+  refused before anything is allocated for it (`refuse`: the owner's `on_refuse` may say
+  why in a last frame, then the connection closes and nothing more is read); so is a
+  header length past the frame's end, and a frame its handler fails on. A supervisor's
+  caller gets PRE_AUTH_MAX_FRAME until its HELLO is accepted, `kt.config.max_frame_bytes`
+  after.
 - Sending. `send` appends to an outbox and schedules one flush per loop iteration, so a
   burst of calls or results leaves in one `write` (one syscall), not one per frame.
   A caller's thread may instead `write_now` a small frame itself when nothing is queued
@@ -24,11 +30,13 @@ import struct
 import threading
 from collections.abc import Callable, Sequence
 
+from kt.core.config import config
 from kt.core.protocol import LENGTH_SIZE, PREFIX, PREFIX_SIZE
 
 logger = logging.getLogger(__name__)
 
 BIG_FRAME = 64 * 1024
+PRE_AUTH_MAX_FRAME = 16 * 1024  # a HELLO is a few hundred bytes
 RING_SIZE = 256 * 1024
 _LEN = struct.Struct("<I")
 
@@ -44,10 +52,16 @@ class FrameChannel(asyncio.BufferedProtocol):
         on_frame: FrameCallback,
         on_lost: Callable[[Exception | None], None] | None = None,
         on_made: Callable[[FrameChannel], None] | None = None,
+        *,
+        max_frame: int | None = None,
+        on_refuse: Callable[[str], None] | None = None,
     ) -> None:
         self.on_frame = on_frame
         self.on_lost = on_lost
         self.on_made = on_made
+        self.max_frame = config.max_frame_bytes if max_frame is None else max_frame
+        """The longest frame accepted (length prefix included)."""
+        self.on_refuse = on_refuse
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self._ring = bytearray(RING_SIZE)
@@ -107,6 +121,8 @@ class FrameChannel(asyncio.BufferedProtocol):
         self._start, self._end = 0, n
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self.closed:
+            return  # refused: what else arrives is not read
         if self._big_view is not None:
             self._big_pos += nbytes
             if self._big_pos == len(self._big_view):
@@ -120,6 +136,9 @@ class FrameChannel(asyncio.BufferedProtocol):
         start, end = self._start, self._end
         while end - start >= LENGTH_SIZE:
             total = LENGTH_SIZE + _LEN.unpack_from(view, start)[0]
+            if total < PREFIX_SIZE or total > self.max_frame:
+                self.refuse(f"a frame of {total} bytes (at most {self.max_frame} here)")
+                return
             if end - start < total:
                 if total > BIG_FRAME:
                     self._enter_big(total, start, end)
@@ -146,14 +165,28 @@ class FrameChannel(asyncio.BufferedProtocol):
 
     def _deliver(self, frame: memoryview) -> None:
         _, kind, flags, hlen, route, req_id = PREFIX.unpack_from(frame, 0)
+        if PREFIX_SIZE + hlen > len(frame):
+            self.refuse(f"a header of {hlen} bytes in a frame of {len(frame)}")
+            return
         header = frame[PREFIX_SIZE : PREFIX_SIZE + hlen]
         payload = frame[PREFIX_SIZE + hlen :]
         try:
             self.on_frame(kind, flags, route, req_id, header, payload, frame)
-        except Exception:
+        except Exception as exc:
             logger.exception("frame handler failed (kind %d); closing the link", kind)
-            self.abort()
-            self.closed = True
+            self.refuse(f"a frame of kind {kind} could not be handled: {type(exc).__name__}")
+
+    def refuse(self, why: str) -> None:
+        """Stop reading: `on_refuse` may send a last frame saying why, then the connection
+        closes once that is written."""
+        if self.closed:
+            return
+        logger.warning("closing a connection: %s", why)
+        if self.on_refuse is not None:
+            self.on_refuse(why)
+        self.close()
+        self.closed = True  # nothing more is read or sent
+        self._start = self._end = 0
 
     # -- sending ----------------------------------------------------------------------
     def send(self, data: bytes | bytearray | memoryview) -> None:

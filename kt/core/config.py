@@ -30,6 +30,12 @@ class Config:
     gateway: str | None = field(default_factory=lambda: os.environ.get("KT_GATEWAY") or None)
     """"host:port" of a kt gateway (kt.k8s.gateway): every connection to a pod goes through
     it, for a driver outside the cluster that cannot reach pod addresses (KT_GATEWAY)."""
+    max_frame_bytes: int = field(
+        default_factory=lambda: int(os.environ.get("KT_MAX_FRAME_BYTES", str(2**31)))
+    )
+    """The longest frame a connection accepts once authenticated (KT_MAX_FRAME_BYTES); a
+    longer length prefix closes it without allocating. Before a HELLO is accepted the cap
+    is 16 KiB."""
     service_account: str | None = field(
         default_factory=lambda: os.environ.get("KT_SERVICE_ACCOUNT") or None
     )

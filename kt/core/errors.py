@@ -162,6 +162,11 @@ def _rebuild_serialization(what: str, path: str, cause: str, loading: bool) -> S
     return SerializationError(what, path, cause, loading=loading)
 
 
+class ArgumentError(KtError, TypeError):
+    """A call's arguments do not fit the method's signature: raised by the caller before
+    anything is sent, naming the class, the method and its signature."""
+
+
 class RemoteError(KtError):
     """User code raised remotely and its exception type cannot be rebuilt here."""
 

@@ -6,6 +6,7 @@ import enum
 import importlib
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -89,4 +90,72 @@ def public_methods(cls: type) -> dict[str, MethodKind]:
             attr = attr.__func__
         if callable(attr) and not isinstance(attr, type):
             out[name] = method_kind(attr)
+    return out
+
+
+@dataclass(frozen=True)
+class Arity:
+    """What arguments a method takes, checked before a call is sent (`refusal`). A call
+    with positional arguments only costs two comparisons; one with keywords, or one that
+    does not fit, pays for `inspect.Signature.bind`, whose error becomes the message."""
+
+    signature: inspect.Signature
+    min_positional: int  # without keywords, fewer do not fit (more than any: keywords needed)
+    max_positional: int  # -1: it takes *args
+
+    def refusal(self, label: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+        """Why these arguments do not fit, or None when they do."""
+        n = len(args)
+        if not kwargs and self.min_positional <= n and not 0 <= self.max_positional < n:
+            return None
+        try:
+            self.signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            return f"{label}{self.signature}: {exc}"
+        return None
+
+
+def arity(fn: Callable[..., Any], bound: bool) -> Arity | None:
+    """`fn`'s Arity (`bound`: its first parameter is the instance or class, which a
+    caller does not pass); None when it has no signature Python can read."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    kinds = inspect.Parameter
+    params = list(signature.parameters.values())
+    if bound and params and params[0].kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD):
+        params = params[1:]
+    params = [p.replace(annotation=p.empty) for p in params]  # the message reads as a call
+    signature = signature.replace(parameters=params, return_annotation=signature.empty)
+    positional = [
+        p for p in params if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)
+    ]
+    required = sum(p.default is p.empty for p in positional)
+    if any(p.kind is kinds.KEYWORD_ONLY and p.default is p.empty for p in params):
+        required = 1 << 30  # a required keyword-only parameter: only bind can say
+    var_positional = any(p.kind is kinds.VAR_POSITIONAL for p in params)
+    return Arity(signature, required, -1 if var_positional else len(positional))
+
+
+CALL_ARITY = "__kt_call_arity__"
+"""A class attribute: the Arity of `__call__`, when the class only wraps another callable
+(kt.fn's functions)."""
+
+
+def public_arities(cls: type) -> dict[str, Arity]:
+    """The Arity of each method `public_methods` lists, where Python can read one."""
+    out: dict[str, Arity] = {}
+    for name in public_methods(cls):
+        if name == "__call__" and CALL_ARITY in vars(cls):
+            if vars(cls)[CALL_ARITY] is not None:
+                out[name] = vars(cls)[CALL_ARITY]
+            continue
+        attr = inspect.getattr_static(cls, name, None)
+        bound = not isinstance(attr, staticmethod)
+        if isinstance(attr, staticmethod | classmethod):
+            attr = attr.__func__
+        found = arity(attr, bound) if callable(attr) else None
+        if found is not None:
+            out[name] = found
     return out

@@ -39,7 +39,8 @@ from typing import Any
 import orjson
 
 from kt.core import protocol, serialization, shm
-from kt.core.channel import BIG_FRAME, FrameChannel
+from kt.core.channel import BIG_FRAME, PRE_AUTH_MAX_FRAME, FrameChannel
+from kt.core.config import config
 from kt.core.errors import (
     ActorDiedError,
     ActorNotFoundError,
@@ -142,7 +143,15 @@ class Peer:
         self.actor = ""  # set when this is an actor's home link
         self.authenticated = False
         self.same_host = False
-        self.channel = FrameChannel(self._on_frame, self._on_lost)
+        self.channel = FrameChannel(
+            self._on_frame, self._on_lost, max_frame=PRE_AUTH_MAX_FRAME, on_refuse=self._refused
+        )
+
+    def _refused(self, why: str) -> None:
+        """The channel refused what this caller sent: say why in a last frame."""
+        self.channel.send(
+            protocol.encode(FrameKind.REFUSED, 0, {"error": "protocol", "message": why})
+        )
 
     @property
     def address(self) -> str:
@@ -166,8 +175,7 @@ class Peer:
             return
         handler = self.supervisor.handlers.get(kind)
         if handler is None:
-            logger.warning("peer %s sent unknown frame kind %d; closing", self.caller, kind)
-            self.channel.abort()
+            self.channel.refuse(f"unknown frame kind {kind} from {self.caller}")
             return
         handler(self, req_id, header, frame)
 
@@ -307,6 +315,7 @@ class Supervisor:
             )
             return
         peer.authenticated = True
+        peer.channel.max_frame = config.max_frame_bytes
         peer.caller = str(hello.get("caller", ""))
         peer.same_host = self.host_key is not None and hello.get("host") == self.host_key
         rec = self.actors.get(str(hello.get("actor") or ""))
