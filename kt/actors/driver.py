@@ -455,20 +455,28 @@ class Driver:
 
 
 async def _reachable(address: Address, token: str, tries: int = 3) -> bool:
-    """The pod accepts connections (a dying process can still look alive to the provider);
-    through the gateway when one is configured."""
+    """The pod answers a HELLO (a dying process can still look alive to the provider, and
+    a stopped one still accepts connections); through the gateway when there is one."""
     for attempt in range(tries):
         try:
             relayed = await dial.through_gateway(address, token, 10.0)  # it may wait for the pod
             if relayed is not None:
-                relayed.close()
-                return True
-            _, writer = await asyncio.wait_for(asyncio.open_connection(*address), 1.0)
+                reader, writer = await asyncio.open_connection(sock=relayed)
+            else:
+                opening = asyncio.open_connection(*address)
+                reader, writer = await asyncio.wait_for(opening, 1.0)
         except (TimeoutError, OSError, PodLostError, AuthError):  # not a ConfigError
             await asyncio.sleep(0.2 * (attempt + 1))
             continue
-        writer.close()
-        return True
+        hello = {"v": protocol.VERSION, "token": token, "caller": "kt-probe", "host": ""}
+        try:
+            writer.write(protocol.encode(FrameKind.HELLO, 0, hello))
+            prefix = await asyncio.wait_for(reader.readexactly(protocol.PREFIX_SIZE), 3.0)
+            return bool(protocol.PREFIX.unpack(prefix)[1] == FrameKind.WELCOME)
+        except (TimeoutError, OSError, asyncio.IncompleteReadError):
+            return False  # it took the connection but does not serve
+        finally:
+            writer.close()
     return False
 
 

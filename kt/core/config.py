@@ -30,6 +30,11 @@ class Config:
     gateway: str | None = field(default_factory=lambda: os.environ.get("KT_GATEWAY") or None)
     """"host:port" of a kt gateway (kt.k8s.gateway): every connection to a pod goes through
     it, for a driver outside the cluster that cannot reach pod addresses (KT_GATEWAY)."""
+    heartbeat_timeout: float = field(
+        default_factory=lambda: float(os.environ.get("KT_HEARTBEAT_TIMEOUT", "5"))
+    )
+    """Seconds a link with calls waiting may hear nothing from its pod (PINGs go every
+    second) before its calls fail with PodLostError (KT_HEARTBEAT_TIMEOUT)."""
     max_frame_bytes: int = field(
         default_factory=lambda: int(os.environ.get("KT_MAX_FRAME_BYTES", str(2**31)))
     )

@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 
 from kt.core import dial, protocol, shm
 from kt.core.channel import FrameChannel
+from kt.core.config import config
 from kt.core.errors import (
     AuthError,
     CancelledError,
@@ -75,6 +76,8 @@ DIRECT_SEND = os.environ.get("KT_DIRECT_SEND", "1") != "0"
 _ERROR = int(FrameFlag.ERROR)
 _LENDS = int(FrameFlag.LENDS)
 _RESULT = int(FrameKind.RESULT)
+HEARTBEAT_S = 1.0
+PING_FRAME = protocol.encode(FrameKind.PING, 0)
 _done = RefState.DONE
 _failed = RefState.FAILED
 
@@ -142,6 +145,9 @@ class Link:
         self._queued: list[Parts] = []
         self._failure: KtError | None = None
         self.same_host = False
+        self.rx = 0  # frames received: the heartbeat looks for news by it
+        self._rx_seen = 0
+        self._quiet_since: float | None = None
 
     async def open(self, timeout: float = 30.0) -> None:
         loop = asyncio.get_running_loop()
@@ -281,6 +287,7 @@ class Link:
         frame: memoryview,
     ) -> None:
         """One frame; whatever goes wrong with it fails its call only, never the link."""
+        self.rx += 1
         try:
             self._handle_frame(kind, flags, route, req_id, header, payload, frame)
         except ProtocolError:
@@ -337,7 +344,8 @@ class Link:
                 self._welcome.set_result(None)
         elif kind == FrameKind.REFUSED:
             info = protocol.decode_header(header)
-            error = AuthError(f"pod {self.pod} refused the connection: {info.get('message')}")
+            said = f"pod {self.pod} refused the connection: {info.get('message')}"
+            error = AuthError(said) if info.get("error") == "auth" else ProtocolError(said)
             if not self._welcome.done():
                 self._welcome.set_exception(error)
             self._fail(error)
@@ -349,6 +357,27 @@ class Link:
             pass
         else:
             raise ProtocolError(f"unexpected frame kind {kind} from {self.pod}")
+
+    def silence(self, now: float) -> float:
+        """How long this link has had calls (or borrows) waiting and heard nothing from
+        its pod, as of the heartbeat's looks; a look that finds no news sends a PING."""
+        if self.state is not LinkState.READY or not (self.inflight or self.borrowed):
+            self._rx_seen, self._quiet_since = self.rx, None
+            return 0.0
+        if self.rx != self._rx_seen:
+            self._rx_seen, self._quiet_since = self.rx, None
+            return 0.0
+        if self._quiet_since is None:
+            self._quiet_since = now
+        self.send(PING_FRAME)
+        return now - self._quiet_since
+
+    def lose(self, why: str) -> None:
+        """Give the link up as lost (its calls fail with PodLostError) and drop the socket."""
+        channel = self.channel
+        self._fail(PodLostError(self.pod, why))
+        if channel is not None:
+            channel.abort()
 
     def _on_lost(self, exc: Exception | None) -> None:
         reason = f"connection lost: {exc}" if exc else "connection closed by the pod"
@@ -399,11 +428,25 @@ class Runtime:
         """Set by the driver: an established link to a pod broke."""
         self._thread = threading.Thread(target=self._run, name="kt-runtime", daemon=True)
         self._thread.start()
+        self.loop.call_soon_threadsafe(lambda: self.loop.create_task(self._heartbeats()))
         atexit.register(self.stop)
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
         self.loop.run_forever()
+
+    async def _heartbeats(self) -> None:
+        """Every HEARTBEAT_S, each link with calls waiting that heard nothing since the
+        last look gets a PING; one silent for kt.config.heartbeat_timeout is lost. A
+        stopped (SIGSTOP) or partitioned supervisor keeps its socket open: only silence
+        shows it."""
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            now = self.loop.time()
+            for link in list(self._links.values()):
+                silent = link.silence(now)
+                if silent >= config.heartbeat_timeout:
+                    link.lose(f"no answer for {silent:.0f} s (stopped or unreachable)")
 
     @property
     def on_loop_thread(self) -> bool:

@@ -1,0 +1,87 @@
+"""Hung processes, not dead ones: SIGSTOP an actor, SIGSTOP a supervisor (local pools).
+
+Behaviours covered:
+- an actor process stopped with SIGSTOP: a call with a timeout raises GetTimeoutError;
+  the other actor on the same pod keeps serving; kt.kill still ends the stopped process;
+- a supervisor stopped with SIGSTOP keeps its socket open, so only silence shows it: the
+  caller's heartbeat (a PING a second on a link with calls waiting) fails the call in
+  flight with PodLostError within kt.config.heartbeat_timeout (5 s) plus a tick; the pod
+  does not answer a HELLO, so the driver takes it as lost: it is deleted (its processes
+  killed) and the actor with a restart left answers from a new pod.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import psutil
+import pytest
+
+import kt
+from kt.actors.driver import get_driver
+from kt.local.provider import kt_home
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class Sleeper:
+    def pid(self) -> int:
+        return os.getpid()
+
+    def pod(self) -> str:
+        return os.environ["KT_POD"]
+
+    def sleep(self, seconds: float) -> float:
+        time.sleep(seconds)
+        return seconds
+
+
+def test_a_stopped_actor_times_out_and_kt_kill_still_ends_it(pool: kt.Compute) -> None:
+    stopped = kt.cls(Sleeper).options(compute=pool).remote()
+    other = kt.cls(Sleeper).options(compute=pool).remote()
+    pid = stopped.pid()
+    assert other.pod() == stopped.pod()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(kt.GetTimeoutError):
+            stopped.pid.remote().result(timeout=2)
+        assert other.sleep(0.01) == 0.01  # the pod goes on serving
+        kt.kill(stopped)
+        assert not psutil.wait_procs([psutil.Process(pid)], timeout=10)[1]
+    finally:
+        if psutil.pid_exists(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_stopped_supervisor_is_found_by_heartbeat_and_its_actor_restarts() -> None:
+    compute = kt.Compute(cpus=1, min_replicas=0, max_replicas=2, backend="local")
+    keep = kt.cls(Sleeper).options(compute=compute, max_restarts=1).remote()
+    old_pod = keep.pod()
+    driver = get_driver()
+    name = driver.pool_name(compute, False)
+    record = kt_home() / "local" / name / f"{old_pod}.json"
+    supervisor = psutil.Process(json.loads(record.read_text())["pid"])
+    in_flight = keep.sleep.remote(60)
+    time.sleep(0.5)
+    supervisor.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(kt.PodLostError, match="no answer for"):
+            in_flight.result(timeout=30)
+        took = time.monotonic() - started
+        assert took < kt.config.heartbeat_timeout + 3, took
+        deadline = time.monotonic() + 60
+        new_pod = None
+        while new_pod is None and time.monotonic() < deadline:
+            try:
+                new_pod = keep.pod.remote().result(timeout=30)
+            except kt.PodLostError:
+                time.sleep(0.2)  # sent before the driver learned the pod's fate
+        assert new_pod is not None and new_pod != old_pod
+        assert not psutil.wait_procs([supervisor], timeout=20)[1]  # the stopped pod is gone
+    finally:
+        if supervisor.is_running():
+            supervisor.kill()
