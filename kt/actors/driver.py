@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from kt.actors import handle as handle_module
+from kt.actors import metrics
 from kt.actors.control import (
     ActorCreated,
     ActorDied,
@@ -98,6 +99,9 @@ class Driver:
         self.pusher = Pusher(self.runtime)
         self.imager = Imager(self.runtime)
         self.deployments = Deployments()
+        self.metrics_port: int | None = None
+        if config.metrics_port and not in_worker:
+            self.metrics_port = metrics.serve(self, config.metrics_port)
         self._pool_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.closing = False

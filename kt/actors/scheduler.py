@@ -154,6 +154,7 @@ class Pool:
         self.token = token
         self.detached = detached
         self.slots: list[PodSlot] = []
+        self.waiting = 0  # placements waiting for room (the driver's /metrics)
         self._freed = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._on_event = on_event
@@ -306,10 +307,13 @@ class Pool:
             if not warned:
                 progress(f"actor {actor} waits up to {seconds(left)}: {self.full(req)}")
                 warned = True
+            self.waiting += 1
             try:
                 await asyncio.wait_for(self._freed.wait(), left)
             except TimeoutError:
                 pass
+            finally:
+                self.waiting -= 1
 
     async def _reserved(self, slot: PodSlot, actor: str, req: Request) -> PodSlot:
         """`actor` holds room on `slot`: once its pod is up, it is placed there."""

@@ -30,6 +30,9 @@ class Config:
     gateway: str | None = field(default_factory=lambda: os.environ.get("KT_GATEWAY") or None)
     """"host:port" of a kt gateway (kt.k8s.gateway): every connection to a pod goes through
     it, for a driver outside the cluster that cannot reach pod addresses (KT_GATEWAY)."""
+    metrics_port: int = field(default_factory=lambda: int(os.environ.get("KT_METRICS_PORT", "0")))
+    """When set, the driver serves its scheduler's metrics (pools, pods starting, waiting
+    placements) on 127.0.0.1:metrics_port/metrics (KT_METRICS_PORT)."""
     heartbeat_timeout: float = field(
         default_factory=lambda: float(os.environ.get("KT_HEARTBEAT_TIMEOUT", "5"))
     )

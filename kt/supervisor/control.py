@@ -1,7 +1,9 @@
 """The pod's control HTTP app on uvicorn: /healthz, /status, /metrics.
 
 Off the hot path: calls never touch HTTP. `/healthz` is open (it is the readiness
-probe); `/status` needs the pool's token as a Bearer token since it names actors.
+probe); `/status` and `/metrics` need the pool's token as a Bearer token (Prometheus:
+`authorization: {credentials_file: ...}` in the scrape config). `/metrics` is made when
+scraped from the supervisor's counters (`kt.supervisor.metrics`) and psutil.
 """
 
 from __future__ import annotations
@@ -21,12 +23,19 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
 def make_app(supervisor: Supervisor) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
-    from prometheus_client import CollectorRegistry, Gauge, generate_latest
+    from prometheus_client import CollectorRegistry, generate_latest
 
-    registry = CollectorRegistry()
-    actors = Gauge("kt_actors", "actors hosted on this pod", ["state"], registry=registry)
-    calls = Gauge("kt_actor_calls", "calls relayed to this pod's actors", registry=registry)
-    callers = Gauge("kt_callers", "connected callers", registry=registry)
+    from kt.supervisor.metrics import families
+
+    class PodCollector:
+        def collect(self) -> Any:
+            status = supervisor.status()
+            return families(
+                supervisor.stats, status["actors"], _processes(supervisor), len(supervisor.peers)
+            )
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(PodCollector())
 
     async def respond(send: Send, status: int, body: bytes, ctype: bytes) -> None:
         await send(
@@ -40,25 +49,44 @@ def make_app(supervisor: Supervisor) -> Callable[[Scope, Receive, Send], Awaitab
         path = scope["path"]
         if path == "/healthz":
             await respond(send, 200, b"ok", b"text/plain")
-        elif path == "/metrics":
-            status = supervisor.status()
-            for state in ("starting", "alive", "dead"):
-                actors.labels(state).set(sum(a["state"] == state for a in status["actors"]))
-            calls.set(sum(a["calls"] for a in status["actors"]))
-            callers.set(status["callers"])
-            await respond(send, 200, generate_latest(registry), b"text/plain; version=0.0.4")
-        elif path == "/status":
-            auth = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(auth, b"Bearer " + supervisor.token):
-                await respond(
-                    send, 401, b'{"error": "missing or wrong token"}', b"application/json"
-                )
-                return
-            await respond(send, 200, orjson.dumps(supervisor.status()), b"application/json")
-        else:
+            return
+        if path not in ("/metrics", "/status"):
             await respond(send, 404, b'{"error": "not found"}', b"application/json")
+            return
+        auth = dict(scope["headers"]).get(b"authorization", b"")
+        if not hmac.compare_digest(auth, b"Bearer " + supervisor.token):
+            await respond(send, 401, b'{"error": "missing or wrong token"}', b"application/json")
+        elif path == "/metrics":
+            await respond(send, 200, generate_latest(registry), b"text/plain; version=0.0.4")
+        else:
+            await respond(send, 200, orjson.dumps(supervisor.status()), b"application/json")
 
     return app
+
+
+def _processes(supervisor: Supervisor) -> list[dict[str, Any]]:
+    """Each live actor process's memory and CPU (psutil), for /metrics."""
+    import psutil
+
+    out = []
+    for rec in supervisor.actors.values():
+        if rec.worker is None or rec.state.value == "dead":
+            continue
+        try:
+            proc = psutil.Process(rec.worker.pid)
+            with proc.oneshot():
+                times = proc.cpu_times()
+                out.append(
+                    {
+                        "cls": rec.cls_name,
+                        "actor": rec.id,
+                        "rss": proc.memory_info().rss,
+                        "cpu": times.user + times.system,
+                    }
+                )
+        except psutil.Error:
+            continue  # it just ended
+    return out
 
 
 async def serve_control(supervisor: Supervisor, host: str, port: int) -> None:

@@ -56,6 +56,7 @@ from kt.core.liveness import pid_alive
 from kt.core.protocol import FLAGS_OFFSET, ROUTE_OFFSET, FrameFlag, FrameKind
 from kt.supervisor.fetch import FetchError, fetch
 from kt.supervisor.image import ImageCache
+from kt.supervisor.metrics import MethodStats, PodStats
 from kt.supervisor.processes import ExitInfo, ProcessManager, WorkerProcess
 from kt.supervisor.store import Store, SyncRefused
 
@@ -64,6 +65,7 @@ _ROUTE = struct.Struct("<I")
 # Plain ints on the hot path: enum member lookups and IntFlag's & are Python code.
 _SHM_OK = int(FrameFlag.SHM_OK)
 _RESULT = int(FrameKind.RESULT)
+_ERROR = int(FrameFlag.ERROR)
 _WAIT = int(FrameKind.WAIT)
 _REQ_MASK = (1 << 64) - 1
 
@@ -103,7 +105,8 @@ class ActorRecord:
     worker: WorkerProcess | None = None
     backlog: list[bytes | bytearray | memoryview] = field(default_factory=list)
     state: ActorState = ActorState.STARTING
-    inflight: dict[int, None] = field(default_factory=dict)
+    inflight: dict[int, tuple[MethodStats, float]] = field(default_factory=dict)
+    """(route << 64 | req_id) -> the call's method counters and when it was relayed."""
     death: ActorDiedError | None = None
     calls: int = 0
     home: int | None = None
@@ -173,6 +176,7 @@ class Peer:
         if not self.authenticated:
             self.supervisor.authenticate(self, kind, header)
             return
+        self.supervisor.stats.bytes_in += len(frame)
         handler = self.supervisor.handlers.get(kind)
         if handler is None:
             self.channel.refuse(f"unknown frame kind {kind} from {self.caller}")
@@ -209,7 +213,8 @@ class Supervisor:
         self.last_activity = time.monotonic()
         self.peers: dict[int, Peer] = {}
         self.actors: dict[str, ActorRecord] = {}
-        self._routes: dict[bytes, ActorRecord] = {}
+        self._routes: dict[bytes, tuple[ActorRecord, MethodStats]] = {}
+        self.stats = PodStats()
         self._by_worker: dict[int, ActorRecord] = {}
         self.host_key = shm.host_key()
         self._next_route = 1
@@ -355,26 +360,37 @@ class Supervisor:
     # -- handlers ----------------------------------------------------------------------
     def on_call(self, peer: Peer, req_id: int, header: memoryview, frame: memoryview) -> None:
         key = bytes(header)
-        rec = self._routes.get(key)
-        if rec is None:
-            actor_id = protocol.decode_header(header).get("a", "")
-            rec = self.actors.get(actor_id)
-            if rec is None:
+        route = self._routes.get(key)
+        if route is None:
+            call = protocol.decode_header(header)
+            actor_id = call.get("a", "")
+            found = self.actors.get(actor_id)
+            if found is None:
                 self.reply_error(
                     peer.route, req_id, ActorNotFoundError(actor_id, self.pod), self.pod
                 )
                 return
-            self._routes[key] = rec
+            route = self._routes[key] = (found, self.stats.method(found.cls_name, call["m"]))
         if peer.same_host:
             frame[FLAGS_OFFSET] |= _SHM_OK
-        self._relay(rec, peer.route, req_id, frame)
+        self._relay(route[0], peer.route, req_id, frame, route[1])
 
-    def _relay(self, rec: ActorRecord, route: int, req_id: int, frame: memoryview) -> None:
+    def _relay(
+        self,
+        rec: ActorRecord,
+        route: int,
+        req_id: int,
+        frame: memoryview,
+        stats: MethodStats | None = None,
+    ) -> None:
+        stats = stats or self.stats.method(rec.cls_name, "__init__")
+        stats.started += 1
         if rec.state is ActorState.DEAD:
             assert rec.death is not None
+            stats.done(True, 0.0)
             self.reply_error(route, req_id, rec.death, self.pod)
             return
-        rec.inflight[(route << 64) | req_id] = None
+        rec.inflight[(route << 64) | req_id] = (stats, time.monotonic())
         rec.calls += 1
         _ROUTE.pack_into(frame, ROUTE_OFFSET, route)
         rec.send(frame if len(frame) > BIG_FRAME else bytes(frame))
@@ -388,7 +404,8 @@ class Supervisor:
         old = self.actors.get(actor_id)
         if old is not None and old.state is ActorState.DEAD:  # a restart, here
             del self.actors[actor_id]
-            self._routes = {k: r for k, r in self._routes.items() if r is not old}
+            self._routes = {k: r for k, r in self._routes.items() if r[0] is not old}
+            self.stats.restarts[old.cls_name] = self.stats.restarts.get(old.cls_name, 0) + 1
         clash = actor_id in self.actors or (name and self._named(name, namespace) is not None)
         if clash:
             what = f"named {name!r}" if name else actor_id
@@ -501,9 +518,15 @@ class Supervisor:
     def on_sync(self, peer: Peer, req_id: int, header: memoryview, frame: memoryview) -> None:
         """Code sync (`kt.supervisor.store`): "offer" a manifest, "blobs" sent along,
         "pull" them from another pod, "get" them for a pod that pulls, "commit"."""
-        self.last_activity = time.monotonic()
+        self.last_activity = began = time.monotonic()
         request = protocol.decode_header(header)
         payload = frame[protocol.PREFIX_SIZE + len(header) :]
+        try:
+            self._sync(peer, req_id, request, payload)
+        finally:
+            self.stats.sync.add(time.monotonic() - began)
+
+    def _sync(self, peer: Peer, req_id: int, request: dict[str, Any], payload: memoryview) -> None:
         op, version = request.get("op"), str(request.get("v", ""))
         try:
             if op == "pull":
@@ -550,6 +573,7 @@ class Supervisor:
             peer.channel.send(protocol.encode(FrameKind.LOG, 0, source, data))
 
         async def prepare() -> None:
+            began = time.monotonic()
             try:
                 key = await self.image.prepare(steps, log)
             except ImageError as exc:
@@ -559,6 +583,8 @@ class Supervisor:
                 error = ImageError("?", self.pod, None, f"{type(exc).__name__}: {exc}")
                 self.reply_error(peer.route, req_id, error, self.pod)
                 return
+            finally:
+                self.stats.image.add(time.monotonic() - began)
             logger.info("image %s ready", key)
             self._answer(peer, req_id, None)
 
@@ -636,7 +662,9 @@ class Supervisor:
     ) -> None:
         rec = self._by_worker.get(worker.id)
         if kind == _RESULT and rec is not None:
-            rec.inflight.pop((route << 64) | req_id, None)
+            call = rec.inflight.pop((route << 64) | req_id, None)
+            if call is not None:
+                call[0].done(bool(flags & _ERROR), time.monotonic() - call[1])
             if rec.state is _STARTING:
                 self._started(rec, failed=bool(flags & FrameFlag.ERROR), header=header)
         elif kind == _WAIT and rec is not None and rec.home is not None:
@@ -644,6 +672,7 @@ class Supervisor:
             return
         peer = self.peers.get(route)
         if peer is not None:
+            self.stats.bytes_out += len(frame)
             peer.channel.send(frame if len(frame) > BIG_FRAME else bytes(frame))
         self.last_activity = time.monotonic()
 
@@ -681,7 +710,9 @@ class Supervisor:
             }
             owner.channel.send(protocol.encode(FrameKind.DIED, 0, event))
         inflight, rec.inflight = rec.inflight, {}
-        for key in inflight:
+        now = time.monotonic()
+        for key, (stats, since) in inflight.items():
+            stats.done(True, now - since)
             self.reply_error(key >> 64, key & ((1 << 64) - 1), death, self.pod)
 
     def _forward_log(self, worker: WorkerProcess, rec: ActorRecord, data: bytes) -> None:

@@ -67,7 +67,9 @@ def test_request_bigger_than_a_pod_fails_at_once(pool: kt.Compute) -> None:
     start = time.monotonic()
     with pytest.raises(kt.PlacementError, match="can never fit"):
         s.ping.remote().result(timeout=10)
-    assert time.monotonic() - start < 1.0
+    # at once, not after the placement timeout (60 s); generous for a loaded machine
+    # (it took 1.004 s once under make test, 1 ms alone)
+    assert time.monotonic() - start < 5.0
 
 
 def test_actors_survive_their_zygote_and_deaths_are_still_seen(pool: kt.Compute) -> None:

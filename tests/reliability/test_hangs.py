@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import time
+import uuid
 
 import psutil
 import pytest
@@ -43,6 +44,7 @@ def test_a_stopped_actor_times_out_and_kt_kill_still_ends_it(pool: kt.Compute) -
     stopped = kt.cls(Sleeper).options(compute=pool).remote()
     other = kt.cls(Sleeper).options(compute=pool).remote()
     pid = stopped.pid()
+    process = psutil.Process(pid)
     assert other.pod() == stopped.pod()
     os.kill(pid, signal.SIGSTOP)
     try:
@@ -50,19 +52,19 @@ def test_a_stopped_actor_times_out_and_kt_kill_still_ends_it(pool: kt.Compute) -
             stopped.pid.remote().result(timeout=2)
         assert other.sleep(0.01) == 0.01  # the pod goes on serving
         kt.kill(stopped)
-        assert not psutil.wait_procs([psutil.Process(pid)], timeout=10)[1]
+        assert not psutil.wait_procs([process], timeout=10)[1]
     finally:
         if psutil.pid_exists(pid):
             os.kill(pid, signal.SIGKILL)
 
 
 def test_a_stopped_supervisor_is_found_by_heartbeat_and_its_actor_restarts() -> None:
-    compute = kt.Compute(cpus=1, min_replicas=0, max_replicas=2, backend="local")
+    name = f"hangs-{uuid.uuid4().hex[:6]}"
+    compute = kt.Compute(cpus=1, min_replicas=0, max_replicas=2, backend="local", name=name)
     keep = kt.cls(Sleeper).options(compute=compute, max_restarts=1).remote()
     old_pod = keep.pod()
     driver = get_driver()
-    name = driver.pool_name(compute, False)
-    record = kt_home() / "local" / name / f"{old_pod}.json"
+    record = kt_home() / "local" / driver.pool_name(compute, False) / f"{old_pod}.json"
     supervisor = psutil.Process(json.loads(record.read_text())["pid"])
     in_flight = keep.sleep.remote(60)
     time.sleep(0.5)
@@ -82,6 +84,7 @@ def test_a_stopped_supervisor_is_found_by_heartbeat_and_its_actor_restarts() -> 
                 time.sleep(0.2)  # sent before the driver learned the pod's fate
         assert new_pod is not None and new_pod != old_pod
         assert not psutil.wait_procs([supervisor], timeout=20)[1]  # the stopped pod is gone
+        driver.runtime.run(driver.pools[driver.pool_name(compute, False)].teardown(), timeout=60)
     finally:
         if supervisor.is_running():
             supervisor.kill()

@@ -20,6 +20,7 @@ import threading
 import traceback
 import urllib.error
 import urllib.request
+import uuid
 
 import psutil
 import pytest
@@ -55,7 +56,9 @@ def test_the_token_appears_nowhere_a_user_or_operator_looks(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    compute = kt.Compute(cpus=1, replicas=1, backend="local")
+    compute = kt.Compute(
+        cpus=1, replicas=1, backend="local", name=f"secrets-{uuid.uuid4().hex[:6]}"
+    )
     talker = kt.cls(Talker).options(compute=compute).remote()
     assert talker.say("hello") == "hello"
     seen: list[str] = []
@@ -74,6 +77,7 @@ def test_the_token_appears_nowhere_a_user_or_operator_looks(
     assert "said hello" in seen[-1]  # the pod's log is one of them
     for text in seen:
         assert token not in text
+    driver.runtime.run(driver.pools[name].teardown(), timeout=60)
 
 
 def test_a_local_supervisor_listens_on_its_own_address_and_guards_its_status(
