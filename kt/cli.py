@@ -64,11 +64,14 @@ def cmd_list(args: argparse.Namespace) -> int:
     pools: dict[str, list[Pod]] = defaultdict(list)
     for pod in pods:
         pools[pod.pool].append(pod)
-    table = Table("pool", "pods", "ready", "addresses")
+    table = Table("pool", "pods", "ready", "addresses", "state")
     table.columns[0].no_wrap = True
     for name, members in sorted(pools.items()):
         ready = sum(p.state.value == "ready" for p in members)
-        table.add_row(name, str(len(members)), str(ready), ", ".join(p.host for p in members))
+        gone = all(p.state.value in ("lost", "deleted", "failed") for p in members)
+        state = f"gone: no pod runs (`kt teardown {name}` removes it)" if gone else "up"
+        addresses = ", ".join(p.host for p in members)
+        table.add_row(name, str(len(members)), str(ready), addresses, state)
     console.print(table if pools else "no pools")
     return 0
 
@@ -109,7 +112,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
     provider = _provider(args)
 
     async def follow() -> None:
-        async for text in provider.logs(args.name, args.pod, follow=args.follow):
+        async for text in provider.logs(args.name, args.pod, follow=args.follow, tail=args.tail):
             sys.stdout.write(text)
             sys.stdout.flush()
 
@@ -197,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("name")
     p.add_argument("-f", "--follow", action="store_true")
     p.add_argument("--pod", default=None)
+    p.add_argument("--tail", type=int, default=None, metavar="N", help="each pod's last N lines")
     p.set_defaults(fn=cmd_logs)
     p = sub.add_parser("teardown", help="delete a pool's pods (or every pool's)")
     p.add_argument("name", nargs="?")

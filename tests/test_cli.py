@@ -1,4 +1,5 @@
-"""The `kt` command against a live local pool: list, status, logs, teardown, version;
+"""The `kt` command against a live local pool: list, status, logs (and --tail), teardown,
+version;
 `kt config` says which backend and connections it would use, and why."""
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import psutil
 
@@ -56,6 +58,14 @@ def test_cli_sees_and_tears_down_a_pool() -> None:
     (pod,) = get_driver().pools[pool].slots
     assert pod.pod.name in _kt("status", pool, columns=60)  # never cut short
     assert "written to the pod log" in _kt("logs", pool)
+    for i in range(5):
+        t.talk(f"numbered line {i}")
+    deadline = time.monotonic() + 10
+    while "numbered line 4" not in _kt("logs", pool) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    tail = _kt("logs", pool, "--tail", "2")
+    assert "numbered line 4" in tail and "numbered line 3" in tail, tail
+    assert "numbered line 2" not in tail and "written to the pod log" not in tail, tail
     pod_file = kt_home() / "local" / pool / f"{pod.pod.name}.json"
     supervisor = psutil.Process(json.loads(pod_file.read_text())["pid"])
     group = [supervisor, *supervisor.children(recursive=True)]  # zygote, workers
@@ -66,3 +76,37 @@ def test_cli_sees_and_tears_down_a_pool() -> None:
     assert pool not in _kt("list")
     assert "no pool named" in _kt("teardown", pool, code=1)
     assert _kt("version").startswith("kt ")
+
+
+ORPHAN = r"""
+import os, signal, sys, kt
+class Talker:
+    def talk(self, text):
+        return text
+compute = kt.Compute(cpus=1, replicas=1, backend="local", name=sys.argv[1])
+print(kt.cls(Talker).options(compute=compute).remote().talk("up"), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # no teardown: the pod follows its driver, records stay
+"""
+
+
+def test_a_pool_whose_pods_are_all_gone_is_shown_so_and_torn_down(tmp_path: object) -> None:
+    import pathlib
+    import uuid
+
+    pool = f"orphan-{uuid.uuid4().hex[:6]}"
+    script = pathlib.Path(str(tmp_path)) / "orphan.py"
+    script.write_text(ORPHAN)
+    done = subprocess.run(
+        [sys.executable, str(script), pool], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == -9 and done.stdout.strip() == "up", done.stderr
+
+    def row() -> str:
+        return next((line for line in _kt("list").splitlines() if pool in line), "")
+
+    deadline = time.monotonic() + 60
+    while "gone: no pod runs" not in row() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert "gone: no pod runs" in row(), _kt("list")
+    assert "deleted 1 pod(s)" in _kt("teardown", pool)
+    assert pool not in _kt("list")

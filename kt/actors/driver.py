@@ -340,6 +340,7 @@ class Driver:
             oom=bool(event.get("oom")),
             reason=str(event.get("reason") or ""),
             cause=DeathCause(event.get("cause") or DeathCause.UNKNOWN.value),
+            last_lines=tuple(str(line) for line in event.get("lines") or ()),
         )
         self.apply(ActorDied(actor.spec.actor_id, actor.slot.pod.name, cause))
 

@@ -213,8 +213,11 @@ class ActorDiedError(KtError):
         oom: bool = False,
         reason: str = "",
         cause: DeathCause | None = None,
+        last_lines: tuple[str, ...] = (),
     ) -> None:
         super().__init__(actor, pod, exit_code, signal, oom, reason)
+        self.last_lines = last_lines
+        """The last lines (at most 20) the actor printed before it died."""
         self.actor = actor
         self.pod = pod
         self.exit_code = exit_code
@@ -242,7 +245,9 @@ class ActorDiedError(KtError):
         else:
             how = "is gone"
         why = f": {self.reason}" if self.reason else ""
-        return f"actor {self.actor} on pod {self.pod} {how}{why}"
+        said = "".join(f"\n    {line}" for line in self.last_lines)
+        printed = f"\n  its last output:{said}" if said else ""
+        return f"actor {self.actor} on pod {self.pod} {how}{why}{printed}"
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (
@@ -255,6 +260,7 @@ class ActorDiedError(KtError):
                 self.oom,
                 self.reason,
                 self.cause.value,
+                self.last_lines,
             ),
         )
 
@@ -267,6 +273,7 @@ def _rebuild_actor_died(
     oom: bool,
     reason: str,
     cause: str = DeathCause.UNKNOWN.value,
+    last_lines: tuple[str, ...] = (),
 ) -> ActorDiedError:
     return ActorDiedError(
         actor,
@@ -276,6 +283,7 @@ def _rebuild_actor_died(
         oom=oom,
         reason=reason,
         cause=DeathCause(cause),
+        last_lines=tuple(last_lines),
     )
 
 

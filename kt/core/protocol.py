@@ -29,8 +29,8 @@ Kinds:
     LOG           supervisor -> owner: {"src": prefix}; payload utf-8 lines
     PING / PONG   liveness; PONG echoes req_id
     DIED          supervisor -> the actor's owner: {"actor", "exit_code", "signal", "oom",
-                  "reason", "cause"} (a DeathCause value), sent before the calls in flight
-                  are failed
+                  "reason", "cause", "lines"} (a DeathCause value; the last 20 lines it
+                  printed), sent before the calls in flight are failed
     LOOKUP        {"name", "namespace"}: answered by a RESULT whose payload is
                   {"actor", "cls", "methods"} or None
     WAIT          a borrower asks for the outcome of a lent Ref; payload: the lend id

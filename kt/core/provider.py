@@ -134,9 +134,11 @@ class Provider(abc.ABC):
         return len(pods)
 
     @abc.abstractmethod
-    def logs(self, pool: str, pod: str | None = None, follow: bool = False) -> AsyncIterator[str]:
-        """What the pool's pods (or one of them) printed; with `follow`, then what they
-        print next, until interrupted.
+    def logs(
+        self, pool: str, pod: str | None = None, follow: bool = False, tail: int | None = None
+    ) -> AsyncIterator[str]:
+        """What the pool's pods (or one of them) printed (`tail`: only each pod's last
+        lines); with `follow`, then what they print next, until interrupted.
 
         Raises:
             ConfigError: no pod of that pool (or of that name) has logs.

@@ -648,7 +648,7 @@ class K8sProvider(Provider):
         return PodEvent(_as_pod(obj, state, reason, oom), state)
 
     async def logs(
-        self, pool: str, pod: str | None = None, follow: bool = False
+        self, pool: str, pod: str | None = None, follow: bool = False, tail: int | None = None
     ) -> AsyncIterator[str]:
         """`pods/<name>/log` of the pool's pods (the kt container), merged as they come."""
         pods = [p for p in await self.list_pods(pool) if pod is None or p.name == pod]
@@ -660,8 +660,11 @@ class K8sProvider(Provider):
 
         async def read(name: str) -> None:
             try:
+                options: dict[str, Any] = {"container": "kt", "follow": follow}
+                if tail is not None:
+                    options["tail_lines"] = tail
                 reply: Any = await api.read_namespaced_pod_log(  # unread: the raw response
-                    name, self._ns(pool), container="kt", follow=follow, _preload_content=False
+                    name, self._ns(pool), _preload_content=False, **options
                 )
                 async for chunk in reply.content.iter_any():
                     await queue.put(chunk.decode("utf-8", "replace"))

@@ -182,7 +182,7 @@ class LocalProvider(Provider):
         proc = self._procs.pop((pool, name), None)
         info = json.loads(path.read_text()) if path.exists() else {}
         pid = proc.pid if proc else info.get("pid")
-        if pid is not None:
+        if pid is not None and (proc is not None or pid_alive(pid)):  # a gone pod: records only
             _killpg(pid, signal.SIGTERM)
             _killpg(pid, signal.SIGCONT)  # a stopped pod must run to act on SIGTERM
             deadline = time.monotonic() + 2
@@ -232,7 +232,7 @@ class LocalProvider(Provider):
             await asyncio.sleep(0.25)
 
     async def logs(
-        self, pool: str, pod: str | None = None, follow: bool = False
+        self, pool: str, pod: str | None = None, follow: bool = False, tail: int | None = None
     ) -> AsyncIterator[str]:
         """The pods' log files (they outlive the pods), read as they grow."""
         pool_dir = self.pool_dir(pool)
@@ -240,16 +240,20 @@ class LocalProvider(Provider):
         if not paths:
             raise ConfigError(f"no logs for pool {pool!r} under {pool_dir} (see `kt list`)")
         positions = {path: 0 for path in paths}
+        first = True
         while True:
             for path in paths:
                 with open(path, "rb") as f:
                     f.seek(positions[path])
                     data = f.read()
                     positions[path] = f.tell()
+                if first and tail is not None:  # what it printed so far: its last lines
+                    data = b"".join(data.splitlines(keepends=True)[-tail:] if tail else [])
                 if data:
                     yield data.decode("utf-8", "replace")
             if not follow:
                 return
+            first = False
             await asyncio.sleep(0.5)
 
     async def read_token(self, pool: str) -> str | None:

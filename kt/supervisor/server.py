@@ -22,6 +22,7 @@ Who runs it: `python -m kt.supervisor` (the pod's command). Theory of operation:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
 import hmac
@@ -111,6 +112,8 @@ class ActorRecord:
     calls: int = 0
     home: int | None = None
     """Route of the actor process's own caller link: WAITs for its lent Refs go there."""
+    tail: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=20))
+    """The last lines it printed: its ActorDiedError carries them."""
 
     def send(self, frame: bytes | bytearray | memoryview) -> None:
         if self.worker is not None:
@@ -696,6 +699,7 @@ class Supervisor:
         rec.move(ActorState.DEAD, exited)  # a kill or a failed __init__ said why already
         death = rec.death
         assert death is not None
+        death.last_lines = tuple(rec.tail)
         shm.sweep_dead()  # a killed worker leaves its /dev/shm segments behind
         logger.info("actor %s (%s) died: %s", rec.id, rec.cls_name, death)
         owner = self.peers.get(rec.owner)
@@ -707,6 +711,7 @@ class Supervisor:
                 "oom": death.oom,
                 "reason": death.reason,
                 "cause": death.cause.value,
+                "lines": list(death.last_lines),
             }
             owner.channel.send(protocol.encode(FrameKind.DIED, 0, event))
         inflight, rec.inflight = rec.inflight, {}
@@ -718,6 +723,7 @@ class Supervisor:
     def _forward_log(self, worker: WorkerProcess, rec: ActorRecord, data: bytes) -> None:
         """Into the pod's own log, and to the caller that created the actor."""
         text = data.decode("utf-8", "replace")
+        rec.tail.extend(text.splitlines())
         sys.stdout.write("".join(f"{worker.log_source} {line}\n" for line in text.splitlines()))
         sys.stdout.flush()
         peer = self.peers.get(rec.owner)

@@ -225,6 +225,12 @@ def test_kt_list_status_and_logs_on_this_backend(k8s_cluster: pathlib.Path) -> N
         time.sleep(0.2)
     assert text in _kt(k8s_cluster, "logs", pool, "--pod", pod)
     assert text in kubectl("1.33", k8s_cluster, "logs", pod)
+    last = f"and then {uuid.uuid4().hex[:8]}"
+    actor.say(last)
+    while last not in _kt(k8s_cluster, "logs", pool) and time.monotonic() < deadline + 20:
+        time.sleep(0.2)
+    tail = _kt(k8s_cluster, "logs", pool, "--tail", "1")  # tailLines, through the API server
+    assert last in tail and text not in tail, tail
     config = _kt(k8s_cluster, "config")
     assert "KT_BACKEND=k8s" in config and "default" in config and "direct" in config
 
