@@ -67,6 +67,8 @@ _ROUTE = struct.Struct("<I")
 _SHM_OK = int(FrameFlag.SHM_OK)
 _RESULT = int(FrameKind.RESULT)
 _ERROR = int(FrameFlag.ERROR)
+HELLO_FIELDS = frozenset({"v", "token", "caller", "host", "actor"})
+CALL_FIELDS = frozenset({"a", "m"})  # checked once per distinct header (then cached)
 _WAIT = int(FrameKind.WAIT)
 _REQ_MASK = (1 << 64) - 1
 
@@ -317,6 +319,10 @@ class Supervisor:
             logger.warning("refused a connection: %s", "bad token" if hello else "no HELLO")
             self._refuse(peer, "missing or wrong token")
             return
+        unknown = sorted(set(hello) - HELLO_FIELDS)
+        if unknown:
+            self._refuse(peer, f"HELLO has unknown fields {unknown}")
+            return
         if hello.get("v") != protocol.VERSION:
             self._refuse(
                 peer, f"protocol version {hello.get('v')} != supervisor's {protocol.VERSION}"
@@ -366,6 +372,9 @@ class Supervisor:
         route = self._routes.get(key)
         if route is None:
             call = protocol.decode_header(header)
+            if not isinstance(call.get("m"), str) or set(call) - CALL_FIELDS:
+                peer.channel.refuse(f"a CALL header must be {{'a', 'm'}}, not {sorted(call)}")
+                return
             actor_id = call.get("a", "")
             found = self.actors.get(actor_id)
             if found is None:

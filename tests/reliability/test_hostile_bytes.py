@@ -6,9 +6,10 @@ Behaviours covered:
   naming the frame's size and the cap, the connection closed, and the supervisor's RSS
   does not grow (nothing was allocated for it); a length shorter than a frame's prefix
   is refused too;
-- after HELLO: an unknown frame kind, a header that is not JSON, a header length past
-  the frame's end: REFUSED saying which, then closed; before HELLO: random bytes, a frame
-  cut short, a HELLO of a newer protocol version: refused or closed, nothing run;
+- after HELLO: an unknown frame kind, a CALL header with unknown fields, a header that is
+  not JSON, a header length past the frame's end: REFUSED saying which, then closed;
+  before HELLO: random bytes, a frame cut short, a HELLO of a newer protocol version or
+  with unknown fields: refused or closed, nothing run;
 - a pickle that would create a file, sent as CREATE_ACTOR and CALL payloads before HELLO
   and after a HELLO with a wrong token: refused, the file never appears (nothing is
   unpickled before the token check);
@@ -136,8 +137,10 @@ def test_malformed_frames_after_hello_are_refused_saying_which(target: Any) -> N
     not_json = protocol.encode_prefix(FrameKind.CALL, 2, b"{nope", 0) + b"{nope"
     past_end = bytearray(protocol.encode(FrameKind.CALL, 3, {"a": "x", "m": "y"}))
     struct.pack_into("<H", past_end, 6, 5000)  # hlen beyond the frame
+    extra = protocol.encode(FrameKind.CALL, 4, {"a": "x", "m": "y", "zzz": 1})
     for data, said in (
         (unknown, "unknown frame kind 99"),
+        (extra, "a CALL header must be {'a', 'm'}, not ['a', 'm', 'zzz']"),
         (not_json, "a frame of kind 5 could not be handled"),
         (bytes(past_end), "a header of 5000 bytes in a frame of"),
     ):
@@ -156,6 +159,9 @@ def test_garbage_before_hello_is_refused_and_nothing_runs(target: Any) -> None:
         s.sendall(cut)
     newer = _exchange(target.address, _hello(target.token, protocol.VERSION + 1))
     assert f"protocol version {protocol.VERSION + 1}" in _refusal(newer)
+    odd = {"v": protocol.VERSION, "token": target.token, "caller": "x", "color": "red"}
+    unknown = _exchange(target.address, protocol.encode(FrameKind.HELLO, 0, odd))
+    assert "HELLO has unknown fields ['color']" in _refusal(unknown)
     _still_serving(target)
 
 
