@@ -22,18 +22,12 @@ import pytest
 from kubernetes_asyncio import client
 
 from kt.k8s.portforward import PortForward
-from kt.testing import apiserver
 from tests.distributed.torchrun import free_port
+from tests.k8s import secure_api
 
 pytestmark = pytest.mark.timeout(60)
 ADMIN = "pf-admin"
 NS = "team-pf"
-
-
-def _conf(url: str, token: str, ca: pathlib.Path) -> client.Configuration:
-    conf = client.Configuration(host=url, api_key={"BearerToken": f"Bearer {token}"})
-    conf.ssl_ca_cert = str(ca)
-    return conf
 
 
 async def _echo_server() -> tuple[asyncio.Server, int]:
@@ -76,13 +70,7 @@ def test_a_port_forward_relays_both_ways_when_rbac_allows_it(
     tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     async def main() -> None:
-        port = free_port()
-        tls = apiserver.make_tls()
-        runner, _ = await apiserver.serve("127.0.0.1", port, ADMIN, tls)
-        url = f"https://127.0.0.1:{port}"
-        ca = tmp_path / "ca.pem"
-        ca.write_bytes(tls.ca_pem)
-        admin = client.ApiClient(_conf(url, ADMIN, ca))
+        admin, url, ca, runner = await secure_api.start(tmp_path, ADMIN)
         core, auth = client.CoreV1Api(admin), client.RbacAuthorizationV1Api(admin)
         echo, echo_port = await _echo_server()
         forwards: list[PortForward] = []
@@ -109,7 +97,7 @@ def test_a_port_forward_relays_both_ways_when_rbac_allows_it(
             issued = await core.create_namespaced_service_account_token(
                 "driver", NS, {"spec": {"audiences": []}}
             )
-            conf = _conf(url, issued.status.token, ca)
+            conf = secure_api.configuration(url, issued.status.token, ca)
 
             async def pick() -> str:
                 return "gateway-0"

@@ -30,7 +30,7 @@ import kt
 from kt.core.provider import PodSpec
 from kt.k8s.provider import K8sProvider
 from kt.testing import apiserver, rbac
-from tests.distributed.torchrun import free_port
+from tests.k8s import secure_api
 from tests.k8s.kubectl import kubectl_path
 
 pytestmark = pytest.mark.timeout(120)
@@ -55,23 +55,11 @@ def _forbidden(verb: str, resource: str, where: str) -> str:
     )
 
 
-def _api(url: str, token: str, ca: pathlib.Path) -> client.ApiClient:
-    conf = client.Configuration(host=url, api_key={"BearerToken": f"Bearer {token}"})
-    conf.ssl_ca_cert = str(ca)
-    return client.ApiClient(conf)
-
-
 def test_a_service_accounts_token_can_do_what_its_roles_allow_and_nothing_else(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async def main() -> None:
-        port = free_port()
-        tls = apiserver.make_tls()
-        runner, _ = await apiserver.serve("127.0.0.1", port, ADMIN, tls)
-        url = f"https://127.0.0.1:{port}"
-        ca = tmp_path / "ca.pem"
-        ca.write_bytes(tls.ca_pem)
-        admin_client = _api(url, ADMIN, ca)
+        admin_client, url, ca, runner = await secure_api.start(tmp_path, ADMIN)
         core, auth = client.CoreV1Api(admin_client), client.RbacAuthorizationV1Api(admin_client)
         try:
             groups = await client.ApisApi(admin_client).get_api_versions()
@@ -104,7 +92,7 @@ def test_a_service_accounts_token_can_do_what_its_roles_allow_and_nothing_else(
                 "runner", "team-a", {"spec": {"audiences": []}}
             )
             token = issued.status.token
-            sa_client = _api(url, token, ca)
+            sa_client = secure_api.api_client(url, token, ca)
             sa = client.CoreV1Api(sa_client)
             await sa.create_namespaced_pod("team-a", _pod("allowed"))
             assert [p.metadata.name for p in (await sa.list_namespaced_pod("team-a")).items] == [
@@ -142,7 +130,7 @@ def test_a_service_accounts_token_can_do_what_its_roles_allow_and_nothing_else(
             await auth.create_cluster_role_binding(group_binding)
             assert (await sa.list_node()).items == []
             kubeconfig = tmp_path / "kubeconfig"
-            kubeconfig.write_text(json.dumps(apiserver.kubeconfig(url, token, tls.ca_pem)))
+            kubeconfig.write_text(json.dumps(apiserver.kubeconfig(url, token, ca.read_bytes())))
             done = await asyncio.to_thread(
                 subprocess.run,
                 [kubectl_path("1.33"), f"--kubeconfig={kubeconfig}", "get", "pods", "-n", "team-b"],
