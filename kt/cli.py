@@ -1,4 +1,4 @@
-"""The `kt` command: list, status, logs, teardown, config, bench, version.
+"""The `kt` command: list, status, top, logs, teardown, config, bench, version.
 
 Talks to pools through the provider interface (the backend from KT_BACKEND or the
 environment, as the library picks it) and to pods through their control HTTP.
@@ -8,20 +8,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import itertools
 import json
 import os
 import subprocess
 import sys
+import time
 import urllib.request
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
-from rich.console import Console
+from rich.console import Console, RenderableType
+from rich.live import Live
 from rich.table import Table
 
 import kt
+from kt import top
 from kt.core.dial import Route
 from kt.core.errors import ConfigError, KtError
 from kt.core.provider import Pod, Provider, explain_backend, get_provider, resolve_backend
@@ -106,6 +111,63 @@ def cmd_status(args: argparse.Namespace) -> int:
             )
     console.print(table)
     return 0
+
+
+async def _read_pods(
+    provider: Provider, pool: str | None, tokens: dict[str, str | None]
+) -> list[top.PodReading]:
+    """Each pod's /status (of one pool or of all), read at once; a pool's token is read
+    the first time one of its pods is seen."""
+    pods = sorted(await provider.list_pods(pool), key=lambda p: (p.pool, p.name))
+    for name in sorted({p.pool for p in pods} - tokens.keys()):
+        tokens[name] = await provider.read_token(name)
+    statuses = await asyncio.gather(
+        *(asyncio.to_thread(_status_of, p, tokens[p.pool]) for p in pods)
+    )
+    return [top.PodReading(p.pool, p.name, s) for p, s in zip(pods, statuses, strict=True)]
+
+
+@contextlib.contextmanager
+def _screen() -> Iterator[Callable[[RenderableType], None]]:
+    """Shows each refresh: in place on a terminal; elsewhere (a pipe, a file) one after
+    another, since rich's Live writes only its last frame there."""
+    if not console.is_terminal or console.is_dumb_terminal:
+        yield console.print
+        return
+    with Live(console=console, auto_refresh=False) as live:
+        yield lambda renderable: live.update(renderable, refresh=True)
+
+
+def _refreshes(count: int | None) -> Iterable[int]:
+    """The refreshes after the first: count - 1 of them, or until Ctrl-C."""
+    return itertools.count() if count is None else range(count - 1)
+
+
+async def _watch(provider: Provider, args: argparse.Namespace) -> int:
+    tokens: dict[str, str | None] = {}
+    before, then = await _read_pods(provider, args.pool, tokens), time.monotonic()
+    if not before:
+        console.print(top.no_pods(args.pool))
+        return 0 if args.pool is None else 1
+    with _screen() as show:
+        show(top.view(None, before, 0.0, pool=args.pool, interval=args.interval))
+        for _ in _refreshes(args.count):
+            await asyncio.sleep(args.interval)
+            after, now = await _read_pods(provider, args.pool, tokens), time.monotonic()
+            show(top.view(before, after, now - then, pool=args.pool, interval=args.interval))
+            before, then = after, now
+    return 0
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    if args.interval <= 0 or (args.count is not None and args.count < 1):
+        console.print("--interval takes seconds above 0, --count a number of refreshes from 1")
+        return 2
+    provider = _provider(args)
+    try:
+        return _run(provider, lambda: _watch(provider, args))
+    except KeyboardInterrupt:  # the way out, as in `top`
+        return 0
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
@@ -196,6 +258,17 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("status", help="a pool's pods and actors")
     p.add_argument("name")
     p.set_defaults(fn=cmd_status)
+    p = sub.add_parser("top", help="pods and actors, live: calls/s, RSS, CPU (Ctrl-C stops)")
+    p.add_argument("pool", nargs="?", help="one pool (default: every pool)")
+    p.add_argument(
+        "--interval",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="seconds between refreshes (default 1)",
+    )
+    p.add_argument("--count", type=int, default=None, metavar="N", help="stop after N refreshes")
+    p.set_defaults(fn=cmd_top)
     p = sub.add_parser("logs", help="what a pool's pods and actors printed")
     p.add_argument("name")
     p.add_argument("-f", "--follow", action="store_true")

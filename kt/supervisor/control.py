@@ -3,7 +3,8 @@
 Off the hot path: calls never touch HTTP. `/healthz` is open (it is the readiness
 probe); `/status` and `/metrics` need the pool's token as a Bearer token (Prometheus:
 `authorization: {credentials_file: ...}` in the scrape config). `/metrics` is made when
-scraped from the supervisor's counters (`kt.supervisor.metrics`) and psutil.
+scraped from the supervisor's counters (`kt.supervisor.metrics`) and psutil
+(`process_usage`, which `Supervisor.status()` calls for each actor's process).
 """
 
 from __future__ import annotations
@@ -29,10 +30,8 @@ def make_app(supervisor: Supervisor) -> Callable[[Scope, Receive, Send], Awaitab
 
     class PodCollector:
         def collect(self) -> Any:
-            status = supervisor.status()
-            return families(
-                supervisor.stats, status["actors"], _processes(supervisor), len(supervisor.peers)
-            )
+            actors = supervisor.status()["actors"]
+            return families(supervisor.stats, actors, _processes(actors), len(supervisor.peers))
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(PodCollector())
@@ -64,29 +63,30 @@ def make_app(supervisor: Supervisor) -> Callable[[Scope, Receive, Send], Awaitab
     return app
 
 
-def _processes(supervisor: Supervisor) -> list[dict[str, Any]]:
-    """Each live actor process's memory and CPU (psutil), for /metrics."""
+def process_usage(pid: int | None) -> dict[str, Any]:
+    """A live process's {"rss": bytes, "cpu": user + system seconds} (psutil), for
+    `Supervisor.status()`; both None when there is no process (never started, or ended)."""
     import psutil
 
-    out = []
-    for rec in supervisor.actors.values():
-        if rec.worker is None or rec.state.value == "dead":
-            continue
+    if pid is not None:
         try:
-            proc = psutil.Process(rec.worker.pid)
+            proc = psutil.Process(pid)
             with proc.oneshot():
                 times = proc.cpu_times()
-                out.append(
-                    {
-                        "cls": rec.cls_name,
-                        "actor": rec.id,
-                        "rss": proc.memory_info().rss,
-                        "cpu": times.user + times.system,
-                    }
-                )
+                return {"rss": proc.memory_info().rss, "cpu": times.user + times.system}
         except psutil.Error:
-            continue  # it just ended
-    return out
+            pass  # it just ended
+    return {"rss": None, "cpu": None}
+
+
+def _processes(actors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each live actor process's memory and CPU, from the actors `Supervisor.status()`
+    lists (which read them with `process_usage`), for /metrics."""
+    return [
+        {"cls": a["class"], "actor": a["id"], "rss": a["rss"], "cpu": a["cpu"]}
+        for a in actors
+        if a["rss"] is not None
+    ]
 
 
 async def serve_control(supervisor: Supervisor, host: str, port: int) -> None:

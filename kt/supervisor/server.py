@@ -740,6 +740,15 @@ class Supervisor:
             peer.channel.send(protocol.encode(FrameKind.LOG, 0, {"src": worker.log_source}, data))
 
     def status(self) -> dict[str, Any]:
+        """What /status shows (and /metrics counts): the pod, its callers, its actors with
+        their process's RSS and CPU seconds (None once it is gone), its processes."""
+        from kt.supervisor.control import process_usage  # control imports this module
+
+        def pid(r: ActorRecord) -> int | None:
+            if r.worker is None or r.state is ActorState.DEAD:
+                return None
+            return r.worker.pid
+
         return {
             "pod": self.pod,
             "uptime_s": round(time.time() - self.started, 3),
@@ -757,6 +766,7 @@ class Supervisor:
                     "pid": r.worker.pid if r.worker else None,
                     "calls": r.calls,
                     "inflight": len(r.inflight),
+                    **process_usage(pid(r)),
                 }
                 for r in self.actors.values()
             ],
