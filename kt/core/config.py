@@ -38,6 +38,22 @@ class Config:
     )
     """Seconds a link with calls waiting may hear nothing from its pod (PINGs go every
     second) before its calls fail with PodLostError (KT_HEARTBEAT_TIMEOUT)."""
+    dedup_logs: bool = field(default_factory=lambda: os.environ.get("KT_DEDUP_LOGS", "1") != "0")
+    """A line many actors print within dedup_logs_window shows once, then once more as
+    "... [repeated Nx across cluster]" (`kt.core.logdedup`); KT_DEDUP_LOGS=0 turns it off."""
+    dedup_logs_window: float = field(
+        default_factory=lambda: float(os.environ.get("KT_DEDUP_LOGS_WINDOW_S", "5"))
+    )
+    """Seconds repeats of a line are gathered before their summary prints
+    (KT_DEDUP_LOGS_WINDOW_S)."""
+    dedup_logs_allow: str | None = field(
+        default_factory=lambda: os.environ.get("KT_DEDUP_LOGS_ALLOW_REGEX") or None
+    )
+    """Lines this regex finds are never folded (KT_DEDUP_LOGS_ALLOW_REGEX)."""
+    dedup_logs_skip: str | None = field(
+        default_factory=lambda: os.environ.get("KT_DEDUP_LOGS_SKIP_REGEX") or None
+    )
+    """Lines this regex finds are not printed at all (KT_DEDUP_LOGS_SKIP_REGEX)."""
     max_frame_bytes: int = field(
         default_factory=lambda: int(os.environ.get("KT_MAX_FRAME_BYTES", str(2**31)))
     )

@@ -42,6 +42,7 @@ from kt.core.errors import (
     ProtocolError,
     SerializationError,
 )
+from kt.core.logdedup import LogDeduplicator
 from kt.core.protocol import LEND_ID, FrameFlag, FrameKind
 from kt.core.ref import (
     Borrower,
@@ -422,6 +423,13 @@ class Runtime:
         self._ready: list[tuple[Callback, Ref[Any]]] = []
         self._dispatch_scheduled = False
         self._arena: shm.ShmArena | None = None
+        self._dedup = LogDeduplicator(
+            window=config.dedup_logs_window,
+            enabled=config.dedup_logs,
+            allow=config.dedup_logs_allow,
+            skip=config.dedup_logs_skip,
+        )
+        self._dedup_timer: asyncio.TimerHandle | None = None
         self.on_died: Callable[[Address, dict[str, Any]], None] | None = None
         """Set by the driver: an actor it owns died (a DIED frame)."""
         self.on_link_lost: Callable[[Address], None] | None = None
@@ -616,9 +624,23 @@ class Runtime:
         if not self.stream_logs:
             return
         text = bytes(payload).decode("utf-8", "replace")
-        out = "".join(f"{source} {line}\n" for line in text.splitlines())
-        sys.stdout.write(out)
-        sys.stdout.flush()
+        now = self.loop.time()
+        self._write_logs(
+            [out for ln in text.splitlines() for out in self._dedup.feed(source, ln, now)]
+        )
+
+    def _write_logs(self, lines: list[str]) -> None:
+        """Print `lines`, and set the timer for the next summary (`kt.core.logdedup`)."""
+        if lines:
+            sys.stdout.write("".join(f"{line}\n" for line in lines))
+            sys.stdout.flush()
+        deadline = self._dedup.next_deadline()
+        if deadline is not None and self._dedup_timer is None:
+            self._dedup_timer = self.loop.call_at(deadline, self._flush_logs)
+
+    def _flush_logs(self) -> None:
+        self._dedup_timer = None
+        self._write_logs(self._dedup.flush(self.loop.time()))
 
     # -- running coroutines on the loop -------------------------------------------------------
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
@@ -647,6 +669,7 @@ class Runtime:
             return
 
         def close_all() -> None:
+            self._write_logs(self._dedup.drain())  # held summaries print before the exit
             for link in list(self._links.values()):
                 if link.channel is not None:
                     link.channel.close()
