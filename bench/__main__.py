@@ -4,7 +4,8 @@ Each repetition runs ``bench/kt_side.py`` (this interpreter) and ``bench/ray_sid
 Ray venv's, made on first use by ``bench.ray_venv``) as fresh subprocesses, alternating which
 goes first; then ``bench.report`` prints the medians and speedups, writes
 ``bench/results/latest.json`` and renders ``bench/results/ratios.png`` with matplotlib from
-kt's locked venv. ``place100`` (about 40 s on Ray) runs in the first repetition only.
+kt's locked venv. ``place100`` (about 40 s on Ray), ``sync16``, ``soak`` (1M calls) and
+``actors1000`` run in the first repetition only.
 """
 
 from __future__ import annotations
@@ -39,9 +40,12 @@ ROWS = (
     "reload",
     "sync16",
     "k8s",
+    "soak",
+    "actors1000",
 )
-ONCE = ("place100", "sync16")  # slow on Ray: first repetition only
-KT_ONLY = ("reload", "sync16", "k8s")  # no Ray counterpart: an absolute target only
+ONCE = ("place100", "sync16", "soak", "actors1000")  # slow: first repetition only
+# No Ray counterpart: an absolute target only.
+KT_ONLY = ("reload", "sync16", "k8s", "soak", "actors1000")
 SPMD = "spmd"  # kt's SPMD group against torchrun (bench/spmd_side.py), once per run
 TIMEOUT_S = {"kt": 600.0, "ray": 900.0, "spmd": 300.0}
 

@@ -29,6 +29,8 @@ import numpy as np
 
 import kt
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench.load, as tests import it
+
 IMPORTED_AT = time.perf_counter()  # `init` counts from here: kt is imported
 Result = dict[str, float]
 MIB = 1024 * 1024
@@ -398,6 +400,59 @@ def row_k8s() -> Result:
     }
 
 
+def row_soak() -> Result:
+    """1,000,000 calls from 4 caller threads to 100 light actors on one pod, every result
+    checked (`bench/load.py`); RSS after 200k calls and at the end."""
+    from bench.load import Echo, Soak, soak
+
+    pool = kt.Compute(cpus=2, replicas=1, backend="local", name="bench-soak")
+    actors = [kt.cls(Echo).options(compute=pool, cpus=0).remote(i) for i in range(100)]
+    _LIVE.extend(actors)
+    result = soak(actors, 1_000_000)
+    _kill(actors)
+    lost = sum(t.calls - t.ok for t in (result.first, result.rest))
+    return {
+        "calls_per_s": 800_000 / result.rest.seconds,
+        "lost_or_wrong": float(lost),
+        "extra_executions": float(result.executions - 1_000_000),
+        "driver_growth_pct": 100 * Soak.growth(result.driver_rss),
+        "supervisor_growth_pct": 100 * Soak.growth(result.supervisor_rss),
+        "driver_mib": result.driver_rss[1] / MIB,
+        "supervisor_mib": result.supervisor_rss[1] / MIB,
+    }
+
+
+def row_actors1000() -> Result:
+    """1,000 light actors (cpus=0) on one pod: created and called once each, then killed."""
+    import psutil
+
+    from bench.load import Echo
+
+    pool = kt.Compute(cpus=2, replicas=1, backend="local", name="bench-actors1000")
+    Light = kt.cls(Echo).options(compute=pool, cpus=0)
+    (first,) = [Light.remote(-1)]
+    supervisor = psutil.Process(first.supervisor_pid())
+    idle_rss = supervisor.memory_info().rss
+    t0 = time.perf_counter()
+    actors = [Light.remote(i) for i in range(1000)]
+    _LIVE.extend([first, *actors])
+    pids = kt.get([a.pid.remote() for a in actors], timeout=600)
+    created = time.perf_counter() - t0
+    uss = sum(psutil.Process(pid).memory_full_info().uss for pid in pids)
+    held = supervisor.memory_info().rss - idle_rss
+    t1 = time.perf_counter()
+    _kill([first, *actors])
+    left = [psutil.Process(pid) for pid in pids if psutil.pid_exists(pid)]
+    alive = psutil.wait_procs(left, timeout=120)[1]
+    return {
+        "create_ms_per_actor": 1000 * created / 1000,
+        "uss_mib_per_actor": uss / 1000 / MIB,
+        "supervisor_kib_per_actor": held / 1000 / 1024,
+        "kill_all_s": time.perf_counter() - t1,
+        "left_running": float(len(alive)),
+    }
+
+
 ROWS: dict[str, Callable[[], Result]] = {
     "rtt": row_rtt,
     "async_1to1": row_async_1to1,
@@ -413,6 +468,8 @@ ROWS: dict[str, Callable[[], Result]] = {
     "reload": row_reload,
     "sync16": row_sync16,
     "k8s": row_k8s,
+    "soak": row_soak,
+    "actors1000": row_actors1000,
 }
 
 

@@ -59,6 +59,15 @@ METRICS: tuple[Metric, ...] = (
     Metric("k8s.pool4_s", "k8s test cluster: 4-pod pool .to() -> first calls", "s", False),
     Metric("k8s.rtt_ratio", "k8s test cluster: rtt / local rtt", "x", False),
     Metric("k8s.gateway_added_us", "k8s: rtt through the gateway - direct", "us", False),
+    Metric("soak.calls_per_s", "soak: 1M calls, 4 callers -> 100 actors", "calls/s", True),
+    Metric("soak.lost_or_wrong", "soak: results lost, duplicated or crossed", "calls", False),
+    Metric("soak.extra_executions", "soak: executions - calls", "calls", False),
+    Metric("soak.driver_growth_pct", "soak: driver RSS growth 200k -> 1M", "%", False),
+    Metric("soak.supervisor_growth_pct", "soak: supervisor RSS growth 200k -> 1M", "%", False),
+    Metric("actors1000.create_ms_per_actor", "1000 light actors: create + call", "ms/actor", False),
+    Metric("actors1000.uss_mib_per_actor", "1000 light actors: memory (USS)", "MiB/actor", False),
+    Metric("actors1000.supervisor_kib_per_actor", "1000 actors: supervisor", "KiB/actor", False),
+    Metric("actors1000.kill_all_s", "1000 light actors: kill all", "s", False),
     Metric("memory.total_mib", "memory (runtime+driver)", "MiB", False),
     Metric("memory.runtime_mib", "memory runtime", "MiB", False),
     Metric("memory.driver_mib", "memory driver", "MiB", False),
@@ -88,6 +97,10 @@ ABSOLUTE_TARGETS: dict[str, tuple[str, float]] = {
     "sync16.driver_copies": ("<=", 1.0),
     "k8s.rtt_ratio": ("<=", 1.2),  # the same hot path as the local backend
     "k8s.gateway_added_us": ("<=", 100.0),
+    "soak.lost_or_wrong": ("<=", 0.0),
+    "soak.extra_executions": ("<=", 0.0),
+    "soak.driver_growth_pct": ("<=", 5.0),
+    "soak.supervisor_growth_pct": ("<=", 5.0),
 }
 
 

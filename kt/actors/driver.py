@@ -80,6 +80,10 @@ from kt.core.sync import manifest
 
 logger = logging.getLogger(__name__)
 
+WHY_POLLS = 10
+"""A pod that went silent while its provider still calls it ready: ask again this many
+times, 0.2 s apart, for the reason (OOMKilled, Evicted) before calling it lost without one."""
+
 
 class Driver:
     """Pools and actors of this process, on top of one `Runtime`."""
@@ -386,6 +390,11 @@ class Driver:
             self.apply(_lost(pod, seen, "the provider no longer has it"))
         elif not await _reachable(slot.pod.address, pool.token):  # the provider may say why
             seen = await _provider_pod(pool.provider, pool.name, pod)
+            for _ in range(WHY_POLLS):  # its kubelet may not have reported the end yet
+                if seen is None or seen.reason or seen.state is not PodState.READY:
+                    break
+                await asyncio.sleep(0.2)
+                seen = await _provider_pod(pool.provider, pool.name, pod)
             self.apply(_lost(pod, seen, "it does not accept connections"))
         else:
             self.apply(PodReachable(pod))

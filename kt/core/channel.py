@@ -4,9 +4,14 @@
 
 - Receiving. Small frames are parsed out of one reusable ring buffer and handed to
   `on_frame` as memoryviews that are valid only during the callback (handlers copy what
-  they keep). A frame larger than `BIG_FRAME` gets a bytearray of its own that the socket
+  they keep). A frame larger than `BIG_FRAME` gets a buffer of its own that the socket
   reads into directly, so a 100 MiB payload is copied once, by the kernel, and out-of-band
-  buffers unpickled from it stay valid for as long as the value lives.
+  buffers unpickled from it stay valid for as long as the value lives. That buffer is an
+  anonymous mmap, not a bytearray: its pages exist only once bytes arrive, so a length
+  prefix announcing 2 GiB costs nothing until 2 GiB come (a bytearray is zeroed at once:
+  the loop stalled and the RSS grew by the announced size). The ring is one too: it
+  starts again at offset 0 whenever it is drained, so a quiet link (most of a
+  supervisor's worker links) holds a page or two of it, not 256 KiB.
 - Limits. A length prefix shorter than the fixed prefix, or longer than `max_frame`, is
   refused before anything is allocated for it (`refuse`: the owner's `on_refuse` may say
   why in a last frame, then the connection closes and nothing more is read); so is a
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import mmap
 import os
 import socket
 import struct
@@ -64,11 +70,11 @@ class FrameChannel(asyncio.BufferedProtocol):
         self.on_refuse = on_refuse
         self.transport: asyncio.Transport | None = None
         self.closed = False
-        self._ring = bytearray(RING_SIZE)
+        self._ring = mmap.mmap(-1, RING_SIZE)  # pages appear as used: see `_enter_big`
         self._ring_view = memoryview(self._ring)
         self._start = 0
         self._end = 0
-        self._big: bytearray | None = None
+        self._big: mmap.mmap | None = None
         self._big_view: memoryview | None = None
         self._big_pos = 0
         self._out: list[bytes | bytearray | memoryview] = []
@@ -156,7 +162,7 @@ class FrameChannel(asyncio.BufferedProtocol):
                 self._compact()
 
     def _enter_big(self, total: int, start: int, end: int) -> None:
-        self._big = bytearray(total)
+        self._big = mmap.mmap(-1, total)
         self._big_view = memoryview(self._big)
         have = end - start
         self._big_view[:have] = self._ring_view[start:end]

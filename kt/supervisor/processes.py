@@ -247,6 +247,7 @@ class ProcessManager:
         self._closing = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._zygote: socket.socket | None = None
+        self._zygote_lock = asyncio.Lock()
         self._zygote_writer: asyncio.StreamWriter | None = None
         self._zygote_gone: asyncio.Event | None = None
         self.zygote_pid: int | None = None
@@ -288,8 +289,9 @@ class ProcessManager:
             theirs.close()
         self.zygote_pid = zygote.pid
         self._zygote_gone = asyncio.Event()
-        self._zygote = ours  # requests are written here, blocking (they are tiny)
-        # The event loop takes ownership of the socket it reads from: give it a dup.
+        self._zygote = ours  # requests are written here (`_send_with_fd`)
+        # The event loop takes ownership of the socket it reads from: give it a dup (which
+        # shares the file's flags: both ends are non-blocking from then on).
         # Keep the writer: when it is garbage-collected it closes the transport.
         reader, self._zygote_writer = await asyncio.open_unix_connection(sock=ours.dup())
         self._task(self._read_zygote(reader))
@@ -327,7 +329,11 @@ class ProcessManager:
         read_fd, write_fd = os.pipe()
         try:
             request = orjson.dumps({"worker": worker.id, "socket": self.socket_path}) + b"\n"
-            socket.send_fds(self._zygote, [request], [write_fd])
+            async with self._zygote_lock:  # one request at a time: they must not interleave
+                await _send_with_fd(self._zygote, request, write_fd)
+        except OSError:
+            os.close(read_fd)
+            raise
         finally:
             os.close(write_fd)
         assert self._zygote_gone is not None
@@ -451,3 +457,32 @@ class ProcessManager:
             self._zygote.close()
         if self._zygote_writer is not None:  # its dup: the zygote sees EOF only when both close
             self._zygote_writer.close()
+
+
+async def _send_with_fd(sock: socket.socket, data: bytes, fd: int) -> None:
+    """Send `data` with `fd` attached to its first byte on a non-blocking stream socket,
+    waiting for room when the peer is slow to read (a burst of forks fills the buffer)."""
+    loop = asyncio.get_running_loop()
+    sent = 0
+    while sent < len(data):
+        try:
+            if sent == 0:
+                sent = socket.send_fds(sock, [data], [fd])
+            else:
+                sent += sock.send(data[sent:])
+        except BlockingIOError:
+            await _writable(loop, sock)
+
+
+async def _writable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    room: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not room.done():
+            room.set_result(None)
+
+    loop.add_writer(sock.fileno(), wake)
+    try:
+        await room
+    finally:
+        loop.remove_writer(sock.fileno())

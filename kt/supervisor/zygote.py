@@ -16,6 +16,7 @@ supervisor socket closes.
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 import select
@@ -93,6 +94,10 @@ def main() -> None:
 
     import kt.core.runtime  # noqa: F401
 
+    # What is imported so far moves to the collector's permanent generation: a child's
+    # collections then never touch (and copy) those pages. Measured with 200 light actors:
+    # see the commit that added this.
+    gc.freeze()
     serve(socket.socket(fileno=int(sys.argv[1])))
 
 

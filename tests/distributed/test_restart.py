@@ -10,7 +10,10 @@ Behaviours covered:
   once, and the stuck peers are stopped after the grace period (and the group restarted
   while restarts are left: the policy itself is tested in test_state.py);
 - once no restarts are left, the failing call says so, every later call raises, and no
-  rank process is left running.
+  rank process is left running;
+- a rank of a 2x2 group (two pods) killed while the ranks all-reduce 4 MiB tensors in a
+  loop: the call raises ActorDiedError within seconds, every other rank's process is gone
+  (none stays blocked in gloo), and the restarted group all-reduces correctly.
 """
 
 from __future__ import annotations
@@ -46,6 +49,25 @@ def step(hold: float = 0.0, fail_on: int = -1) -> dict[str, Any]:
         "max_restarts": os.environ["TORCHELASTIC_MAX_RESTARTS"],
         "master_port": os.environ["MASTER_PORT"],
     }
+
+
+def all_reduce_loop(seconds: float = 0.0) -> dict[str, Any]:
+    """All-reduce (rank + 1) over every rank, round after round, for `seconds` (once at
+    least); each round's sum is checked."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    x = torch.empty(1 << 20)
+    end, rounds = time.monotonic() + seconds, 0
+    while rounds == 0 or time.monotonic() < end:
+        x.fill_(rank + 1.0)
+        dist.all_reduce(x)
+        assert float(x[0]) == world * (world + 1) / 2
+        rounds += 1
+    return {"pid": os.getpid(), "rank": rank, "sum": float(x[-1]), "rounds": rounds}
 
 
 def _gone(pid: int) -> bool:
@@ -124,3 +146,28 @@ def _wait_gone(pid: int) -> None:
     while not _gone(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _gone(pid)
+
+
+@pytest.mark.timeout(180)
+def test_a_rank_killed_mid_all_reduce_takes_every_rank_down_and_the_group_restarts() -> None:
+    compute = kt.Compute(cpus=2, backend="local", name="restart-allreduce")
+    group = kt.fn(all_reduce_loop).to(
+        compute.distribute("pytorch", workers=2, procs_per_worker=2), max_restarts=1
+    )
+    try:
+        before = group.remote().result(timeout=120)
+        assert [r["sum"] for r in before] == [10.0] * 4
+        ref = group.remote(seconds=60)
+        time.sleep(1.0)  # every rank is inside the all-reduce loop
+        os.kill(before[3]["pid"], signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(kt.ActorDiedError, match="rank 3 of SPMD group"):
+            ref.result(timeout=60)
+        assert time.monotonic() - start < 10
+        for r in before[:3]:
+            _wait_gone(r["pid"])  # torn down, not left blocked in gloo
+        after = group.remote().result(timeout=120)
+        assert [r["sum"] for r in after] == [10.0] * 4
+        assert {r["pid"] for r in after}.isdisjoint(r["pid"] for r in before)
+    finally:
+        group.teardown()

@@ -164,10 +164,11 @@ def test_service_puts_one_instance_per_replica_and_balances_on_calls_in_flight()
 DRIVER = """
 import os, signal, sys, kt
 class Where:
-    def supervisor_pid(self):
-        return int(os.environ["KT_SUPERVISOR_PID"])
-w = kt.cls(Where).options(compute=kt.Compute(cpus=1, replicas=1, backend="local")).remote()
-print(w.supervisor_pid(), flush=True)
+    def pids(self):
+        return [os.getpid(), os.getppid(), int(os.environ["KT_SUPERVISOR_PID"])]
+compute = kt.Compute(cpus=1, replicas=1, backend="local")
+pids = [p for _ in range(3) for p in kt.cls(Where).options(compute=compute, cpus=0).remote().pids()]
+print(*set(pids), flush=True)
 if sys.argv[1] == "kill":
     os.kill(os.getpid(), signal.SIGKILL)
 """
@@ -176,14 +177,18 @@ if sys.argv[1] == "kill":
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("how", ["exit", "kill"])
 def test_a_drivers_pods_and_actors_go_when_it_exits(how: str) -> None:
+    """Within 10 s of its driver's end (the local pod watches its driver's pid), no process
+    of the pod is left: supervisor, actors (and the zygote, their parent)."""
     out = subprocess.run(
         [sys.executable, "-c", DRIVER, how], capture_output=True, text=True, timeout=90
     )
-    supervisor = int(out.stdout.split()[0])
+    pids = [int(p) for p in out.stdout.split()]
+    assert len(pids) == 5, out  # three actors, the zygote that forked them, the supervisor
     deadline = time.monotonic() + 10
-    while pid_alive(supervisor) and time.monotonic() < deadline:
+    while any(map(pid_alive, pids)) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not pid_alive(supervisor), f"pod still running after its driver's {how}"
+    left = [p for p in pids if pid_alive(p)]
+    assert not left, f"processes {left} still running after their driver's {how}"
 
 
 def test_custom_resources_are_placed_and_refused() -> None:

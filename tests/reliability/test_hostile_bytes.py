@@ -131,6 +131,20 @@ def test_a_huge_length_prefix_costs_no_memory(target: Any, authenticated: bool) 
     _still_serving(target)
 
 
+def test_a_long_frame_announced_costs_only_what_arrives(target: Any) -> None:
+    """After HELLO, 1.5 GiB is within the cap: the frame is waited for, but its buffer
+    takes memory only as bytes come, and the WELCOME before it is not held up."""
+    rss = target.supervisor.memory_info().rss
+    with socket.create_connection(target.address, 5) as s:
+        s.settimeout(10)
+        s.sendall(_hello(target.token) + struct.pack("<I", 3 * 2**29) + bytes(64 * 1024))
+        assert _frames(s.recv(1 << 16))[0][0] == FrameKind.WELCOME
+        time.sleep(0.5)
+        grown = target.supervisor.memory_info().rss - rss
+        assert grown < 32 * 2**20, f"the supervisor grew by {grown / 2**20:.0f} MiB"
+    _still_serving(target)
+
+
 def test_malformed_frames_after_hello_are_refused_saying_which(target: Any) -> None:
     hello = _hello(target.token)
     unknown = protocol.encode(99, 1, {"x": 1})
