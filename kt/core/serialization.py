@@ -308,6 +308,8 @@ def _find_unpicklable(value: Any, path: str, depth: int = 0) -> tuple[str, str] 
             children = [(f"{path}[{k!r}]", v) for k, v in list(value.items())[:64]]
         elif isinstance(value, list | tuple | set | frozenset):
             children = [(f"{path}[{i}]", v) for i, v in enumerate(list(value)[:64])]
+        elif isinstance(value, types.FunctionType):
+            children = _function_parts(value, path)
         elif hasattr(value, "__dict__") and not isinstance(value, type):
             children = [(f"{path}.{k}", v) for k, v in list(vars(value).items())[:64]]
         for child_path, child in children:
@@ -315,6 +317,27 @@ def _find_unpicklable(value: Any, path: str, depth: int = 0) -> tuple[str, str] 
             if found:
                 return found
     return path, reason
+
+
+def _function_parts(fn: types.FunctionType, path: str) -> list[tuple[str, Any]]:
+    """What cloudpickle takes along with a function pickled by value: its closure's
+    variables, the globals its code names, its defaults."""
+    cells = zip(fn.__code__.co_freevars, fn.__closure__ or (), strict=False)
+    parts = [(f"{path}'s closure variable {name!r}", _cell(c)) for name, c in cells]
+    parts += [
+        (f"{path}'s global {name!r}", fn.__globals__[name])
+        for name in fn.__code__.co_names
+        if name in fn.__globals__
+    ]
+    parts += [(f"{path}'s default {i}", d) for i, d in enumerate(fn.__defaults__ or ())]
+    return parts[:64]
+
+
+def _cell(cell: Any) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # a variable not bound yet
+        return None
 
 
 class RemoteTraceback(Exception):

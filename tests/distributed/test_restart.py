@@ -11,9 +11,10 @@ Behaviours covered:
   while restarts are left: the policy itself is tested in test_state.py);
 - once no restarts are left, the failing call says so, every later call raises, and no
   rank process is left running;
-- a rank of a 2x2 group (two pods) killed while the ranks all-reduce 4 MiB tensors in a
-  loop: the call raises ActorDiedError within seconds, every other rank's process is gone
-  (none stays blocked in gloo), and the restarted group all-reduces correctly.
+- a rank of a 2x2 group (two pods; both backends) killed while the ranks all-reduce
+  4 MiB tensors in a loop: the call raises ActorDiedError within seconds, every other
+  rank's process is gone (none stays blocked in gloo), and the restarted group
+  all-reduces correctly.
 """
 
 from __future__ import annotations
@@ -149,8 +150,11 @@ def _wait_gone(pid: int) -> None:
 
 
 @pytest.mark.timeout(180)
-def test_a_rank_killed_mid_all_reduce_takes_every_rank_down_and_the_group_restarts() -> None:
-    compute = kt.Compute(cpus=2, backend="local", name="restart-allreduce")
+def test_a_rank_killed_mid_all_reduce_takes_every_rank_down_and_the_group_restarts(
+    backend: str,
+) -> None:
+    name = f"restart-allreduce-{backend}"
+    compute = kt.Compute(cpus=2, backend=backend, name=name)  # type: ignore[arg-type]
     group = kt.fn(all_reduce_loop).to(
         compute.distribute("pytorch", workers=2, procs_per_worker=2), max_restarts=1
     )

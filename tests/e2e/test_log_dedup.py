@@ -99,3 +99,37 @@ def test_held_lines_print_when_the_driver_stops_inside_the_window() -> None:
     assert len(hellos) == 2 and SUMMARY in hellos[1], lines
     assert lines.index(hellos[1]) > lines.index("-- driver slept --"), "printed at the stop"
     _own_lines_each_once(lines)
+
+
+GROUP = """
+import sys, time
+import kt
+
+def step():
+    import os
+    print(f"rank {os.environ['RANK']} reached the barrier", flush=True)
+    return int(os.environ["RANK"])
+
+compute = kt.Compute(cpus=2, backend="local", name=sys.argv[1])
+group = kt.fn(step).to(compute.distribute("pytorch", workers=2, procs_per_worker=2))
+assert sorted(group.remote().result(timeout=120)) == [0, 1, 2, 3]
+time.sleep(3.0)
+print("-- driver slept --", flush=True)
+kt.shutdown()
+"""
+
+
+@pytest.mark.timeout(180)
+def test_the_ranks_of_a_group_printing_one_line_fold_into_one_summary() -> None:
+    """Ray's rule that numbers do not tell lines apart: "rank 0 ..." to "rank 3 ..."."""
+    done = subprocess.run(
+        [sys.executable, "-c", GROUP, f"dedup-group-{uuid.uuid4().hex[:8]}"],
+        capture_output=True,
+        text=True,
+        timeout=150,
+        env={**os.environ, "KT_DEDUP_LOGS_WINDOW_S": "1"},
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = [ln for ln in done.stdout.splitlines() if "reached the barrier" in ln]
+    assert len(lines) == 2, done.stdout
+    assert "[repeated 3x across cluster]" in lines[1], lines

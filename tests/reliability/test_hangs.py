@@ -1,4 +1,5 @@
-"""Hung processes, not dead ones: SIGSTOP an actor, SIGSTOP a supervisor (local pools).
+"""Hung processes, not dead ones: SIGSTOP an actor, SIGSTOP a supervisor (both backends,
+the k8s one on the test cluster).
 
 Behaviours covered:
 - an actor process stopped with SIGSTOP: a call with a timeout raises GetTimeoutError;
@@ -12,7 +13,6 @@ Behaviours covered:
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -23,7 +23,6 @@ import pytest
 
 import kt
 from kt.actors.driver import get_driver
-from kt.local.provider import kt_home
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -35,12 +34,17 @@ class Sleeper:
     def pod(self) -> str:
         return os.environ["KT_POD"]
 
+    def supervisor_pid(self) -> int:
+        return int(os.environ["KT_SUPERVISOR_PID"])
+
     def sleep(self, seconds: float) -> float:
         time.sleep(seconds)
         return seconds
 
 
-def test_a_stopped_actor_times_out_and_kt_kill_still_ends_it(pool: kt.Compute) -> None:
+def test_a_stopped_actor_times_out_and_kt_kill_still_ends_it(backend: str) -> None:
+    name = f"hangs-{uuid.uuid4().hex[:6]}"
+    pool = kt.Compute(cpus=2, replicas=1, backend=backend, name=name)  # type: ignore[arg-type]
     stopped = kt.cls(Sleeper).options(compute=pool).remote()
     other = kt.cls(Sleeper).options(compute=pool).remote()
     pid = stopped.pid()
@@ -58,14 +62,13 @@ def test_a_stopped_actor_times_out_and_kt_kill_still_ends_it(pool: kt.Compute) -
             os.kill(pid, signal.SIGKILL)
 
 
-def test_a_stopped_supervisor_is_found_by_heartbeat_and_its_actor_restarts() -> None:
+def test_a_stopped_supervisor_is_found_by_heartbeat_and_its_actor_restarts(backend: str) -> None:
     name = f"hangs-{uuid.uuid4().hex[:6]}"
-    compute = kt.Compute(cpus=1, min_replicas=0, max_replicas=2, backend="local", name=name)
+    compute = kt.Compute(cpus=1, min_replicas=0, max_replicas=2, backend=backend, name=name)  # type: ignore[arg-type]
     keep = kt.cls(Sleeper).options(compute=compute, max_restarts=1).remote()
     old_pod = keep.pod()
     driver = get_driver()
-    record = kt_home() / "local" / driver.pool_name(compute, False) / f"{old_pod}.json"
-    supervisor = psutil.Process(json.loads(record.read_text())["pid"])
+    supervisor = psutil.Process(keep.supervisor_pid())
     in_flight = keep.sleep.remote(60)
     time.sleep(0.5)
     supervisor.send_signal(signal.SIGSTOP)

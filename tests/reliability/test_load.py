@@ -1,16 +1,17 @@
-"""Load with every result checked, and chaos: the bounded versions of bench's soak and
-chaos rows (`python -m bench --rows soak chaos` runs them at full size).
+"""Load with every result checked, and chaos. The soak is the bounded version of bench's
+`soak` row (1M calls: `python -m bench --no-ray --rows soak`); the chaos run is full size.
 
 Behaviours covered:
 - soak: 100,000 calls from 4 caller threads to 100 light actors (cpus=0) on one local
   pod: every call gets its own result (none lost, duplicated or crossed), the actors
   executed exactly as many calls, and neither the driver's nor the supervisor's RSS grew
   by more than a bound between the end of the first 20% and the end;
-- chaos: calls from 4 threads to 20 actors with max_restarts=-1, half of them with
-  max_task_retries=3, while a thread SIGKILLs a random actor process every 0.5 s: every
-  call returns its own result or raises a typed kt error (no hang), the retrying actors'
-  calls all succeed, and no call to an actor without retries ran twice (each execution is
-  appended to a file and counted).
+- chaos (both backends, the k8s one on the test cluster): 100,000 calls from 4 threads
+  to 20 actors with max_restarts=-1, half of them with max_task_retries=3, while a
+  thread SIGKILLs a random actor process every 0.5 s: every call returns its own result
+  or raises a typed kt error (no hang), the retrying actors' calls all succeed, and no
+  call to an actor without retries ran twice (each execution is appended to a file and
+  counted).
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ import kt
 from bench.load import Echo, Soak, chaos, soak
 
 
-def _pool(cpus: int) -> kt.Compute:
-    return kt.Compute(cpus=cpus, replicas=1, backend="local", name=f"load-{uuid.uuid4().hex[:6]}")
+def _pool(cpus: int, backend: str = "local") -> kt.Compute:
+    name = f"load-{uuid.uuid4().hex[:6]}"
+    return kt.Compute(cpus=cpus, replicas=1, backend=backend, name=name)  # type: ignore[arg-type]
 
 
 @pytest.mark.timeout(600)
@@ -47,8 +49,10 @@ def test_soak_loses_nothing_and_memory_stays_flat() -> None:
 
 
 @pytest.mark.timeout(600)
-def test_chaos_every_call_ends_typed_and_none_runs_twice_without_retries(tmp_path: Path) -> None:
-    pool = _pool(cpus=2)
+def test_chaos_every_call_ends_typed_and_none_runs_twice_without_retries(
+    tmp_path: Path, backend: str
+) -> None:
+    pool = _pool(cpus=2, backend=backend)
     Retrying = kt.cls(Echo).options(compute=pool, cpus=0, max_restarts=-1, max_task_retries=3)
     Plain = kt.cls(Echo).options(compute=pool, cpus=0, max_restarts=-1)
     logs = [tmp_path / f"plain-{i}.log" for i in range(10)]
