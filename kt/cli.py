@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import http.client
 import itertools
 import json
 import os
@@ -59,8 +60,8 @@ def _status_of(pod: Pod, token: str | None) -> dict[str, object]:
     try:
         with urllib.request.urlopen(request, timeout=3) as reply:
             return dict(json.loads(reply.read()))
-    except OSError as exc:
-        return {"error": str(exc)}
+    except (OSError, ValueError, http.client.HTTPException) as exc:  # a pod ending mid-reply
+        return {"error": str(exc) or type(exc).__name__}
 
 
 def cmd_list(args: argparse.Namespace) -> int:

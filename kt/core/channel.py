@@ -46,6 +46,13 @@ PRE_AUTH_MAX_FRAME = 16 * 1024  # a HELLO is a few hundred bytes
 RING_SIZE = 256 * 1024
 _LEN = struct.Struct("<I")
 
+
+def _anonymous(size: int) -> mmap.mmap:
+    """Zeroed memory whose pages exist once written; private, so a fork copies on write
+    as it would a bytearray (a shared mapping would let a child write the parent's)."""
+    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+
+
 FrameCallback = Callable[[int, int, int, int, memoryview, memoryview, memoryview], None]
 """on_frame(kind, flags, route, req_id, header, payload, frame)."""
 
@@ -70,7 +77,7 @@ class FrameChannel(asyncio.BufferedProtocol):
         self.on_refuse = on_refuse
         self.transport: asyncio.Transport | None = None
         self.closed = False
-        self._ring = mmap.mmap(-1, RING_SIZE)  # pages appear as used: see `_enter_big`
+        self._ring = _anonymous(RING_SIZE)  # pages appear as used: see `_enter_big`
         self._ring_view = memoryview(self._ring)
         self._start = 0
         self._end = 0
@@ -100,6 +107,7 @@ class FrameChannel(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._out.clear()
+        self._big = self._big_view = None  # a frame cut short: its pages go now, not at gc
         if self.on_lost is not None:
             self.on_lost(exc)
 
@@ -162,7 +170,7 @@ class FrameChannel(asyncio.BufferedProtocol):
                 self._compact()
 
     def _enter_big(self, total: int, start: int, end: int) -> None:
-        self._big = mmap.mmap(-1, total)
+        self._big = _anonymous(total)
         self._big_view = memoryview(self._big)
         have = end - start
         self._big_view[:have] = self._ring_view[start:end]
@@ -193,6 +201,7 @@ class FrameChannel(asyncio.BufferedProtocol):
         self.close()
         self.closed = True  # nothing more is read or sent
         self._start = self._end = 0
+        self._big = self._big_view = None
 
     # -- sending ----------------------------------------------------------------------
     def send(self, data: bytes | bytearray | memoryview) -> None:

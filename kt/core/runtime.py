@@ -413,6 +413,18 @@ class Runtime:
     def __init__(self, *, caller: str | None = None, stream_logs: bool = True) -> None:
         self.caller = caller or f"driver-{os.getpid()}"
         self.stream_logs = stream_logs
+        # Before the loop: a bad KT_DEDUP_LOGS_* setting raises here, leaking nothing; only
+        # a runtime that prints (a driver's) reads them, not every actor's.
+        self._dedup = (
+            LogDeduplicator(
+                window=config.dedup_logs_window,
+                enabled=config.dedup_logs,
+                allow=config.dedup_logs_allow,
+                skip=config.dedup_logs_skip,
+            )
+            if stream_logs
+            else LogDeduplicator(enabled=False)
+        )
         self.loop = new_event_loop()
         self._ids = itertools.count(1)
         self._links: dict[Address, Link] = {}
@@ -423,12 +435,6 @@ class Runtime:
         self._ready: list[tuple[Callback, Ref[Any]]] = []
         self._dispatch_scheduled = False
         self._arena: shm.ShmArena | None = None
-        self._dedup = LogDeduplicator(
-            window=config.dedup_logs_window,
-            enabled=config.dedup_logs,
-            allow=config.dedup_logs_allow,
-            skip=config.dedup_logs_skip,
-        )
         self._dedup_timer: asyncio.TimerHandle | None = None
         self.on_died: Callable[[Address, dict[str, Any]], None] | None = None
         """Set by the driver: an actor it owns died (a DIED frame)."""

@@ -34,6 +34,7 @@ later) would rename the file `<dynamic-code>`.
 from __future__ import annotations
 
 import asyncio
+import dis
 import io
 import linecache
 import pickle
@@ -326,11 +327,26 @@ def _function_parts(fn: types.FunctionType, path: str) -> list[tuple[str, Any]]:
     parts = [(f"{path}'s closure variable {name!r}", _cell(c)) for name, c in cells]
     parts += [
         (f"{path}'s global {name!r}", fn.__globals__[name])
-        for name in fn.__code__.co_names
+        for name in sorted(_globals_named(fn.__code__))
         if name in fn.__globals__
     ]
     parts += [(f"{path}'s default {i}", d) for i, d in enumerate(fn.__defaults__ or ())]
+    parts += [(f"{path}'s default {k!r}", d) for k, d in (fn.__kwdefaults__ or {}).items()]
     return parts[:64]
+
+
+def _globals_named(code: types.CodeType) -> set[str]:
+    """The globals `code` and the functions and comprehensions inside it load (not the
+    attribute names that share co_names with them)."""
+    names = {
+        str(i.argval)
+        for i in dis.get_instructions(code)
+        if i.opname in ("LOAD_GLOBAL", "LOAD_NAME", "STORE_GLOBAL")
+    }
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _globals_named(const)
+    return names
 
 
 def _cell(cell: Any) -> Any:

@@ -58,6 +58,7 @@ WORKER_MOVES = {
     *((s, _W.EXITED) for s in (_W.SPAWNING, _W.STARTING, _W.IDLE, _W.ASSIGNED)),
 }
 _FREE = {_W.IDLE: 0, _W.STARTING: 1, _W.SPAWNING: 2}  # the readiest is handed out first
+FORK_SEND_S = 30.0  # a zygote that takes no fork request for this long is given up
 CONNECT_TIMEOUT_S = 60.0  # a warm worker that has not said HELLO by then is killed
 
 
@@ -324,14 +325,13 @@ class ProcessManager:
                 worker.exited.set_result(code)
 
     async def _fork(self, worker: WorkerProcess) -> asyncio.StreamReader:
-        assert self._zygote is not None
         loop = asyncio.get_running_loop()
         read_fd, write_fd = os.pipe()
         try:
             request = orjson.dumps({"worker": worker.id, "socket": self.socket_path}) + b"\n"
             async with self._zygote_lock:  # one request at a time: they must not interleave
-                await _send_with_fd(self._zygote, request, write_fd)
-        except OSError:
+                await self._request_fork(request, write_fd)
+        except BaseException:
             os.close(read_fd)
             raise
         finally:
@@ -356,6 +356,24 @@ class ProcessManager:
             lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", buffering=0)
         )
         return reader
+
+    async def _request_fork(self, request: bytes, fd: int) -> None:
+        """Write one fork request (under `_zygote_lock`).
+
+        Raises:
+            OSError: the zygote is gone, or took nothing for FORK_SEND_S (then it is given
+                up: a request written in part leaves its stream out of step).
+        """
+        sock = self._zygote  # read under the lock: it may have exited while we waited
+        if sock is None:
+            raise OSError("the zygote exited")
+        try:
+            await asyncio.wait_for(_send_with_fd(sock, request, fd), FORK_SEND_S)
+        except TimeoutError:
+            logger.warning("the zygote took no fork request for %g s: spawning", FORK_SEND_S)
+            self._zygote = None
+            sock.close()
+            raise OSError(f"the zygote took no fork request for {FORK_SEND_S:g} s") from None
 
     async def _spawn(self, worker: WorkerProcess) -> asyncio.StreamReader:
         proc = await asyncio.create_subprocess_exec(
@@ -481,8 +499,9 @@ async def _writable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> Non
         if not room.done():
             room.set_result(None)
 
-    loop.add_writer(sock.fileno(), wake)
+    fd = sock.fileno()  # once: a socket closed meanwhile says -1, and the entry would stay
+    loop.add_writer(fd, wake)
     try:
         await room
     finally:
-        loop.remove_writer(sock.fileno())
+        loop.remove_writer(fd)

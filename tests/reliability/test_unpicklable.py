@@ -48,6 +48,12 @@ def keeper(pool: kt.Compute) -> Any:
 
 
 LOCK = threading.Lock()
+lock = threading.Lock()  # a global that only shares its name with an attribute below
+GENERATOR = (i for i in range(2))
+
+
+class Plain:
+    lock = 1
 
 
 @pytest.mark.parametrize(
@@ -74,9 +80,17 @@ def test_an_unpicklable_argument_is_named_before_sending(
 
 
 def test_a_closure_is_searched_by_variable_name(keeper: Any) -> None:
-    lock = threading.Lock()
-    with pytest.raises(kt.SerializationError, match="argument 0's closure variable 'lock'"):
-        keeper.incr.remote(lambda: lock)
+    held = threading.Lock()
+    with pytest.raises(kt.SerializationError, match="argument 0's closure variable 'held'"):
+        keeper.incr.remote(lambda: held)
+
+
+def test_only_the_globals_a_function_loads_are_suspects(keeper: Any) -> None:
+    """`Plain.lock` is an attribute: the module's global `lock` is not what fails."""
+    with pytest.raises(kt.SerializationError) as info:
+        keeper.incr.remote(lambda: (Plain.lock, [x for x in GENERATOR]))
+    assert "argument 0's global 'GENERATOR'" in str(info.value)
+    assert "'generator'" in str(info.value)
 
 
 @pytest.mark.parametrize(
