@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import socket
+import struct
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -103,6 +104,8 @@ class WorkerProcess:
         self._oom_before = _oom_kills()
         self.fork_given_up = False
         """The zygote did not report its fork in time: it is spawned instead."""
+        self.peer_pid: int | None = None
+        """The pid of the process that connected as this worker (SO_PEERCRED)."""
 
     def __repr__(self) -> str:
         return f"<WorkerProcess {self.id} pid={self.pid} {self.state.value}>"
@@ -343,6 +346,10 @@ class ProcessManager:
             await asyncio.wait(either, timeout=30, return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
+        if not worker.spawned.done() and worker.peer_pid is not None:
+            # The zygote died between its fork and its report, and the child connected:
+            # it is this worker (its pid from the socket); its exit is noticed by pid.
+            worker.started(worker.peer_pid, forked=True)
         if not worker.spawned.done():
             os.close(read_fd)
             worker.fork_given_up = True
@@ -438,10 +445,24 @@ class ProcessManager:
             worker.kill()
 
     def connected(self, worker_id: int, channel: FrameChannel) -> bool:
-        """A worker said HELLO; False if no worker of that id is known here."""
+        """A worker said HELLO; False if no worker of that id is known here, or if the
+        process that connected is not the one made for it: a child the zygote forked
+        just before it died, whose worker was spawned anew (that stray is killed)."""
         worker = self.workers.get(worker_id)
         if worker is None or worker.channel is not None:
             return False
+        peer = _peer_pid(channel)
+        if worker.pid is not None:
+            mine = peer is None or peer == worker.pid
+        else:  # a fork not reported yet is whoever connects, unless it was given up
+            mine = not worker.fork_given_up
+        if not mine:
+            logger.warning("worker %d: pid %s is not its process: killed", worker_id, peer)
+            if peer is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(peer, signal.SIGKILL)
+            return False
+        worker.peer_pid = peer
         worker.attach(channel)
         return True
 
@@ -505,3 +526,16 @@ async def _writable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> Non
         await room
     finally:
         loop.remove_writer(fd)
+
+
+def _peer_pid(channel: FrameChannel) -> int | None:
+    """The pid at the other end of a Unix socket (Linux SO_PEERCRED); None elsewhere."""
+    transport = channel.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or not hasattr(socket, "SO_PEERCRED"):
+        return None
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    return int(struct.unpack("3i", creds)[0])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import os
+import socket
 import subprocess
 import time
 import uuid
@@ -54,6 +55,34 @@ def _cut(address: str) -> None:
         timeout=10,
     )
     assert f"{host}:{port}" in out.stdout, f"ss -K found no connection to cut: {out}"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _can_cut() -> None:
+    """`ss -K` needs CAP_NET_ADMIN and a kernel with socket destroy: probe it once."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = str(server.getsockname()[1])
+        with socket.create_connection(("127.0.0.1", int(port))) as client:
+            accepted, _ = server.accept()
+            with accepted:
+                try:
+                    subprocess.run(
+                        ["ss", "-K", "-t", "src", "127.0.0.1", "sport", "=", port],
+                        capture_output=True,
+                        timeout=10,
+                    )
+                except FileNotFoundError:
+                    pytest.skip("cannot cut connections here: no `ss` (iproute2)")
+                client.settimeout(2)
+                try:
+                    client.recv(1)
+                except ConnectionResetError:
+                    return  # cut
+                except TimeoutError:
+                    pass
+    pytest.skip("cannot cut connections here: `ss -K` needs CAP_NET_ADMIN and sock_destroy")
 
 
 def _counter(retries: int, backend: str) -> Any:

@@ -53,3 +53,27 @@ def test_a_burst_of_light_actors_is_forked_called_and_killed() -> None:
             kt.kill(a)
     procs = [psutil.Process(pid) for pid in pids if psutil.pid_exists(pid)]
     assert not psutil.wait_procs(procs, timeout=60)[1], "actor processes left after kt.kill"
+
+
+@pytest.mark.timeout(300)
+def test_actors_still_start_when_the_zygote_dies_in_a_burst() -> None:
+    """Forks the zygote had not reported when it died are spawned instead; a child it
+    forked just before dying is either adopted (it connected first) or killed (its
+    worker was spawned anew): it never takes the spawned process's place."""
+    pool = kt.Compute(cpus=1, replicas=1, backend="local", name=f"many-{uuid.uuid4().hex[:6]}")
+    Light = kt.cls(Echo).options(compute=pool, cpus=0)
+    first = Light.remote(-1)
+    supervisor = psutil.Process(first.supervisor_pid())
+    (zygote,) = [c for c in supervisor.children() if "kt.supervisor.zygote" in c.cmdline()]
+    actors = [first, *(Light.remote(i) for i in range(1, 40))]
+    try:
+        time.sleep(0.2)
+        zygote.kill()
+        pids = kt.get([a.pid.remote() for a in actors], timeout=240)
+        assert len(set(pids)) == 40
+        assert kt.get([a.echo.remote(0, 0) for a in actors[1:]], timeout=60) == [
+            (0, 0, i) for i in range(1, 40)
+        ]
+    finally:
+        for a in actors:
+            kt.kill(a)
