@@ -18,6 +18,7 @@ from kt.actors.api import (
     kill,
     wait,
 )
+from kt.actors.datastore import ls, put, rm
 from kt.actors.driver import shutdown
 from kt.actors.handle import ActorHandle, ActorMethod
 from kt.core.compute import Compute, Image
@@ -29,6 +30,7 @@ from kt.core.errors import (
     AuthError,
     CancelledError,
     ConfigError,
+    DataKeyError,
     DeathCause,
     GetTimeoutError,
     GroupFailedError,
@@ -58,6 +60,7 @@ __all__ = [
     "CancelledError",
     "Compute",
     "ConfigError",
+    "DataKeyError",
     "DeathCause",
     "DeployedFunction",
     "GetTimeoutError",
@@ -87,6 +90,9 @@ __all__ = [
     "get_actor",
     "get_async",
     "kill",
+    "ls",
+    "put",
+    "rm",
     "shutdown",
     "wait",
 ]

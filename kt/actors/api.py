@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
-from kt.actors import deploy
+from kt.actors import datastore, deploy
 from kt.actors.driver import get_driver, require_driver_thread
 from kt.actors.handle import ActorHandle
 from kt.actors.imaging import TIMEOUT_S as IMAGE_TIMEOUT_S
@@ -515,13 +515,17 @@ def fn(target: Callable[P, R]) -> RemoteFunction[P, R]:
     return RemoteFunction(target)
 
 
-def get(refs: Ref[Any] | Iterable[Ref[Any]], timeout: float | None = None) -> Any:
-    """The value of a Ref, or the values of a list of Refs (in order).
+def get(refs: Ref[Any] | Iterable[Ref[Any]] | str, timeout: float | None = None) -> Any:
+    """The value of a Ref, or the values of a list of Refs (in order); given a str, the
+    value the data store holds under that key (`kt.put`).
 
     Raises:
         GetTimeoutError: not everything was ready within `timeout` seconds.
+        DataKeyError: a key no pod holds (when no `timeout` is given).
     """
     require_driver_thread("kt.get")
+    if isinstance(refs, str):
+        return datastore.get(refs, timeout)
     if isinstance(refs, Ref):
         return refs.result(timeout)
     if isinstance(refs, StreamRef):

@@ -523,6 +523,11 @@ def get_driver() -> Driver:
     return _driver
 
 
+def current_driver() -> Driver | None:
+    """This process's Driver if it has one (an actor has none until it makes pools)."""
+    return _driver
+
+
 def get_runtime() -> Runtime:
     """The process's runtime. Inside an actor, until it makes pools of its own, that is a
     caller runtime only (links and Refs, for handles passed to it): no Driver, no pools,

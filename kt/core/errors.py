@@ -306,6 +306,23 @@ class ActorNotFoundError(KtError):
         return (type(self), (self.actor, self.pod))
 
 
+class DataKeyError(KtError, KeyError):
+    """No value is stored under `key` (`kt.get`, `kt.rm`); `nearest` are the closest keys
+    that exist."""
+
+    def __init__(self, key: str, nearest: tuple[str, ...] = ()) -> None:
+        super().__init__(key, tuple(nearest))
+        self.key = key
+        self.nearest = tuple(nearest)
+
+    def __str__(self) -> str:
+        near = f"; nearest: {', '.join(map(repr, self.nearest))}" if self.nearest else ""
+        return f"no value is stored under key {self.key!r}{near} (kt.ls lists the keys)"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.key, self.nearest))
+
+
 class GroupFailedError(KtError):
     """An SPMD group is out of restarts: `rank` on `pod` failed last; create it again."""
 

@@ -52,6 +52,12 @@ Kinds:
                   (`kt.core.image.wire`): run what the pod has not run yet, streaming
                   LOG frames {"src": "(image pod=P)"}, answered with None, or with an
                   ImageError naming the step that failed
+    STORE         the data store (`kt.actors.datastore`), {"op", "k": key}: "put",
+                  payload a value as a RESULT carries it (never unpickled here; held
+                  until the pod ends or "rm"), answered with None; "get", answered
+                  with a RESULT whose payload is the value, or a DataKeyError naming
+                  the pod's nearest keys; "ls", {"p": prefix}, answered with
+                  {key: size}; "rm", answered with whether it was there
 """
 
 from __future__ import annotations
@@ -90,6 +96,7 @@ class FrameKind(enum.IntEnum):
     WAIT = 15
     SYNC = 16
     IMAGE = 17
+    STORE = 18
 
 
 class FrameFlag(enum.IntFlag):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import difflib
 import enum
 import hmac
 import logging
@@ -46,9 +47,11 @@ from kt.core.errors import (
     ActorDiedError,
     ActorNotFoundError,
     ConfigError,
+    DataKeyError,
     DeathCause,
     ImageError,
     OwnerDiedError,
+    ProtocolError,
     SyncError,
     SyncSourceFailed,
     check_move,
@@ -251,7 +254,10 @@ class Supervisor:
             FrameKind.RESULT: self.on_answer,
             FrameKind.SYNC: self.on_sync,
             FrameKind.IMAGE: self.on_image,
+            FrameKind.STORE: self.on_store,
         }
+        self.data: dict[str, bytes] = {}
+        """The data store's values held by this pod (`kt.put` from its actors), by key."""
 
     # -- lifecycle -------------------------------------------------------------------
     async def serve(self) -> None:
@@ -569,6 +575,32 @@ class Supervisor:
             self.reply_error(peer.route, req_id, SyncError(f"pod {self.pod}: {exc}"), self.pod)
             return
         self._answer(peer, req_id, answer)
+
+    def on_store(self, peer: Peer, req_id: int, header: memoryview, frame: memoryview) -> None:
+        """The data store's verbs on this pod's values (FrameKind.STORE); never unpickled."""
+        want = protocol.decode_header(header)
+        op, key = want.get("op"), str(want.get("k", ""))
+        if op == "put":
+            self.data[key] = bytes(frame[protocol.PREFIX_SIZE + len(header) :])
+            answer: object = None
+        elif op == "get":
+            value = self.data.get(key)
+            if value is None:
+                nearest = tuple(difflib.get_close_matches(key, self.data, n=3, cutoff=0.5))
+                self.reply_error(peer.route, req_id, DataKeyError(key, nearest), self.pod)
+                return
+            prefix = protocol.encode_prefix(FrameKind.RESULT, req_id, b"", len(value))
+            peer.channel.send_parts([prefix, value])
+            return
+        elif op == "ls":
+            prefix_ = str(want.get("p", ""))
+            answer = {k: len(v) for k, v in self.data.items() if k.startswith(prefix_)}
+        elif op == "rm":
+            answer = self.data.pop(key, None) is not None
+        else:
+            raise ProtocolError(f"a STORE frame's op must be put, get, ls or rm, not {op!r}")
+        payload = serialization.dumps_bytes(answer)
+        peer.channel.send(protocol.encode(FrameKind.RESULT, req_id, b"", payload))
 
     def on_image(self, peer: Peer, req_id: int, header: memoryview, frame: memoryview) -> None:
         """Run a kt.Image's steps not run yet (`kt.supervisor.image`), output to the caller."""

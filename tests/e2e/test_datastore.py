@@ -1,0 +1,120 @@
+"""The data store's first slice: kt.put / kt.get / kt.ls / kt.rm of Python values.
+
+Behaviours covered (on both backends, the k8s one on the test cluster, but the last):
+- an actor puts an 8 MiB array and a dict; an actor on another pod and the driver get
+  them equal; kt.ls lists keys by prefix with their sizes, from the driver and from an
+  actor; the value is held by the putter's pod, not the driver;
+- kt.rm removes a key everywhere; kt.get of a key no pod holds raises kt.DataKeyError
+  (also a KeyError) naming the nearest keys; kt.rm of it too;
+- kt.get(key, timeout=...) waits for a key put later, and raises GetTimeoutError when
+  none comes;
+- from the driver, kt.put keeps the value on a pod of its latest pool, and refuses,
+  saying what to do, when it has none; keys must be non-empty strs.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+import pytest
+
+import kt
+
+pytestmark = pytest.mark.timeout(180)
+
+
+class Holder:
+    def put(self, key: str, value: Any) -> None:
+        kt.put(key, value)
+
+    def get(self, key: str, timeout: float | None = None) -> Any:
+        return kt.get(key, timeout=timeout)
+
+    def ls(self, prefix: str) -> dict[str, int]:
+        return kt.ls(prefix)
+
+    def pod(self) -> str:
+        import os
+
+        return os.environ["KT_POD"]
+
+
+@pytest.fixture(scope="module", params=["local", "k8s"])
+def holders(request: pytest.FixtureRequest) -> Any:
+    if request.param == "k8s":
+        request.getfixturevalue("k8s_cluster")
+    name = f"store-{uuid.uuid4().hex[:6]}"
+    compute = kt.Compute(cpus=1, replicas=2, backend=request.param, name=name)
+    H = kt.cls(Holder).options(compute=compute, placement="spread")
+    a, b = H.remote(), H.remote()
+    assert a.pod() != b.pod()
+    yield a, b
+    kt.kill(a)
+    kt.kill(b)
+
+
+def test_a_value_put_by_an_actor_is_got_elsewhere(holders: Any) -> None:
+    a, b = holders
+    prefix = f"w{uuid.uuid4().hex[:6]}/"
+    array = np.random.default_rng(0).standard_normal(1 << 20)  # 8 MiB
+    a.put(prefix + "v1", {"weights": array, "step": 1})
+    a.put(prefix + "v2", {"weights": array * 2, "step": 2})
+    got = b.get(prefix + "v2")
+    assert got["step"] == 2 and np.array_equal(got["weights"], array * 2)
+    here = kt.get(prefix + "v1")
+    assert here["step"] == 1 and np.array_equal(here["weights"], array)
+    listed = kt.ls(prefix)
+    assert list(listed) == [prefix + "v1", prefix + "v2"]
+    assert all(size > array.nbytes for size in listed.values())
+    assert b.ls(prefix) == listed
+
+    kt.rm(prefix + "v1")
+    assert list(kt.ls(prefix)) == [prefix + "v2"]
+    with pytest.raises(kt.DataKeyError, match=rf"'{prefix}v1'; nearest: '{prefix}v2'") as info:
+        kt.get(prefix + "v1")
+    assert isinstance(info.value, KeyError) and info.value.nearest == (prefix + "v2",)
+    with pytest.raises(kt.DataKeyError):
+        kt.rm(prefix + "v1")
+
+
+def test_get_waits_for_a_key_put_later_and_times_out_when_none_comes(holders: Any) -> None:
+    a, b = holders
+    key = f"later-{uuid.uuid4().hex[:6]}"
+    threading.Timer(1.0, lambda: a.put(key, "arrived")).start()
+    started = time.monotonic()
+    assert b.get(key, timeout=60) == "arrived"
+    assert time.monotonic() - started >= 0.9
+    with pytest.raises(kt.GetTimeoutError, match=r"within 0\.5 s"):
+        kt.get(f"never-{uuid.uuid4().hex[:6]}", timeout=0.5)
+
+
+def test_the_driver_puts_on_a_pod_of_its_latest_pool(holders: Any) -> None:
+    a, _ = holders
+    key = f"from-driver-{uuid.uuid4().hex[:6]}"
+    kt.put(key, [1, 2, 3])
+    assert a.get(key) == [1, 2, 3]
+    for bad in ("", 7):
+        with pytest.raises(kt.ConfigError, match="non-empty str"):
+            kt.put(bad, 1)  # type: ignore[arg-type]
+
+
+NO_POOL = """
+import kt
+try:
+    kt.put("k", 1)
+except kt.ConfigError as exc:
+    print("refused:", exc)
+"""
+
+
+def test_a_driver_without_pods_is_told_what_to_do() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", NO_POOL], capture_output=True, text=True, timeout=60
+    ).stdout
+    assert "refused:" in out and "make an actor" in out, out
