@@ -78,7 +78,8 @@ def test_a_value_put_by_an_actor_is_got_elsewhere(holders: Any) -> None:
     assert list(kt.ls(prefix)) == [prefix + "v2"]
     with pytest.raises(kt.DataKeyError, match=rf"'{prefix}v1'; nearest: '{prefix}v2'") as info:
         kt.get(prefix + "v1")
-    assert isinstance(info.value, KeyError) and info.value.nearest == (prefix + "v2",)
+    assert isinstance(info.value, KeyError)
+    assert info.value.nearest[0] == prefix + "v2"  # others' keys may follow: pods are shared
     with pytest.raises(kt.DataKeyError):
         kt.rm(prefix + "v1")
 
