@@ -54,13 +54,13 @@ def holders(request: pytest.FixtureRequest) -> Any:
     H = kt.cls(Holder).options(compute=compute, placement="spread")
     a, b = H.remote(), H.remote()
     assert a.pod() != b.pod()
-    yield a, b
+    yield a, b, request.param
     kt.kill(a)
     kt.kill(b)
 
 
 def test_a_value_put_by_an_actor_is_got_elsewhere(holders: Any) -> None:
-    a, b = holders
+    a, b, _ = holders
     prefix = f"w{uuid.uuid4().hex[:6]}/"
     array = np.random.default_rng(0).standard_normal(1 << 20)  # 8 MiB
     a.put(prefix + "v1", {"weights": array, "step": 1})
@@ -85,7 +85,7 @@ def test_a_value_put_by_an_actor_is_got_elsewhere(holders: Any) -> None:
 
 
 def test_get_waits_for_a_key_put_later_and_times_out_when_none_comes(holders: Any) -> None:
-    a, b = holders
+    a, b, _ = holders
     key = f"later-{uuid.uuid4().hex[:6]}"
     threading.Timer(1.0, lambda: a.put(key, "arrived")).start()
     started = time.monotonic()
@@ -96,10 +96,17 @@ def test_get_waits_for_a_key_put_later_and_times_out_when_none_comes(holders: An
 
 
 def test_the_driver_puts_on_a_pod_of_its_latest_pool(holders: Any) -> None:
-    a, _ = holders
-    key = f"from-driver-{uuid.uuid4().hex[:6]}"
-    kt.put(key, [1, 2, 3])
-    assert a.get(key) == [1, 2, 3]
+    a, _, backend = holders
+    name = f"store-latest-{uuid.uuid4().hex[:6]}"  # made now: the driver's latest pool
+    latest = kt.cls(Holder).options(compute=kt.Compute(cpus=1, backend=backend, name=name))
+    c = latest.remote()
+    try:
+        c.pod()  # its pod is up: the pool has a slot to hold the value
+        key = f"from-driver-{uuid.uuid4().hex[:6]}"
+        kt.put(key, [1, 2, 3])
+        assert a.get(key) == c.get(key) == [1, 2, 3]
+    finally:
+        kt.kill(c)
     for bad in ("", 7):
         with pytest.raises(kt.ConfigError, match="non-empty str"):
             kt.put(bad, 1)  # type: ignore[arg-type]
