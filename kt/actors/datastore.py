@@ -17,14 +17,13 @@ from __future__ import annotations
 import difflib
 import os
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from kt.actors.driver import current_driver, get_driver, get_runtime
+from kt.actors.driver import current_driver, get_driver, get_runtime, ready_pods_with_tokens
 from kt.core import protocol, serialization
 from kt.core.errors import ConfigError, DataKeyError, GetTimeoutError, KtError, PodLostError
 from kt.core.protocol import FrameKind
-from kt.core.provider import PodState, get_provider, resolve_backend
 from kt.core.ref import Ref
 from kt.core.runtime import Address
 
@@ -130,29 +129,12 @@ def _holders() -> list[tuple[Address, str]]:
     for pool in list(driver.pools.values()) if driver is not None else []:
         for slot in list(pool.slots):
             seen.setdefault(slot.pod.address, pool.token)
-
-    async def listed() -> list[tuple[Address, str]]:
-        provider = get_provider(resolve_backend(None))
-        found, tokens = [], {}
-        async for address, pool in _ready_pods(provider):
-            if pool not in tokens:
-                tokens[pool] = await provider.read_token(pool)
-            if tokens[pool]:
-                found.append((address, str(tokens[pool])))
-        return found
-
     try:
-        for address, token in get_runtime().run(listed(), timeout=ASK_S):
-            seen.setdefault(address, token)
+        for pod, token in get_runtime().run(ready_pods_with_tokens(), timeout=ASK_S):
+            seen.setdefault(pod.address, token)
     except (KtError, TimeoutError):
         pass  # the provider did not answer: the pods known here are all we ask
     return list(seen.items())
-
-
-async def _ready_pods(provider: Any) -> AsyncIterator[tuple[Address, str]]:
-    for pod in await provider.list_pods():
-        if pod.state is PodState.READY:
-            yield pod.address, pod.pool
 
 
 def _nearest(key: str) -> tuple[str, ...]:

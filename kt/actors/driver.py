@@ -410,15 +410,7 @@ class Driver:
                 and not self.is_dead(actor.spec.actor_id)
             ):
                 return actor.handle
-        provider = get_provider(resolve_backend(None))
-        pods = [p for p in await provider.list_pods() if p.state is PodState.READY]
-        tokens: dict[str, str | None] = {}
-        for pod in pods:
-            if pod.pool not in tokens:
-                tokens[pod.pool] = await provider.read_token(pod.pool)
-            token = tokens[pod.pool]
-            if not token:
-                continue
+        for pod, token in await ready_pods_with_tokens():
             req_id = self.runtime.new_id()
             ref: Ref[dict[str, Any] | None] = Ref("lookup")
             query = {"name": name, "namespace": namespace or ""}
@@ -466,6 +458,24 @@ class Driver:
             task.cancel()
         await asyncio.gather(*(p.teardown() for p in pools), return_exceptions=True)
         await asyncio.gather(*(p.close() for p in providers), return_exceptions=True)
+
+
+async def ready_pods_with_tokens() -> list[tuple[Pod, str]]:
+    """Every ready kt pod the provider of this process lists, with its pool's token
+    (pools whose token cannot be read are left out): whom to ask for named actors and
+    data store keys."""
+    provider = get_provider(resolve_backend(None))
+    tokens: dict[str, str | None] = {}
+    out = []
+    for pod in await provider.list_pods():
+        if pod.state is not PodState.READY:
+            continue
+        if pod.pool not in tokens:
+            tokens[pod.pool] = await provider.read_token(pod.pool)
+        token = tokens[pod.pool]
+        if token:
+            out.append((pod, token))
+    return out
 
 
 async def _reachable(address: Address, token: str, tries: int = 3) -> bool:

@@ -12,53 +12,28 @@ Behaviours covered:
 
 from __future__ import annotations
 
-import json
 import socket
 import time
 from typing import Any
 
 import orjson
-import psutil
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kt
-from kt.actors.driver import get_driver
 from kt.core import protocol
 from kt.core.protocol import FrameKind
-from kt.local.provider import kt_home
+from tests.reliability.target import hello, live_target
 
 pytestmark = pytest.mark.timeout(300)
 
 
-class Counter:
-    def __init__(self) -> None:
-        self.n = 0
-
-    def incr(self) -> int:
-        self.n += 1
-        return self.n
-
-
 @pytest.fixture(scope="module")
 def target() -> Any:
-    pool = kt.Compute(cpus=1, replicas=1, backend="local", name="fuzz-target")
-    counter = kt.cls(Counter).options(compute=pool).remote()
-    assert counter.incr() == 1
-    driver = get_driver()
-    name = driver.pool_name(pool, False)
-    (slot,) = driver.pools[name].slots
-    record = kt_home() / "local" / name / f"{slot.pod.name}.json"
-
-    class Target:
-        address = slot.pod.address
-        token = driver.pools[name].token
-        supervisor = psutil.Process(json.loads(record.read_text())["pid"])
-        actor = counter
-
-    yield Target
-    kt.kill(counter)
+    target = live_target(kt.Compute(cpus=1, replicas=1, backend="local", name="fuzz-target"))
+    yield target
+    kt.kill(target.actor)
 
 
 json_values = st.recursive(
@@ -126,11 +101,6 @@ def _kinds(data: bytes) -> list[int]:
     return kinds
 
 
-def _hello(token: str) -> bytes:
-    hello = {"v": protocol.VERSION, "token": token, "caller": "fuzz", "host": "", "actor": ""}
-    return protocol.encode(FrameKind.HELLO, 0, hello)
-
-
 @pytest.mark.parametrize("authenticated", [False, True], ids=["before-hello", "after-hello"])
 def test_generated_frames_leave_the_supervisor_serving(target: Any, authenticated: bool) -> None:
     rss_before = target.supervisor.memory_info().rss
@@ -147,7 +117,7 @@ def test_generated_frames_leave_the_supervisor_serving(target: Any, authenticate
         if time.monotonic() > deadline:
             return
         if authenticated:
-            reply = _throw(target.address, _hello(target.token), data)
+            reply = _throw(target.address, hello(target.token, caller="fuzz"), data)
             assert _kinds(reply)[:1] == [FrameKind.WELCOME], reply[:64]
         else:
             reply = _throw(target.address, data)

@@ -18,7 +18,6 @@ Behaviours covered:
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import socket
@@ -26,58 +25,21 @@ import struct
 import time
 from typing import Any
 
-import psutil
 import pytest
 
 import kt
-from kt.actors.driver import get_driver
 from kt.core import protocol, serialization
 from kt.core.protocol import FrameKind
-from kt.local.provider import kt_home
+from tests.reliability.target import Target, live_target
+from tests.reliability.target import frames as _frames
+from tests.reliability.target import hello as _hello
 
 pytestmark = pytest.mark.timeout(120)
 
 
-class Counter:
-    def __init__(self) -> None:
-        self.n = 0
-
-    def incr(self) -> int:
-        self.n += 1
-        return self.n
-
-
 @pytest.fixture(scope="module")
-def target(pool: kt.Compute) -> Any:
-    counter = kt.cls(Counter).options(compute=pool).remote()
-    assert counter.incr() == 1
-    driver = get_driver()
-    name = driver.pool_name(pool, False)
-    (slot,) = driver.pools[name].slots
-    record = kt_home() / "local" / name / f"{slot.pod.name}.json"
-
-    class Target:
-        address = slot.pod.address
-        token = driver.pools[name].token
-        supervisor = psutil.Process(json.loads(record.read_text())["pid"])
-        actor = counter
-
-    return Target
-
-
-def _hello(token: str, version: int = protocol.VERSION) -> bytes:
-    hello = {"v": version, "token": token, "caller": "hostile", "host": "", "actor": ""}
-    return protocol.encode(FrameKind.HELLO, 0, hello)
-
-
-def _frames(data: bytes) -> list[tuple[int, dict[str, Any]]]:
-    out = []
-    while len(data) >= protocol.PREFIX_SIZE:
-        length, kind, _, hlen, _, _ = protocol.PREFIX.unpack_from(data, 0)
-        header = data[protocol.PREFIX_SIZE : protocol.PREFIX_SIZE + hlen]
-        out.append((kind, protocol.decode_header(header) if header else {}))
-        data = data[protocol.LENGTH_SIZE + length :]
-    return out
+def target(pool: kt.Compute) -> Target:
+    return live_target(pool)
 
 
 def _exchange(
