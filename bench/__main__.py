@@ -42,10 +42,13 @@ ROWS = (
     "k8s",
     "soak",
     "actors1000",
+    "data100",
+    "bcast1g",
+    "tree",
 )
 ONCE = ("place100", "sync16", "soak", "actors1000")  # slow: first repetition only
 # No Ray counterpart: an absolute target only.
-KT_ONLY = ("reload", "sync16", "k8s", "soak", "actors1000")
+KT_ONLY = ("reload", "sync16", "k8s", "soak", "actors1000", "tree")
 SPMD = "spmd"  # kt's SPMD group against torchrun (bench/spmd_side.py), once per run
 TIMEOUT_S = {"kt": 600.0, "ray": 900.0, "spmd": 300.0}
 

@@ -453,6 +453,100 @@ def row_actors1000() -> Result:
     }
 
 
+class Getter:
+    """A data store getter (`data100`, `bcast1g`, `tree`): gets a key, touches its array."""
+
+    def get(self, key: str) -> int:
+        value = kt.get(key, timeout=120)
+        return int(value[0]) + value.nbytes
+
+    def put(self, key: str, mib: int) -> None:
+        kt.put(key, np.ones(mib * MIB, dtype=np.uint8))
+
+    def pod(self) -> str:
+        return os.environ["KT_POD"]
+
+
+def _broadcast(getters: list[Any], mib: int, reps: int, tag: str) -> list[float]:
+    """Seconds from `kt.put` of a `mib` MiB array by the driver until every getter has it,
+    after one warm-up get of a small array in every getter (its imports, its connections)."""
+    kt.put(f"bench/{tag}/warm", np.ones(1000, dtype=np.uint8))
+    kt.get([g.get.remote(f"bench/{tag}/warm") for g in getters], timeout=300)
+    array = np.ones(mib * MIB, dtype=np.uint8)
+    times = []
+    for i in range(reps):
+        key = f"bench/{tag}/{i}"
+        t0 = time.perf_counter()
+        kt.put(key, array)
+        out = kt.get([g.get.remote(key) for g in getters], timeout=300)
+        times.append(time.perf_counter() - t0)
+        assert out == [1 + array.nbytes] * len(getters), f"{tag}: wrong values"
+        kt.rm(key)
+    return times
+
+
+def row_data100() -> Result:
+    """One 100 MiB array: `kt.put` from the driver, `kt.get` in 8 actors (median of 5)."""
+    pool = kt.Compute(cpus=2, replicas=1, backend="local", name="bench-data100")
+    getters = [kt.cls(Getter).options(compute=pool, cpus=0).remote() for _ in range(8)]
+    _LIVE.extend(getters)
+    kt.get([g.pod.remote() for g in getters])
+    times = _broadcast(getters, 100, 5, "data100")
+    _kill(getters)
+    return {"median_ms": 1e3 * statistics.median(times)}
+
+
+def row_bcast1g() -> Result:
+    """A 1 GiB array from the driver to one actor on each of 16 local pods (median of 3)."""
+    pool = kt.Compute(cpus=0.5, replicas=16, backend="local", name="bench-bcast1g")
+    G = kt.cls(Getter).options(compute=pool, cpus=0.5)
+    getters = [G.remote() for _ in range(16)]
+    _LIVE.extend(getters)
+    assert len(set(kt.get([g.pod.remote() for g in getters], timeout=300))) == 16
+    times = _broadcast(getters, 1024, 3, "bcast1g")
+    _kill(getters)
+    return {"median_s": statistics.median(times)}
+
+
+def row_tree() -> Result:
+    """kt only: 256 MiB put by an actor, got by pods that share no memory with it or each
+    other (each its own KT_SHM_DOMAIN, as pods on different hosts), through the broadcast
+    tree: by 1 pod, then by 8 (median of 3); and the copies the source sent to the 8."""
+    from tests.sync.status import pod_status
+
+    def pods(n: int, tag: str) -> list[Any]:
+        made = []
+        for i in range(n):
+            env = {"KT_SHM_DOMAIN": f"{tag}-{i}"}
+            c = kt.Compute(
+                cpus=0.5, replicas=1, backend="local", name=f"bench-tree-{tag}{i}", env=env
+            )
+            made.append(kt.cls(Getter).options(compute=c, cpus=0).remote())
+        _LIVE.extend(made)
+        kt.get([g.pod.remote() for g in made], timeout=300)
+        return made
+
+    (source,) = pods(1, "s")
+    out: Result = {}
+    for name, n in (("one_hop_s", 1), ("eight_pods_s", 8)):
+        getters = pods(n, f"g{n}-")
+        sent = pod_status(source)["data"]["bytes_to_pods"]
+        times, size = [], 0
+        for i in range(3):
+            key = f"bench/tree/{n}/{i}"
+            source.put.remote(key, 256).result(120)
+            size = kt.ls(key)[key]
+            t0 = time.perf_counter()
+            kt.get([g.get.remote(key) for g in getters], timeout=300)
+            times.append(time.perf_counter() - t0)
+            kt.rm(key)
+        out[name] = statistics.median(times)
+        out["source_copies"] = (pod_status(source)["data"]["bytes_to_pods"] - sent) / (3 * size)
+        _kill(getters)
+    _kill([source])
+    return out
+
+
 ROWS: dict[str, Callable[[], Result]] = {
     "rtt": row_rtt,
     "async_1to1": row_async_1to1,
@@ -470,6 +564,9 @@ ROWS: dict[str, Callable[[], Result]] = {
     "k8s": row_k8s,
     "soak": row_soak,
     "actors1000": row_actors1000,
+    "data100": row_data100,
+    "bcast1g": row_bcast1g,
+    "tree": row_tree,
 }
 
 

@@ -228,6 +228,55 @@ def row_memory() -> Result:
     }
 
 
+class Getter:
+    """The counterpart of kt's: gets an object (its ref passed inside a list, so that the
+    actor itself calls ray.get), touches its array."""
+
+    def get(self, refs: list[Any]) -> int:
+        value = ray.get(refs[0])
+        return int(value[0]) + value.nbytes
+
+    def ping(self) -> None:
+        return None
+
+
+GetterActor: Any = ray.remote(Getter)
+
+
+def _broadcast(getters: list[Any], mib: int, reps: int) -> list[float]:
+    """Seconds from `ray.put` of a `mib` MiB array by the driver until every getter has it,
+    after one warm-up get of a small array in every getter (as on kt's side)."""
+    warm = ray.put(np.ones(1000, dtype=np.uint8))
+    ray.get([g.get.remote([warm]) for g in getters])
+    array = np.ones(mib * MIB, dtype=np.uint8)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        ref = ray.put(array)
+        out = ray.get([g.get.remote([ref]) for g in getters])
+        times.append(time.perf_counter() - t0)
+        assert out == [1 + array.nbytes] * len(getters)
+        del ref
+    return times
+
+
+def row_data100() -> Result:
+    getters = [GetterActor.options(num_cpus=0).remote() for _ in range(8)]
+    ray.get([g.ping.remote() for g in getters])
+    times = _broadcast(getters, 100, 5)
+    _kill(getters)
+    return {"median_ms": 1e3 * statistics.median(times)}
+
+
+def row_bcast1g() -> Result:
+    """One node's object store: the 16 getters are 16 actors of it (kt: 16 pods)."""
+    getters = [GetterActor.options(num_cpus=0).remote() for _ in range(16)]
+    ray.get([g.ping.remote() for g in getters])
+    times = _broadcast(getters, 1024, 3)
+    _kill(getters)
+    return {"median_s": statistics.median(times)}
+
+
 ROWS: dict[str, Callable[[], Result]] = {
     "rtt": row_rtt,
     "async_1to1": row_async_1to1,
@@ -240,6 +289,8 @@ ROWS: dict[str, Callable[[], Result]] = {
     "arg100m_oneway": lambda: _arg_row(100, 5, round_trip=False),
     "arg100m_rt": lambda: _arg_row(100, 5, round_trip=True),
     "memory": row_memory,
+    "data100": row_data100,
+    "bcast1g": row_bcast1g,
 }
 
 

@@ -68,6 +68,11 @@ METRICS: tuple[Metric, ...] = (
     Metric("actors1000.uss_mib_per_actor", "1000 light actors: memory (USS)", "MiB/actor", False),
     Metric("actors1000.supervisor_kib_per_actor", "1000 actors: supervisor", "KiB/actor", False),
     Metric("actors1000.kill_all_s", "1000 light actors: kill all", "s", False),
+    Metric("data100.median_ms", "100 MiB put, got by 8 actors", "ms", False),
+    Metric("bcast1g.median_s", "1 GiB put, got on 16 local pods", "s", False),
+    Metric("tree.one_hop_s", "256 MiB to 1 pod apart (no shared memory)", "s", False),
+    Metric("tree.eight_pods_s", "256 MiB to 8 pods apart, broadcast tree", "s", False),
+    Metric("tree.source_copies", "256 MiB to 8 pods apart: copies the source sent", "x", False),
     Metric("memory.total_mib", "memory (runtime+driver)", "MiB", False),
     Metric("memory.runtime_mib", "memory runtime", "MiB", False),
     Metric("memory.driver_mib", "memory driver", "MiB", False),
@@ -84,6 +89,8 @@ SPEEDUP_TARGETS: dict[str, float] = {
     "arg10m_oneway.median_ms": 3.0,
     "memory.total_mib": 3.0,
     "spmd.second_call_ms": 100.0,
+    "data100.median_ms": 1.0,  # faster than Ray (issue 16)
+    "bcast1g.median_s": 1.0,
 }
 # Absolute bounds for kt alone: (op, bound), op "<=" or ">=".
 ABSOLUTE_TARGETS: dict[str, tuple[str, float]] = {
@@ -98,6 +105,7 @@ ABSOLUTE_TARGETS: dict[str, tuple[str, float]] = {
     "k8s.rtt_ratio": ("<=", 1.2),  # the same hot path as the local backend
     "k8s.gateway_added_us": ("<=", 100.0),
     "soak.lost_or_wrong": ("<=", 0.0),
+    "tree.source_copies": ("<=", 3.0),
     "soak.extra_executions": ("<=", 0.0),
     "soak.driver_growth_pct": ("<=", 5.0),
     "soak.supervisor_growth_pct": ("<=", 5.0),

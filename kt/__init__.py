@@ -31,6 +31,7 @@ from kt.core.errors import (
     CancelledError,
     ConfigError,
     DataKeyError,
+    DataTooLargeError,
     DeathCause,
     GetTimeoutError,
     GroupFailedError,
@@ -43,6 +44,7 @@ from kt.core.errors import (
     RemoteError,
     SerializationError,
     ShutdownError,
+    StateDictMismatchError,
     SyncError,
 )
 from kt.core.ref import Ref, StreamRef
@@ -61,6 +63,7 @@ __all__ = [
     "Compute",
     "ConfigError",
     "DataKeyError",
+    "DataTooLargeError",
     "DeathCause",
     "DeployedFunction",
     "GetTimeoutError",
@@ -79,6 +82,7 @@ __all__ = [
     "SerializationError",
     "Service",
     "ShutdownError",
+    "StateDictMismatchError",
     "StreamRef",
     "SyncError",
     "__version__",

@@ -13,7 +13,7 @@ import dataclasses
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
@@ -515,17 +515,26 @@ def fn(target: Callable[P, R]) -> RemoteFunction[P, R]:
     return RemoteFunction(target)
 
 
-def get(refs: Ref[Any] | Iterable[Ref[Any]] | str, timeout: float | None = None) -> Any:
+def get(
+    refs: Ref[Any] | Iterable[Ref[Any]] | str,
+    timeout: float | None = None,
+    *,
+    into: MutableMapping[str, Any] | None = None,
+) -> Any:
     """The value of a Ref, or the values of a list of Refs (in order); given a str, the
-    value the data store holds under that key (`kt.put`).
+    value the data store holds under that key (`kt.put`), copied in place into the state
+    dict `into` when one is given.
 
     Raises:
         GetTimeoutError: not everything was ready within `timeout` seconds.
         DataKeyError: a key no pod holds (when no `timeout` is given).
+        StateDictMismatchError: `into` does not match the stored state dict.
     """
     require_driver_thread("kt.get")
     if isinstance(refs, str):
-        return datastore.get(refs, timeout)
+        return datastore.get(refs, timeout, into=into)
+    if into is not None:
+        raise ConfigError("kt.get(..., into=) takes a data store key, not Refs")
     if isinstance(refs, Ref):
         return refs.result(timeout)
     if isinstance(refs, StreamRef):

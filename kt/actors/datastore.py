@@ -1,34 +1,59 @@
-"""The data store's first slice: `kt.put` / `kt.get` / `kt.ls` / `kt.rm` of Python values.
+"""The data store: `kt.put` / `kt.get` / `kt.ls` / `kt.rm`, from the driver, an actor or a rank.
 
-A value lives in the supervisor of the pod that put it: an actor's or rank's own pod,
-or, from the driver, the first pod of the pool it made last. It is pickled once where it
-is put (pickle 5: an array's bytes travel as one out-of-band buffer, never pickled), held
-as bytes by the supervisor (which never unpickles it), and unpickled by each getter, its
-arrays as views on the frame that brought them. The key table is the union of what every
-pod holds: the caller's own pod first, then its driver's pools, then every kt pod its
-provider lists (as `kt.get_actor` finds a named actor). A value lives as long as its pod.
+A value lives in the supervisor of the pod that put it (`kt.supervisor.datastore`): an
+actor's or rank's own pod, or, from the driver, the first pod of the pool it made last.
+It is pickled once where it is put (pickle 5: an array's bytes are out-of-band buffers,
+never pickled) and stays those bytes on its pod, which never unpickles it.
 
-Not yet here (issue 16): broadcast trees, `into=` state dicts in place, files and
-directories, `lifetime="detached"`, values held by the driver itself.
+Putting: the pod reserves a buffer of the value's size, or refuses it whole when it has
+no room (DataTooLargeError); a putter that shares the pod's /dev/shm writes the bytes into
+it itself (one copy), any other sends them in `WRITE_CHUNK` pieces; `seal` publishes it.
+
+Getting: the key is located (the pod that answered last for this key, this process's own
+pod, pods that held keys before, its driver's pools, then every ready kt pod the provider
+lists). A getter that shares the holder's /dev/shm maps the value's file: no copy, arrays
+are views on it (private: writes stay in the getter). A getter inside another pod asks
+its own supervisor for the value, which pulls a replica through the value's broadcast
+tree (`kt.supervisor.pull`) once for all that pod's getters, then maps it (or is sent it).
+A driver off the pods' host is sent the bytes. `into=` copies a state dict's tensors into
+the caller's own, in place, after checking every key, shape and dtype.
 """
 
 from __future__ import annotations
 
 import difflib
+import mmap
 import os
 import time
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from typing import Any
 
 from kt.actors.driver import current_driver, get_driver, get_runtime, ready_pods_with_tokens
-from kt.core import protocol, serialization
-from kt.core.errors import ConfigError, DataKeyError, GetTimeoutError, KtError, PodLostError
+from kt.core import protocol, serialization, shm
+from kt.core.errors import (
+    ConfigError,
+    DataKeyError,
+    GetTimeoutError,
+    KtError,
+    PodLostError,
+    StateDictMismatchError,
+)
 from kt.core.protocol import FrameKind
 from kt.core.ref import Ref
 from kt.core.runtime import Address
 
 POLL_S = 0.2  # how often a `kt.get(key, timeout=...)` looks again for a key not there yet
-ASK_S = 30.0  # one pod's answer to one question
+ASK_S = 30.0  # one pod's answer to a question
+MOVE_S = 600.0  # one pod's answer when it moves a value's bytes
+WRITE_CHUNK = 64 * 2**20
+RECENT = 16  # pods that held keys, asked first
+LISTING_S = 1.0  # how long the provider's listing of pods is taken as it was
+RETRIES = 3  # reads of a located key that may fail (its pod lost, its file replaced)
+
+_where: dict[str, tuple[Address, str, str]] = {}  # key -> the pod that answered last
+# (its address, its pool's token, its name)
+_recent: OrderedDict[Address, str] = OrderedDict()  # pods that held keys, newest last
 
 
 def put(key: str, value: Any) -> None:
@@ -37,34 +62,74 @@ def put(key: str, value: Any) -> None:
     Raises:
         ConfigError: the key is not a non-empty str, or the driver has no pod to hold it.
         SerializationError: the value cannot be pickled (the path to the culprit named).
+        DataTooLargeError: the pod has no room for it (nothing was stored).
     """
     _check_key(key)
     parts = serialization.dumps_value(value, f"kt.put({key!r})")
+    size = serialization.parts_size(parts)
     address, token = _home()
-    _ask(address, token, {"op": "put", "k": key}, parts)
+    reserved = _ask(address, token, {"op": "reserve", "k": key, "n": size})
+    put_id = reserved["id"]
+    try:
+        if not (reserved["file"] and _write_file(reserved["file"], parts)):
+            refs = [
+                _submit(address, token, {"op": "write", "id": put_id, "off": offset}, piece)
+                for offset, piece in _pieces(parts, WRITE_CHUNK)
+            ]
+            for ref in refs:
+                ref.result(timeout=MOVE_S)
+        _ask(address, token, {"op": "seal", "id": put_id})
+    except BaseException:
+        _ask(address, token, {"op": "abandon", "id": put_id})
+        raise
+    _found(key, address, token, "")
 
 
-def get(key: str, timeout: float | None = None) -> Any:
+def get(
+    key: str, timeout: float | None = None, *, into: MutableMapping[str, Any] | None = None
+) -> Any:
     """The value stored under `key`; waits up to `timeout` s for it to appear.
+
+    With `into` (a state dict: names -> tensors or arrays), the stored one's tensors are
+    copied into its own, in place, and `into` is returned.
 
     Raises:
         DataKeyError: no pod holds `key` (and `timeout` is None): names the nearest keys.
         GetTimeoutError: `timeout` passed and no pod held it.
-        PodLostError: the pod holding it went away while it was read.
+        PodLostError: the pod holding it went away (naming the key and the pod).
+        StateDictMismatchError: `into` does not match the stored state dict (nothing copied).
     """
     _check_key(key)
     deadline = None if timeout is None else time.monotonic() + timeout
+    lost: PodLostError | None = None
+    misses = 0  # reads that failed after the key was located
     while True:
-        for address, token in _holders():
+        found = _locate(key) if misses <= RETRIES else None
+        if found is not None:
+            address, token, meta = found
             try:
-                return _ask(address, token, {"op": "get", "k": key})
-            except DataKeyError:
-                continue
+                value = _read(key, address, token, meta, whole=into is not None)
+                break
+            except PodLostError as exc:
+                _where.pop(key, None)
+                _recent.pop(address, None)
+                lost = exc
+                misses += 1
+                continue  # another pod may hold it now
+            except FileNotFoundError:
+                misses += 1
+                continue  # replaced or removed since it was located
+        if lost is not None:
+            raise PodLostError(lost.pod, f"it held {key!r}, and no other pod has it") from lost
         if deadline is None:
             raise DataKeyError(key, _nearest(key))
         if time.monotonic() >= deadline:
             raise GetTimeoutError(f"no value was stored under key {key!r} within {timeout} s")
         time.sleep(POLL_S)
+    if into is None:
+        return value
+    copy_into(into, value, key)
+    return into
 
 
 def ls(prefix: str = "") -> dict[str, int]:
@@ -85,11 +150,128 @@ def rm(key: str) -> None:
         DataKeyError: no pod held it.
     """
     _check_key(key)
-    if not any([_ask(a, t, {"op": "rm", "k": key}) for a, t in _holders()]):
-        raise DataKeyError(key, _nearest(key))
+    _where.pop(key, None)
+    holders = _holders()
+    for fresh in (False, True):  # pods listed since: asked only when none known held it
+        pods = [p for p in _listed(max_age=0) if p not in holders] if fresh else holders
+        refs = [_submit(a, t, {"op": "rm", "k": key}) for a, t in pods]  # all at once
+        if any([_outcome(ref)[0] for ref in refs]):
+            return
+    raise DataKeyError(key, _nearest(key))
 
 
-# -- where values are ------------------------------------------------------------------
+def copy_into(into: MutableMapping[str, Any], value: Any, key: str = "the value") -> None:
+    """Copy state dict `value` into `into`'s tensors (or arrays) in place; values that
+    are not tensors are replaced. Every key, shape and dtype is checked first.
+
+    Raises:
+        StateDictMismatchError: names the first key that differs; nothing was copied.
+    """
+    if not isinstance(value, Mapping):
+        raise StateDictMismatchError(
+            f"{key!r} holds a {type(value).__name__}, not a state dict: into= needs one"
+        )
+    for name in [*into, *value]:
+        if name not in value or name not in into:
+            side = "the stored state dict" if name not in value else "into"
+            raise StateDictMismatchError(
+                f"key {name!r} is missing from {side} ({key!r}); nothing was copied"
+            )
+    for name, target in into.items():
+        problem = _mismatch(target, value[name])
+        if problem:
+            raise StateDictMismatchError(f"{name!r} of {key!r}: {problem}; nothing was copied")
+    for name, target in into.items():
+        source = value[name]
+        if hasattr(target, "copy_"):
+            import torch
+
+            with torch.no_grad():
+                target.copy_(torch.as_tensor(source))
+        elif hasattr(target, "__array__") and hasattr(target, "shape"):
+            import numpy as np
+
+            np.copyto(target, source)
+        else:
+            into[name] = source
+
+
+def _mismatch(target: Any, source: Any) -> str:
+    if not hasattr(target, "shape"):
+        return ""
+    if not hasattr(source, "shape"):
+        return f"a {type(source).__name__} is stored, into has a tensor"
+    if tuple(target.shape) != tuple(source.shape):
+        return f"shape {tuple(source.shape)} is stored, into has {tuple(target.shape)}"
+    if str(target.dtype).removeprefix("torch.") != str(source.dtype).removeprefix("torch."):
+        return f"dtype {source.dtype} is stored, into has {target.dtype}"
+    return ""
+
+
+# -- moving bytes -----------------------------------------------------------------------
+def _write_file(name: str, parts: Sequence[Any]) -> bool:
+    """Write the value into the pod's reserved /dev/shm file; False if it cannot be
+    opened here after all (then the bytes are sent)."""
+    try:
+        target = shm.open_for_writing(name)
+    except (OSError, ValueError):
+        return False
+    with target:
+        pos = shm.VALUE_OFFSET
+        for part in parts:
+            view = memoryview(part).cast("B")
+            target[pos : pos + view.nbytes] = view
+            pos += view.nbytes
+    return True
+
+
+def _pieces(parts: Sequence[Any], size: int) -> Iterator[tuple[int, list[memoryview]]]:
+    """The concatenation of `parts` as (offset, views) pieces of at most `size` bytes."""
+    offset, piece, filled = 0, [], 0
+    for part in parts:
+        view = memoryview(part).cast("B")
+        while view.nbytes:
+            take = view[: size - filled]
+            piece.append(take)
+            filled += take.nbytes
+            view = view[take.nbytes :]
+            if filled == size:
+                yield offset, piece
+                offset, piece, filled = offset + filled, [], 0
+    if piece:
+        yield offset, piece
+
+
+def _read(key: str, address: Address, token: str, meta: dict[str, Any], whole: bool) -> Any:
+    """The value located at `address`, read the cheapest way this process can (`whole`:
+    all of it will be read, as by into=)."""
+    here = shm.host_key()
+    if meta["file"] and here is not None and meta["host"] == here:
+        return _map(meta, whole)
+    asked = {"k": key, "vid": meta["vid"]}
+    mine = _own_pod()
+    if mine is not None and mine[0] != address:
+        fetch = {"op": "fetch", **asked, "n": meta["n"], "t": token, "pod": meta["pod"]}
+        fetch["from"] = f"{address[0]}:{address[1]}"
+        local = _ask(*mine, fetch, timeout=MOVE_S)
+        if local["file"] and here is not None and local["host"] == here:
+            return _map(local, whole)
+        address, token = mine
+    return _ask(address, token, {"op": "get", **asked}, timeout=MOVE_S)
+
+
+def _map(meta: dict[str, Any], whole: bool) -> Any:
+    """A value from its /dev/shm file; its arrays are views on a private mapping
+    (`whole`: the caller reads all of it).
+
+    Raises:
+        FileNotFoundError: the file is gone, or holds another value now.
+    """
+    mapping: mmap.mmap = shm.open_for_reading(meta["file"], whole=whole)
+    return serialization.loads(shm.value_view(mapping, meta["vid"], meta["n"]))
+
+
+# -- where values are -------------------------------------------------------------------
 def _check_key(key: object) -> None:
     if not isinstance(key, str) or not key:
         raise ConfigError(f"a data store key is a non-empty str, not {key!r}")
@@ -118,31 +300,111 @@ def _own_pod() -> tuple[Address, str] | None:
     return (host, int(port)), token
 
 
-def _holders() -> list[tuple[Address, str]]:
+def _found(key: str, address: Address, token: str, pod: str) -> None:
+    _where[key] = (address, token, pod)
+    _recent[address] = token
+    _recent.move_to_end(address)
+    while len(_recent) > RECENT:
+        _recent.popitem(last=False)
+
+
+def _locate(key: str) -> tuple[Address, str, dict[str, Any]] | None:
+    """The pod that put `key`, its token and the value's meta; None when none has it.
+
+    Raises:
+        PodLostError: the pod that held it when this process last asked is gone, and no
+            other pod has it.
+    """
+    known = _where.get(key)
+    first = [known[:2]] if known else []
+    likely = [pod for pod in dict.fromkeys(_likely()) if pod not in first]
+    lost: PodLostError | None = None
+    # the pod that answered last, then this pod and those that held keys (asked at once,
+    # taken in that order), then every other pod at once, then pods listed since
+    asked: set[tuple[Address, str]] = set()
+    for i, batch in enumerate([first, likely, [], []]):
+        if i == 2:
+            batch = _holders(own=False)
+        elif i == 3:
+            batch = _listed(max_age=0)
+        batch = [pod for pod in batch if pod not in asked]
+        asked.update(batch)
+        refs = [(a, t, _submit(a, t, {"op": "locate", "k": key})) for a, t in batch]
+        for address, token, ref in refs:
+            meta, error = _outcome(ref)
+            if isinstance(error, PodLostError) and known is not None and address == known[0]:
+                lost = PodLostError(
+                    known[2] or error.pod, f"it held {key!r}, and no other pod has it"
+                )
+            if error is None:
+                _found(key, address, token, str(meta["pod"]))
+                return address, token, meta
+    _where.pop(key, None)
+    if lost is not None:
+        raise lost
+    return None
+
+
+def _outcome(ref: Ref[Any]) -> tuple[Any, KtError | None]:
+    """A pod's answer, or why there is none (it holds no such key, or is gone). The
+    error's traceback is dropped: it would hold this frame and its callers' (a getter's
+    value among their locals) in a cycle with the failed Ref, freed only by the cyclic
+    collector, and a value's file is reused only once every getter let go of it."""
+    try:
+        return ref.result(timeout=ASK_S), None
+    except (DataKeyError, PodLostError, GetTimeoutError) as exc:
+        exc.__traceback__ = None
+        return None, exc
+
+
+def _likely() -> list[tuple[Address, str]]:
+    """This process's own pod, then the pods that held keys, newest first."""
+    mine = _own_pod()
+    return [*([mine] if mine else []), *reversed(list(_recent.items()))]
+
+
+def _holders(own: bool = True) -> list[tuple[Address, str]]:
     """Every pod that may hold values, each once: this process's own, its driver's
     pools', then every ready kt pod of the provider (with its pool's token)."""
     seen: dict[Address, str] = {}
-    mine = _own_pod()
+    mine = _own_pod() if own else None
     if mine is not None:
         seen[mine[0]] = mine[1]
     driver = current_driver()
     for pool in list(driver.pools.values()) if driver is not None else []:
         for slot in list(pool.slots):
             seen.setdefault(slot.pod.address, pool.token)
-    try:
-        for pod, token in get_runtime().run(ready_pods_with_tokens(), timeout=ASK_S):
-            seen.setdefault(pod.address, token)
-    except (KtError, TimeoutError):
-        pass  # the provider did not answer: the pods known here are all we ask
+    for address, token in _listed():
+        seen.setdefault(address, token)
     return list(seen.items())
+
+
+_listing: tuple[float, list[tuple[Address, str]]] = (-LISTING_S, [])
+
+
+def _listed(max_age: float = LISTING_S) -> list[tuple[Address, str]]:
+    """The provider's ready pods with their tokens, listed again when the last listing is
+    older than `max_age` (a driver's own pools are known without it; the listing finds
+    other drivers' pods)."""
+    global _listing
+    if time.monotonic() - _listing[0] < max_age:
+        return _listing[1]
+    try:
+        pods = get_runtime().run(ready_pods_with_tokens(), timeout=ASK_S)
+    except (KtError, TimeoutError):
+        return []  # the provider did not answer: the pods known here are all we ask
+    _listing = (time.monotonic(), [(pod.address, token) for pod, token in pods])
+    return _listing[1]
 
 
 def _nearest(key: str) -> tuple[str, ...]:
     return tuple(difflib.get_close_matches(key, list(ls()), n=3, cutoff=0.5))
 
 
-def _ask(address: Address, token: str, header: dict[str, Any], parts: Sequence[Any] = ()) -> Any:
-    """One STORE frame to one pod, and its answer (raised when it is an error)."""
+def _submit(
+    address: Address, token: str, header: dict[str, Any], parts: Sequence[Any] = ()
+) -> Ref[Any]:
+    """One STORE frame to one pod; its Ref completes with the answer."""
     runtime = get_runtime()
     req_id = runtime.new_id()
     head = protocol.orjson_dumps(header)
@@ -150,4 +412,15 @@ def _ask(address: Address, token: str, header: dict[str, Any], parts: Sequence[A
     prefix = protocol.encode_prefix(FrameKind.STORE, req_id, head, size)
     ref: Ref[Any] = Ref(f"kt data store {header['op']}")
     runtime.submit(address, token, req_id, [prefix, head, *parts], ref)
-    return ref.result(timeout=ASK_S)
+    return ref
+
+
+def _ask(
+    address: Address,
+    token: str,
+    header: dict[str, Any],
+    parts: Sequence[Any] = (),
+    timeout: float = ASK_S,
+) -> Any:
+    """One STORE frame to one pod, and its answer (raised when it is an error)."""
+    return _submit(address, token, header, parts).result(timeout=timeout)

@@ -100,3 +100,39 @@ def oom_kills(path: Path | None = None) -> int:
     except (OSError, ValueError):
         pass
     return 0
+
+
+def available_memory(path: Path | None = None, meminfo: str = "/proc/meminfo") -> int:
+    """Bytes this process's pod may still fill: the machine's MemAvailable, or less when
+    its memory cgroup (the pod's) has a limit (less its working set, as the kubelet counts
+    it: usage without inactive file pages)."""
+    available = _meminfo_available(meminfo)
+    path = path or own_memory_cgroup()
+    if path is None:
+        return available
+    v2 = _v2(path)
+    names = (
+        ("memory.max", "memory.current")
+        if v2
+        else ("memory.limit_in_bytes", "memory.usage_in_bytes")
+    )
+    try:
+        limit_text = (path / names[0]).read_text().strip()
+        usage = int((path / names[1]).read_text())
+        stat = dict(line.split(" ", 1) for line in (path / "memory.stat").read_text().splitlines())
+    except (OSError, ValueError):
+        return available
+    if limit_text == "max" or int(limit_text) >= 2**60:
+        return available
+    inactive = int(stat.get("inactive_file" if v2 else "total_inactive_file", "0"))
+    return max(0, min(available, int(limit_text) - (usage - inactive)))
+
+
+def _meminfo_available(meminfo: str) -> int:
+    try:
+        for line in Path(meminfo).read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 2**62  # not known here: no limit of its own

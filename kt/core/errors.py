@@ -323,6 +323,33 @@ class DataKeyError(KtError, KeyError):
         return (type(self), (self.key, self.nearest))
 
 
+class DataTooLargeError(KtError, MemoryError):
+    """The pod that would hold a value has no room for it; nothing was written."""
+
+    def __init__(self, key: str, size: int, pod: str, room: str) -> None:
+        super().__init__(key, size, pod, room)
+        self.key = key
+        self.size = size
+        self.pod = pod
+        self.room = room
+
+    def __str__(self) -> str:
+        return (
+            f"the value of {self.key!r} ({self.size / 2**20:.1f} MiB) does not fit on pod "
+            f"{self.pod} ({self.room}); nothing was stored. Give its pool more memory "
+            "(kt.Compute(memory=...)), remove keys it no longer needs (kt.rm), or put a "
+            "smaller value"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.key, self.size, self.pod, self.room))
+
+
+class StateDictMismatchError(KtError, ValueError):
+    """`kt.get(key, into=...)`: the stored state dict does not fit the one given; nothing
+    was copied."""
+
+
 class GroupFailedError(KtError):
     """An SPMD group is out of restarts: `rank` on `pod` failed last; create it again."""
 

@@ -245,6 +245,33 @@ def loads(payload: bytes | bytearray | memoryview) -> Any:
     return pickle.loads(main, buffers=bufs)
 
 
+_RAW_MAIN = pickle.dumps(pickle.PickleBuffer(b"."), protocol=5, buffer_callback=lambda _: False)
+
+
+def raw_parts(data: memoryview) -> Parts:
+    """`data` framed as a payload whose `loads` is a memoryview on it (the data store's
+    chunks: the bytes travel as they are, one out-of-band buffer)."""
+    return [struct.pack("<I2Q", 1, len(_RAW_MAIN), data.nbytes), _RAW_MAIN, data]
+
+
+def raw_of(payload: memoryview) -> memoryview:
+    """The bytes of a `raw_parts` payload, read without unpickling (a supervisor's side).
+
+    Raises:
+        ValueError: the payload is not one.
+    """
+    if payload.nbytes < 20:
+        raise ValueError("not a raw payload: too short")
+    nbuf, main, size = struct.unpack_from("<I2Q", payload, 0)
+    if (
+        nbuf != 1
+        or bytes(payload[20 : 20 + main]) != _RAW_MAIN
+        or 20 + main + size != payload.nbytes
+    ):
+        raise ValueError("not a raw payload")
+    return payload[20 + main :]
+
+
 def parts_size(parts: Sequence[bytes | memoryview]) -> int:
     return sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in parts)
 

@@ -31,6 +31,7 @@ import re
 import struct
 import threading
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from kt.core.liveness import pid_alive
@@ -46,17 +47,20 @@ _CLAIMED = struct.Struct("<Q")
 def host_key() -> str | None:
     """Names this host's /dev/shm: equal keys mean a file written here is visible there.
 
-    None (shared memory off) where there is no /dev/shm, or when KT_SHM=0.
+    None (shared memory off) where there is no /dev/shm, or when KT_SHM=0. Processes
+    whose KT_SHM_DOMAIN differs never share memory, as if on different hosts (so a test
+    can give local pods the layout of a cluster: memory shared inside a pod, not across).
     """
     if os.environ.get("KT_SHM") == "0":
         return None
+    domain = os.environ.get("KT_SHM_DOMAIN", "")
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
             boot = f.read().strip()
         st = os.stat(SHM_DIR)
     except OSError:
         return None
-    return f"{boot}:{st.st_dev}:{st.st_ino}"
+    return f"{boot}:{st.st_dev}:{st.st_ino}:{domain}"
 
 
 @dataclass
@@ -125,6 +129,128 @@ class ShmArena:
         seg = Segment(name, size, fd, mmap.mmap(fd, size))
         self._segments.append(seg)
         return seg
+
+
+def new_file(size: int) -> tuple[str, mmap.mmap]:
+    """A fresh /dev/shm file of `size` bytes owned by this process, mapped shared (the data
+    store's values); unlinked by `unlink`, or swept once this process is gone."""
+    global _files
+    _files += 1
+    name = f"kt-shm-{os.getpid()}-{_FILE_TAG}-{_files}"
+    fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        return name, mmap.mmap(fd, max(size, 1))
+    except BaseException:
+        os.unlink(os.path.join(SHM_DIR, name))
+        raise
+    finally:
+        os.close(fd)
+
+
+_FILE_TAG = os.urandom(4).hex()
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+_files = 0
+
+
+def _open(name: str, flags: int) -> int:
+    if not _NAME.fullmatch(name):
+        raise ValueError(f"not a kt shared-memory file: {name!r}")
+    return os.open(os.path.join(SHM_DIR, name), flags)
+
+
+def open_for_writing(name: str) -> mmap.mmap:
+    """Another process's file from `new_file`, mapped shared and writable, to fill it
+    (its page tables made at once: a quarter of the cost of faulting them in one by one).
+
+    Raises:
+        ValueError: the name is not a kt file.
+        OSError: the file is gone.
+    """
+    fd = _open(name, os.O_RDWR)
+    try:
+        return mmap.mmap(fd, os.fstat(fd).st_size, flags=mmap.MAP_SHARED | _POPULATE)
+    finally:
+        os.close(fd)
+
+
+def open_for_reading(name: str, *, whole: bool = False) -> mmap.mmap:
+    """A file from `new_file` as a private copy-on-write mapping (writes stay in this
+    process), with a shared lock held while the mapping lives: its owner does not reuse
+    a file someone reads (`unread`). `whole`: the reader reads all of it (page tables
+    made at once).
+
+    Raises:
+        ValueError: the name is not a kt file.
+        OSError: the file is gone.
+    """
+    fd = _open(name, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        size = os.fstat(fd).st_size
+        flags = mmap.MAP_PRIVATE | (_POPULATE if whole else 0)
+        mapping = _Mapping(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    except BaseException:
+        os.close(fd)
+        raise
+    weakref.finalize(mapping, os.close, fd)
+    return mapping
+
+
+@contextlib.contextmanager
+def unread(name: str) -> Iterator[bool]:
+    """Whether no process reads the file now (True: none can start to until the block
+    ends, so its owner may write a new value's header into it)."""
+    try:
+        fd = _open(name, os.O_RDONLY)
+    except OSError:
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)  # drops the lock
+
+
+_VALUE_HEADER = struct.Struct("<8s32sQ")  # magic, value id, size
+_VALUE_MAGIC = b"ktvalue1"
+VALUE_OFFSET = 64  # where a data store value starts in its file
+
+
+def name_value(buffer: mmap.mmap, vid: str, size: int) -> None:
+    """Write the header of a data store file: it holds value `vid` of `size` bytes."""
+    _VALUE_HEADER.pack_into(buffer, 0, _VALUE_MAGIC, vid.encode(), size)
+
+
+def value_view(buffer: mmap.mmap, vid: str, size: int) -> memoryview:
+    """The bytes of value `vid` in a mapped data store file.
+
+    Raises:
+        FileNotFoundError: the file holds another value now (it was dropped and reused).
+    """
+    magic, held, length = _VALUE_HEADER.unpack_from(buffer, 0)
+    if magic != _VALUE_MAGIC or held != vid.encode() or length != size:
+        raise FileNotFoundError(f"the file no longer holds value {vid[:8]}")
+    return memoryview(buffer)[VALUE_OFFSET : VALUE_OFFSET + size]
+
+
+def unlink(name: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(os.path.join(SHM_DIR, name))
+
+
+def free_bytes() -> int:
+    """What /dev/shm can still take."""
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
 
 
 class _Mapping(mmap.mmap):

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import difflib
 import enum
 import hmac
 import logging
@@ -47,17 +46,16 @@ from kt.core.errors import (
     ActorDiedError,
     ActorNotFoundError,
     ConfigError,
-    DataKeyError,
     DeathCause,
     ImageError,
     OwnerDiedError,
-    ProtocolError,
     SyncError,
     SyncSourceFailed,
     check_move,
 )
 from kt.core.liveness import pid_alive
 from kt.core.protocol import FLAGS_OFFSET, ROUTE_OFFSET, FrameFlag, FrameKind
+from kt.supervisor.datastore import FANOUT, DataService
 from kt.supervisor.fetch import FetchError, fetch
 from kt.supervisor.image import ImageCache
 from kt.supervisor.metrics import MethodStats, PodStats
@@ -254,10 +252,11 @@ class Supervisor:
             FrameKind.RESULT: self.on_answer,
             FrameKind.SYNC: self.on_sync,
             FrameKind.IMAGE: self.on_image,
-            FrameKind.STORE: self.on_store,
         }
-        self.data: dict[str, bytes] = {}
+        fanout = int(os.environ.get("KT_DATA_FANOUT", str(FANOUT)))
+        self.data = DataService(self, f"{home}:{port}", fanout)
         """The data store's values held by this pod (`kt.put` from its actors), by key."""
+        self.handlers[FrameKind.STORE] = self.data.on_frame
 
     # -- lifecycle -------------------------------------------------------------------
     async def serve(self) -> None:
@@ -286,6 +285,7 @@ class Supervisor:
         deadline = time.monotonic() + 1.0
         while any(map(pid_alive, pids)) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        self.data.close()
         shm.sweep_dead()  # what the killed workers left in /dev/shm
         shutil.rmtree(self._tmp, ignore_errors=True)
 
@@ -576,32 +576,6 @@ class Supervisor:
             return
         self._answer(peer, req_id, answer)
 
-    def on_store(self, peer: Peer, req_id: int, header: memoryview, frame: memoryview) -> None:
-        """The data store's verbs on this pod's values (FrameKind.STORE); never unpickled."""
-        want = protocol.decode_header(header)
-        op, key = want.get("op"), str(want.get("k", ""))
-        if op == "put":
-            self.data[key] = bytes(frame[protocol.PREFIX_SIZE + len(header) :])
-            answer: object = None
-        elif op == "get":
-            value = self.data.get(key)
-            if value is None:
-                nearest = tuple(difflib.get_close_matches(key, self.data, n=3, cutoff=0.5))
-                self.reply_error(peer.route, req_id, DataKeyError(key, nearest), self.pod)
-                return
-            prefix = protocol.encode_prefix(FrameKind.RESULT, req_id, b"", len(value))
-            peer.channel.send_parts([prefix, value])
-            return
-        elif op == "ls":
-            prefix_ = str(want.get("p", ""))
-            answer = {k: len(v) for k, v in self.data.items() if k.startswith(prefix_)}
-        elif op == "rm":
-            answer = self.data.pop(key, None) is not None
-        else:
-            raise ProtocolError(f"a STORE frame's op must be put, get, ls or rm, not {op!r}")
-        payload = serialization.dumps_bytes(answer)
-        peer.channel.send(protocol.encode(FrameKind.RESULT, req_id, b"", payload))
-
     def on_image(self, peer: Peer, req_id: int, header: memoryview, frame: memoryview) -> None:
         """Run a kt.Image's steps not run yet (`kt.supervisor.image`), output to the caller."""
         self.last_activity = time.monotonic()
@@ -814,4 +788,5 @@ class Supervisor:
                 "versions": self.store.versions(),
             },
             "image": {"steps_run": self.image.steps_run},
+            "data": self.data.status(),
         }

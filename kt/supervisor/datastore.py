@@ -1,0 +1,279 @@
+"""The data store's STORE frames on a pod: its verbs on this pod's values.
+
+Who calls it: `kt.supervisor.server.Supervisor` dispatches FrameKind.STORE here; the
+other end is `kt.actors.datastore` (getters and putters) and `kt.supervisor.pull` (other
+pods pulling a value). The values and their trees are `kt.supervisor.data`.
+
+Verbs (header "op"; replies to kt processes are pickled by `serialization`, replies to
+pods are orjson in a raw payload; values themselves are never unpickled):
+
+    reserve {k, n}        a buffer for a put -> {id, file}: `file` when the putter shares
+                          this host and may write it itself, else it sends "write"s
+    write {id, off}       bytes of a reserved put, at `off`
+    seal {id}             the put becomes the key's value -> its meta
+    abandon {id}          forget a reserved put (its putter failed)
+    locate {k}            the meta of the value this pod put under `k` (or DataKeyError)
+    get {k, vid}          the value's bytes, as one frame
+    fetch {k, vid, n, from, t, pod}
+                          make a replica here (a getter of this pod asks), pulled through
+                          the tree of the origin at `from` -> the replica's meta
+    route {k, vid, node, t, failed}
+                          (from a pod) which node `node` pulls from -> {source, t}
+    chunk {k, vid, off, n}
+                          (from a pod) `n` bytes at `off`, once this pod has them
+    ls {p}, rm {k}        the keys put here under a prefix; drop a key
+"""
+
+from __future__ import annotations
+
+import asyncio
+import difflib
+import logging
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from kt.core import protocol, serialization
+from kt.core.errors import DataKeyError, DataTooLargeError, PodLostError, ProtocolError
+from kt.core.protocol import FrameKind
+from kt.supervisor.data import DataTable, Entry, EntryState, route
+from kt.supervisor.fetch import FetchError
+from kt.supervisor.pull import ValueGone, replicate
+
+if TYPE_CHECKING:
+    from kt.supervisor.server import Peer, Supervisor
+
+logger = logging.getLogger(__name__)
+FANOUT = 2
+"""Pods one node of a value's tree serves (KT_DATA_FANOUT): the origin sends the value
+about this many times however many pods get it."""
+
+
+class DataService:
+    def __init__(self, supervisor: Supervisor, node: str, fanout: int = FANOUT) -> None:
+        self.sup = supervisor
+        self.node = node  # "host:port" other pods reach this supervisor at
+        self.fanout = fanout
+        self.table = DataTable(supervisor.pod, supervisor.host_key)
+        self._pulls: dict[tuple[str, str], asyncio.Task[None]] = {}
+
+    def on_frame(self, peer: Peer, req_id: int, header: memoryview, frame: memoryview) -> None:
+        want = protocol.decode_header(header)
+        payload = frame[protocol.PREFIX_SIZE + len(header) :]
+        op = want.get("op")
+        handler = _VERBS.get(str(op))
+        if handler is None:
+            raise ProtocolError(f"a STORE frame's op must be one of {sorted(_VERBS)}, not {op!r}")
+        try:
+            handler(self, peer, req_id, want, payload)
+        except (DataKeyError, DataTooLargeError, LookupError, ValueError, OSError) as exc:
+            self.sup.reply_error(peer.route, req_id, exc, self.sup.pod)
+
+    def _answer(self, peer: Peer, req_id: int, value: Any) -> None:
+        body = serialization.dumps_bytes(value)
+        peer.channel.send(protocol.encode(FrameKind.RESULT, req_id, b"", body))
+
+    def _answer_pod(self, peer: Peer, req_id: int, value: dict[str, Any]) -> None:
+        parts = serialization.raw_parts(memoryview(orjson.dumps(value)))
+        size = serialization.parts_size(parts)
+        peer.channel.send_parts(
+            [protocol.encode_prefix(FrameKind.RESULT, req_id, b"", size), *parts]
+        )
+
+    def _meta(self, entry: Entry) -> dict[str, object]:
+        return entry.meta(self.sup.pod, self.sup.host_key)
+
+    def _missing(self, key: str) -> DataKeyError:
+        keys = list(self.table.listing(""))
+        return DataKeyError(key, tuple(difflib.get_close_matches(key, keys, n=3, cutoff=0.5)))
+
+    # -- putting ---------------------------------------------------------------------
+    def reserve(self, peer: Peer, req_id: int, want: dict[str, Any], _: memoryview) -> None:
+        key, size = str(want["k"]), int(want["n"])
+        put_id, entry = self.table.reserve(key, size)
+        file = entry.file if peer.same_host else None
+        self._answer(peer, req_id, {"id": put_id, "file": file})
+
+    def write(self, peer: Peer, req_id: int, want: dict[str, Any], payload: memoryview) -> None:
+        self.table.write(str(want["id"]), int(want["off"]), payload)
+        self._answer(peer, req_id, None)
+
+    def seal(self, peer: Peer, req_id: int, want: dict[str, Any], _: memoryview) -> None:
+        entry = self.table.seal(str(want["id"]), "", self.sup.token.decode())
+        self._answer(peer, req_id, self._meta(entry))
+
+    def abandon(self, peer: Peer, req_id: int, want: dict[str, Any], _: memoryview) -> None:
+        self.table.abandon(str(want["id"]))
+        self._answer(peer, req_id, None)
+
+    # -- getting ---------------------------------------------------------------------
+    def locate(self, peer: Peer, req_id: int, want: dict[str, Any], _: memoryview) -> None:
+        key = str(want["k"])
+        entry = self.table.origin(key)
+        if entry is None:
+            raise self._missing(key)
+        self._answer(peer, req_id, self._meta(entry))
+
+    def _held(self, want: dict[str, Any]) -> Entry:
+        key, vid = str(want["k"]), str(want.get("vid", ""))
+        entry = self.table.held(key, vid)
+        if entry is None:
+            raise LookupError(f"pod {self.sup.pod} holds no copy of {key!r} ({vid[:8]})")
+        return entry
+
+    def get(self, peer: Peer, req_id: int, want: dict[str, Any], _: memoryview) -> None:
+        entry = self._held(want)
+        self._send_when(peer, req_id, entry, 0, entry.size, raw=False)
+
+    def chunk(self, peer: Peer, req_id: int, want: dict[str, Any], _: memoryview) -> None:
+        entry = self._held(want)
+        offset, n = int(want["off"]), int(want["n"])
+        if offset < 0 or n < 0 or offset + n > entry.size:
+            raise ValueError(f"bytes {offset}..{offset + n} are outside {entry.key!r}")
+        self._send_when(peer, req_id, entry, offset, n, raw=True)
+
+    def _send_when(
+        self, peer: Peer, req_id: int, entry: Entry, offset: int, n: int, *, raw: bool
+    ) -> None:
+        """Send bytes `offset`..`offset + n` of `entry` once they are here (raw: to a pod,
+        framed by `raw_parts`; else the value's own bytes, which are its pickle)."""
+
+        def send() -> None:
+            view = entry.view[offset : offset + n]
+            parts = serialization.raw_parts(view) if raw else [view]
+            size = serialization.parts_size(parts)
+            prefix = protocol.encode_prefix(FrameKind.RESULT, req_id, b"", size)
+            peer.channel.send_parts([prefix, *parts])
+            self.table.bytes_sent += n
+            if raw:
+                self.table.bytes_to_pods += n
+
+        if entry.have >= offset + n:
+            send()
+            return
+
+        async def later() -> None:
+            try:
+                await entry.wait_for(offset + n)
+            except Exception as exc:  # the pull feeding it failed: so does this read
+                self.sup.reply_error(peer.route, req_id, _as_kt(exc), self.sup.pod)
+                return
+            send()
+
+        asyncio.get_running_loop().create_task(later())
+
+    def fetch(self, peer: Peer, req_id: int, want: dict[str, Any], _: memoryview) -> None:
+        key, vid = str(want["k"]), str(want["vid"])
+        entry = self.table.held(key, vid)
+        if entry is None:
+            entry = self.table.replica(key, int(want["n"]), vid)
+            host, port = str(want["from"]).rsplit(":", 1)
+            origin = (host, int(port))
+            task = replicate(
+                entry,
+                origin,
+                str(want["t"]),
+                node=self.node,
+                node_token=self.sup.token.decode(),
+                caller=f"pod {self.sup.pod}",
+                counted=self._pulled,
+            )
+            pull = asyncio.get_running_loop().create_task(
+                self._replicate(entry, task, str(want.get("pod", "?")))
+            )
+            self._pulls[(key, vid)] = pull
+
+        async def answer() -> None:
+            try:
+                await entry.wait_for(entry.size)
+            except Exception as exc:
+                self.sup.reply_error(peer.route, req_id, _as_kt(exc), self.sup.pod)
+                return
+            self._answer(peer, req_id, self._meta(entry))
+
+        asyncio.get_running_loop().create_task(answer())
+
+    def _pulled(self, n: int) -> None:
+        self.table.bytes_pulled += n
+
+    async def _replicate(self, entry: Entry, task: Any, origin_pod: str) -> None:
+        try:
+            await task
+            entry.state = EntryState.READY
+        except FetchError as exc:
+            entry.error = PodLostError(
+                origin_pod, f"it held {entry.key!r}, and pod {self.sup.pod} lost it: {exc}"
+            )
+        except ValueGone:
+            entry.error = DataKeyError(entry.key)
+        except Exception as exc:  # our own memory, a bug: the getters are told
+            logger.exception("replica of %r failed", entry.key)
+            entry.error = exc
+        finally:
+            self._pulls.pop((entry.key, entry.vid), None)
+            if entry.error is not None:
+                if self.table.values.get(entry.key) is entry:
+                    del self.table.values[entry.key]
+                self.table.discard(entry)
+            entry.advanced()
+
+    def route(self, peer: Peer, req_id: int, want: dict[str, Any], _: memoryview) -> None:
+        entry = self.table.origin(str(want["k"]))
+        if entry is None or entry.vid != str(want.get("vid")):
+            self._answer_pod(peer, req_id, {"gone": True})
+            return
+        node = str(want["node"])
+        entry.tokens[node] = str(want["t"])
+        failed = want.get("failed")
+        if failed:
+            entry.dead.add(str(failed))
+        source = route(entry.tree, entry.dead, node, self.fanout)
+        self._answer_pod(peer, req_id, {"source": source or self.node, "t": entry.tokens[source]})
+
+    # -- the key table ---------------------------------------------------------------
+    def ls(self, peer: Peer, req_id: int, want: dict[str, Any], _: memoryview) -> None:
+        self._answer(peer, req_id, self.table.listing(str(want.get("p", ""))))
+
+    def rm(self, peer: Peer, req_id: int, want: dict[str, Any], _: memoryview) -> None:
+        self._answer(peer, req_id, self.table.remove(str(want["k"])))
+
+    def status(self) -> dict[str, Any]:
+        t = self.table
+        return {
+            "keys": len(t.listing("")),
+            "replicas": sum(1 for e in t.values.values() if not e.origin),
+            "bytes_held": sum(e.size for e in t.values.values()),
+            "files_pooled": len(t.pool),
+            "files_made": t.files_made,
+            "bytes_sent": t.bytes_sent,
+            "bytes_to_pods": t.bytes_to_pods,
+            "bytes_pulled": t.bytes_pulled,
+        }
+
+    def close(self) -> None:
+        for pull in self._pulls.values():
+            pull.cancel()
+        self.table.close()
+
+
+def _as_kt(exc: BaseException) -> BaseException:
+    return (
+        exc
+        if isinstance(exc, DataKeyError | PodLostError | DataTooLargeError)
+        else LookupError(str(exc))
+    )
+
+
+_VERBS = {
+    "reserve": DataService.reserve,
+    "write": DataService.write,
+    "seal": DataService.seal,
+    "abandon": DataService.abandon,
+    "locate": DataService.locate,
+    "get": DataService.get,
+    "fetch": DataService.fetch,
+    "route": DataService.route,
+    "chunk": DataService.chunk,
+    "ls": DataService.ls,
+    "rm": DataService.rm,
+}
