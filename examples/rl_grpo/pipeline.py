@@ -8,8 +8,11 @@ The pieces are laid out the way a real GRPO pipeline is, each a kt part:
   `asyncio.gather`;
 - `Trainer` (kt.cls on `Compute.distribute("pytorch", workers=2)`): an SPMD group of two
   ranks, gloo DDP; each rank takes half of the batch, DDP averages the gradients;
-- weight sync: `kt.distributed.collective_group([trainer.rank(0), *rollouts])` and a
-  broadcast of the policy's state dict after every step, versioned;
+- weight sync after every step, two ways (`weight_sync=`): "collective" (the default),
+  `kt.distributed.collective_group([trainer.rank(0), *rollouts])` made once and a
+  broadcast of the policy's state dict; or "store", trainer rank 0 `kt.put`s it under a
+  versioned key and each rollout `kt.get(key, into=...)`s it into its own tensors, in
+  place (the version before is removed);
 - one step of overlap (`overlap=True`): rollouts for step k+1 (with weights k) run while
   the trainer does step k; the sync follows when both are done.
 
@@ -47,7 +50,7 @@ def _policy(task_name: str, model: dict[str, Any], seed: int) -> Policy:
 
 
 class RolloutWorker:
-    """Samples completions with its copy of the policy (updated in place by the broadcast)."""
+    """Samples completions with its copy of the policy (updated in place by `load`)."""
 
     def __init__(self, task_name: str, model: dict[str, Any], seed: int, index: int) -> None:
         self.task = get_task(task_name)
@@ -55,10 +58,18 @@ class RolloutWorker:
         self.gen = torch.Generator().manual_seed(seed * 1000 + 10_000 + index)
         self.version = 0
 
-    def sample(self, prompts: torch.Tensor, group: int, version: int) -> dict[str, Any]:
-        """`version`: the weights this actor holds now (every broadcast before this call,
-        from the same driver, has run: calls from one caller run in order)."""
+    def load(self, key: str, version: int) -> None:
+        """The trainer's weights of `version`, from the data store into this policy."""
+        kt.get(key, into=self.policy.state_dict())
         self.version = version
+
+    def synced(self, version: int) -> None:
+        """A broadcast gave this policy the weights of `version`."""
+        self.version = version
+
+    def sample(self, prompts: torch.Tensor, group: int) -> dict[str, Any]:
+        """Completions, with the version of the weights that made them (every sync sent
+        before this call by the same driver has run: its calls run in order)."""
         t = time.perf_counter()
         completions, old_logprobs = self.policy.sample(prompts, group, self.gen)
         return {
@@ -83,7 +94,7 @@ def score(task_name: str, prompts: torch.Tensor, completions: torch.Tensor, grou
 
 
 class Trainer:
-    """One rank of the DDP trainer; `policy` is the bare module that the broadcast reads."""
+    """One rank of the DDP trainer; `policy` is the bare module whose weights are synced."""
 
     def __init__(
         self, task_name: str, model: dict[str, Any], seed: int, hp: Hyper, steps: int
@@ -111,6 +122,10 @@ class Trainer:
         self.sched.step()
         return {**stats, "seconds": time.perf_counter() - t}
 
+    def publish(self, key: str) -> None:
+        """Put this rank's weights (rank 0's, DDP keeps every rank's equal) in the store."""
+        kt.put(key, self.policy.state_dict())
+
     def flat_weights(self) -> torch.Tensor:
         return get_flat_state(self.policy)
 
@@ -126,6 +141,7 @@ class RunConfig:
     backend: str | None = None
     stop_at_exact: float | None = None  # stop once greedy exact-match reaches this
     stop_at_gain: float | None = None  # stop once the 5-step mean reward rose this much
+    weight_sync: str = "collective"  # or "store": kt.put / kt.get(into=)
 
 
 @dataclass
@@ -184,16 +200,32 @@ async def run_async(cfg: RunConfig, progress: Progress | None = None) -> Run:
     ]
     reward = kt.fn(score).to(rollout_pool)
     trainer = kt.cls(Trainer).to(trainer_pool, init_args=(cfg.task, model, cfg.seed, hp, cfg.steps))
-    weights = await asyncio.to_thread(collective_group, [trainer.rank(0), *workers])
+    if cfg.weight_sync not in ("collective", "store"):
+        raise ValueError(f"weight_sync={cfg.weight_sync!r}: 'collective' or 'store'")
+    if cfg.weight_sync == "collective":
+        group = await asyncio.to_thread(collective_group, [trainer.rank(0), *workers])
+    # every part started before the clock starts (the group's making waited for them too)
+    await asyncio.gather(trainer.flat_weights.remote(), *(w.synced.remote(0) for w in workers))
+    keys = f"grpo-{os.getpid()}-{time.time_ns()}/policy"  # "store": <keys>/v<step>
+
+    async def sync(step: int) -> None:
+        """Every rollout gets the trainer's weights of `step`."""
+        if cfg.weight_sync == "collective":
+            await asyncio.to_thread(group.broadcast_state_dict, "policy")
+            await asyncio.gather(*(w.synced.remote(step) for w in workers))
+            return
+        await trainer.rank(0).publish.remote(f"{keys}/v{step}")
+        loads = [w.load.remote(f"{keys}/v{step}", step) for w in workers]
+        old = [asyncio.to_thread(kt.rm, f"{keys}/v{step - 1}")] if step > 1 else []
+        await asyncio.gather(*loads, *old)  # the version before goes meanwhile
+
     held_out = eval_prompts(task, hp.eval_size, cfg.seed)
     unseen = {tuple(p) for p in held_out.tolist()}  # evaluation prompts are never trained on
     prompt_gen = torch.Generator().manual_seed(cfg.seed)
-    run = Run(History(), parts={"workers": workers, "trainer": trainer, "weights": weights})
+    run = Run(History(), parts={"workers": workers, "trainer": trainer})
     c = run.compute_s = dict.fromkeys(("rollout", "reward", "train", "critical"), 0.0)
     c["overlapped"] = float(cfg.overlap)
     t0 = time.perf_counter()
-
-    synced = 0  # weight versions broadcast so far
 
     def fresh_prompts() -> torch.Tensor:
         prompts = task.sample_prompts(hp.prompts, prompt_gen)
@@ -207,7 +239,7 @@ async def run_async(cfg: RunConfig, progress: Progress | None = None) -> Run:
         prompts = fresh_prompts()
         chunks = prompts.chunk(cfg.rollouts)
         return prompts, [
-            w.sample.remote(ch, hp.group, synced) for w, ch in zip(workers, chunks, strict=True)
+            w.sample.remote(ch, hp.group) for w, ch in zip(workers, chunks, strict=True)
         ]
 
     async def evaluate(step: int) -> float:
@@ -243,8 +275,7 @@ async def run_async(cfg: RunConfig, progress: Progress | None = None) -> Run:
             stats, next_rollout_s = await train_ref, 0.0
         train_s = max(s["seconds"] for s in stats)
         t = time.perf_counter()
-        await asyncio.to_thread(weights.broadcast_state_dict, "policy")
-        synced = step
+        await sync(step)
         run.sync_s += time.perf_counter() - t
         if not cfg.overlap and step < cfg.steps:
             prompts, pending = launch()

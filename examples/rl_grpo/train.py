@@ -32,6 +32,12 @@ def parse(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Namespace]
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lr", type=float, default=Hyper.lr)
     ap.add_argument("--no-overlap", action="store_true", help="no rollout/train overlap")
+    ap.add_argument(
+        "--weight-sync",
+        default="collective",
+        choices=["collective", "store"],
+        help="broadcast in a collective group, or kt.put / kt.get(into=) via the data store",
+    )
     ap.add_argument("--stop-at", type=float, default=None, help="stop at this exact-match")
     ap.add_argument("--min-exact", type=float, default=None, help="exit 1 below this")
     ap.add_argument("--max-overhead", type=float, default=None, help="exit 1 above this")
@@ -46,6 +52,7 @@ def parse(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Namespace]
         overlap=not a.no_overlap,
         hp=hp,
         stop_at_exact=a.stop_at,
+        weight_sync=a.weight_sync,
     )
     return cfg, a
 

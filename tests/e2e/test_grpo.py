@@ -4,7 +4,8 @@ Covers: with two rollout actors, the reward fan-out and a 2-rank DDP trainer, me
 reward rises by at least 0.5 within 150 steps, in under 3 minutes, and the run stops at
 the first step where it has (`stop_at_gain`); after the last
 weight sync every rollout actor holds exactly the trainer's weights, and the two
-trainer ranks hold the same weights.
+trainer ranks hold the same weights. Both weight syncs: a collective group's broadcast,
+and the data store (`kt.put` by rank 0, `kt.get(key, into=...)` in the rollouts).
 """
 
 from __future__ import annotations
@@ -23,8 +24,11 @@ from pipeline import RunConfig, run_pipeline, teardown  # noqa: E402
 
 
 @pytest.mark.timeout(400)
-def test_grpo_reverse_learns_and_rollouts_hold_the_trainers_weights() -> None:
-    cfg = RunConfig(task="reverse", steps=150, seed=0, rollouts=2, stop_at_gain=0.5)
+@pytest.mark.parametrize("weight_sync", ["collective", "store"])
+def test_grpo_reverse_learns_and_rollouts_hold_the_trainers_weights(weight_sync: str) -> None:
+    cfg = RunConfig(
+        task="reverse", steps=150, seed=0, rollouts=2, stop_at_gain=0.5, weight_sync=weight_sync
+    )
     start = time.monotonic()
     run = run_pipeline(cfg)  # pods, actors, trainer group, collective group, training
     elapsed = time.monotonic() - start
