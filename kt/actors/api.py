@@ -520,10 +520,11 @@ def get(
     timeout: float | None = None,
     *,
     into: MutableMapping[str, Any] | None = None,
+    dest: str | os.PathLike[str] | None = None,
 ) -> Any:
     """The value of a Ref, or the values of a list of Refs (in order); given a str, the
     value the data store holds under that key (`kt.put`), copied in place into the state
-    dict `into` when one is given.
+    dict `into` when one is given, or its files written at `dest`.
 
     Raises:
         GetTimeoutError: not everything was ready within `timeout` seconds.
@@ -532,9 +533,9 @@ def get(
     """
     require_driver_thread("kt.get")
     if isinstance(refs, str):
-        return datastore.get(refs, timeout, into=into)
-    if into is not None:
-        raise ConfigError("kt.get(..., into=) takes a data store key, not Refs")
+        return datastore.get(refs, timeout, into=into, dest=dest)
+    if into is not None or dest is not None:
+        raise ConfigError("kt.get(..., into=/dest=) takes a data store key, not Refs")
     if isinstance(refs, Ref):
         return refs.result(timeout)
     if isinstance(refs, StreamRef):

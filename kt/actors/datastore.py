@@ -29,6 +29,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from typing import Any
 
+from kt.actors import files
 from kt.actors.driver import current_driver, get_driver, get_runtime, ready_pods_with_tokens
 from kt.core import protocol, serialization, shm
 from kt.core.errors import (
@@ -59,12 +60,18 @@ _recent: OrderedDict[Address, str] = OrderedDict()  # pods that held keys, newes
 def put(key: str, value: Any) -> None:
     """Store `value` under `key`, replacing what was there; held by this process's pod.
 
+    A path (`pathlib.Path`, or a str naming an existing file or directory) stores the
+    files there (`kt.get(key, dest=...)` writes them).
+
     Raises:
-        ConfigError: the key is not a non-empty str, or the driver has no pod to hold it.
+        ConfigError: the key is not a non-empty str, the driver has no pod to hold it, or
+            a path cannot be read.
         SerializationError: the value cannot be pickled (the path to the culprit named).
         DataTooLargeError: the pod has no room for it (nothing was stored).
     """
     _check_key(key)
+    if files.is_path(value):
+        value = files.pack(value)
     parts = serialization.dumps_value(value, f"kt.put({key!r})")
     size = serialization.parts_size(parts)
     address, token = _home()
@@ -86,20 +93,28 @@ def put(key: str, value: Any) -> None:
 
 
 def get(
-    key: str, timeout: float | None = None, *, into: MutableMapping[str, Any] | None = None
+    key: str,
+    timeout: float | None = None,
+    *,
+    into: MutableMapping[str, Any] | None = None,
+    dest: str | os.PathLike[str] | None = None,
 ) -> Any:
     """The value stored under `key`; waits up to `timeout` s for it to appear.
 
     With `into` (a state dict: names -> tensors or arrays), the stored one's tensors are
-    copied into its own, in place, and `into` is returned.
+    copied into its own, in place, and `into` is returned. With `dest`, files put from a
+    path are written there (a directory's under it), and the path written is returned.
 
     Raises:
         DataKeyError: no pod holds `key` (and `timeout` is None): names the nearest keys.
         GetTimeoutError: `timeout` passed and no pod held it.
         PodLostError: the pod holding it went away (naming the key and the pod).
         StateDictMismatchError: `into` does not match the stored state dict (nothing copied).
+        ConfigError: `dest` for a value that is not files, or none for files.
     """
     _check_key(key)
+    if into is not None and dest is not None:
+        raise ConfigError("kt.get takes into= (a state dict) or dest= (files), not both")
     deadline = None if timeout is None else time.monotonic() + timeout
     lost: PodLostError | None = None
     misses = 0  # reads that failed after the key was located
@@ -126,6 +141,17 @@ def get(
         if time.monotonic() >= deadline:
             raise GetTimeoutError(f"no value was stored under key {key!r} within {timeout} s")
         time.sleep(POLL_S)
+    if isinstance(value, files.FileTree) != (dest is not None):
+        if dest is None:
+            raise ConfigError(
+                f"{key!r} holds {len(value.files)} files put from {value.name!r}: pass "
+                "dest= the path to write them to"
+            )
+        raise ConfigError(
+            f"{key!r} holds a {type(value).__name__}, not files: dest= is for keys put from a path"
+        )
+    if dest is not None:
+        return files.unpack(value, dest, key)
     if into is None:
         return value
     copy_into(into, value, key)

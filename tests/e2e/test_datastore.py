@@ -9,11 +9,16 @@ Behaviours covered (on both backends, the k8s one on the test cluster, but the l
 - kt.get(key, timeout=...) waits for a key put later, and raises GetTimeoutError when
   none comes;
 - from the driver, kt.put keeps the value on a pod of its latest pool, and refuses,
-  saying what to do, when it has none; keys must be non-empty strs.
+  saying what to do, when it has none; keys must be non-empty strs;
+- a directory (nested, an empty file, an executable, a link) put by an actor is written
+  by an actor on another pod with the same bytes and modes; a single file from the
+  driver lands inside a dest directory; getting files without dest=, dest= for a plain
+  value, or a missing path are refused saying what to do.
 """
 
 from __future__ import annotations
 
+import pathlib
 import subprocess
 import sys
 import threading
@@ -43,6 +48,30 @@ class Holder:
         import os
 
         return os.environ["KT_POD"]
+
+    def get_files(self, key: str, dest: str) -> tuple[str, dict[str, tuple[str, int]]]:
+        return kt.get(key, dest=dest), _listing(dest)
+
+    def put_files(self, key: str, path: str) -> None:
+        kt.put(key, path)
+
+
+def _listing(root: str) -> dict[str, tuple[str, int]]:
+    """Every file under `root` (or `root` itself): relative path -> (sha256, mode)."""
+    import hashlib
+    import os
+
+    if os.path.isfile(root):
+        with open(root, "rb") as f:
+            return {".": (hashlib.sha256(f.read()).hexdigest(), os.stat(root).st_mode & 0o777)}
+    out = {}
+    for directory, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(directory, name)
+            with open(path, "rb") as f:
+                digest = hashlib.sha256(f.read()).hexdigest()
+            out[os.path.relpath(path, root)] = (digest, os.stat(path).st_mode & 0o777)
+    return out
 
 
 @pytest.fixture(scope="module", params=["local", "k8s"])
@@ -110,6 +139,40 @@ def test_the_driver_puts_on_a_pod_of_its_latest_pool(holders: Any) -> None:
     for bad in ("", 7):
         with pytest.raises(kt.ConfigError, match="non-empty str"):
             kt.put(bad, 1)  # type: ignore[arg-type]
+
+
+def test_files_and_directories_travel_with_their_modes(
+    holders: Any, tmp_path: pathlib.Path
+) -> None:
+    a, b, _ = holders
+    src = tmp_path / "dataset"
+    (src / "sub" / "deeper").mkdir(parents=True)
+    (src / "a.txt").write_text("alpha\n")
+    (src / "sub" / "b.bin").write_bytes(np.random.default_rng(1).bytes(5 * 2**20))
+    (src / "sub" / "deeper" / "empty").write_bytes(b"")
+    (src / "run.sh").write_text("#!/bin/sh\necho hi\n")
+    (src / "run.sh").chmod(0o755)
+    (src / "link.txt").symlink_to(src / "a.txt")  # followed, as cp -r does
+    expected = _listing(str(src))
+    key = f"files-{uuid.uuid4().hex[:6]}"
+    a.put_files(key, str(src))  # an actor's pod holds it; an actor elsewhere writes it
+    written, listing = b.get_files(key, str(tmp_path / "out" / "data"))
+    assert written == str(tmp_path / "out" / "data") and listing == expected
+    assert listing["run.sh"][1] == 0o755 and listing["link.txt"] == listing["a.txt"]
+
+    single = f"file-{uuid.uuid4().hex[:6]}"
+    kt.put(single, src / "sub" / "b.bin")  # a Path: files, from the driver
+    (tmp_path / "into").mkdir()
+    assert kt.get(single, dest=tmp_path / "into") == str(tmp_path / "into" / "b.bin")
+    assert _listing(str(tmp_path / "into" / "b.bin"))["."] == expected["sub/b.bin"]
+
+    with pytest.raises(kt.ConfigError, match=r"holds 5 files put from 'dataset': pass dest="):
+        kt.get(key)
+    kt.put(single + "-plain", "not/a/path/here")  # a str naming no path is a str
+    with pytest.raises(kt.ConfigError, match=r"holds a str, not files"):
+        kt.get(single + "-plain", dest=tmp_path / "x")
+    with pytest.raises(kt.ConfigError, match=r"no such file or directory"):
+        kt.put(single, tmp_path / "missing")
 
 
 NO_POOL = """
