@@ -1,7 +1,8 @@
 """The data store: `kt.put` / `kt.get` / `kt.ls` / `kt.rm`, from the driver, an actor or a rank.
 
 A value lives in the supervisor of the pod that put it (`kt.supervisor.datastore`): an
-actor's or rank's own pod, or, from the driver, the first pod of the pool it made last.
+actor's or rank's own pod, or, from the driver, the first pod of the pool it made last;
+with `lifetime="detached"`, the namespace's store pod (`STORE`).
 It is pickled once where it is put (pickle 5: an array's bytes are out-of-band buffers,
 never pickled) and stays those bytes on its pod, which never unpickles it.
 
@@ -57,8 +58,10 @@ _where: dict[str, tuple[Address, str, str]] = {}  # key -> the pod that answered
 _recent: OrderedDict[Address, str] = OrderedDict()  # pods that held keys, newest last
 
 
-def put(key: str, value: Any) -> None:
-    """Store `value` under `key`, replacing what was there; held by this process's pod.
+def put(key: str, value: Any, *, lifetime: str | None = None) -> None:
+    """Store `value` under `key`, replacing what was there; held by this process's pod
+    for its pool's life, or with `lifetime="detached"` by the namespace's store pod
+    (`STORE`), which outlives every driver until `kt teardown`.
 
     A path (`pathlib.Path`, or a str naming an existing file or directory) stores the
     files there (`kt.get(key, dest=...)` writes them).
@@ -70,11 +73,13 @@ def put(key: str, value: Any) -> None:
         DataTooLargeError: the pod has no room for it (nothing was stored).
     """
     _check_key(key)
+    if lifetime not in (None, "detached"):
+        raise ConfigError(f"lifetime={lifetime!r}: choose None (its pool's) or 'detached'")
     if files.is_path(value):
         value = files.pack(value)
     parts = serialization.dumps_value(value, f"kt.put({key!r})")
     size = serialization.parts_size(parts)
-    address, token = _home()
+    address, token = _store_pod() if lifetime == "detached" else _home()
     reserved = _ask(address, token, {"op": "reserve", "k": key, "n": size})
     put_id = reserved["id"]
     try:
@@ -304,7 +309,8 @@ def _check_key(key: object) -> None:
 
 
 def _home() -> tuple[Address, str]:
-    """The pod that holds what this process puts."""
+    """The pod that holds what this process puts: its own, or from the driver a pod of
+    the latest pool it made that ends with it (a detached one only when it has no other)."""
     mine = _own_pod()
     if mine is not None:
         return mine
@@ -314,8 +320,35 @@ def _home() -> tuple[Address, str]:
             "kt.put from the driver keeps the value on a pod of its pools, and it has none "
             "yet: make an actor or a function's pool first (kt.cls(...).remote(), .to())"
         )
-    pool = pools[-1]
+    own = [p for p in pools if not p.detached]  # the driver's own: values end with them
+    pool = (own or pools)[-1]
     return pool.slots[0].pod.address, pool.token
+
+
+STORE = "kt-store"
+"""The named detached actor whose pod holds detached values (pool `kt-store-detached`):
+it only keeps the pod; values go to its supervisor directly."""
+_store: Any = None  # this process's handle on it
+
+
+class StorePin:
+    """The actor of the store pod: nothing to do but be there."""
+
+    def ping(self) -> None:
+        return None
+
+
+def _store_pod() -> tuple[Address, str]:
+    """The pod of the namespace's store, made on first use (by any driver or actor)."""
+    global _store
+    if _store is None:
+        from kt.actors.api import cls  # api imports this module
+        from kt.core.compute import Compute
+
+        compute = Compute(cpus=1, replicas=1, name=STORE)
+        options = {"name": STORE, "lifetime": "detached", "get_if_exists": True}
+        _store = cls(StorePin).options(compute=compute, cpus=0, **options).remote()
+    return _store.wait_placed(120), _store._token
 
 
 def _own_pod() -> tuple[Address, str] | None:

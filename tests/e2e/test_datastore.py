@@ -13,11 +13,14 @@ Behaviours covered (on both backends, the k8s one on the test cluster, but the l
 - a directory (nested, an empty file, an executable, a link) put by an actor is written
   by an actor on another pod with the same bytes and modes; a single file from the
   driver lands inside a dest directory; getting files without dest=, dest= for a plain
-  value, or a missing path are refused saying what to do.
+  value, or a missing path are refused saying what to do;
+- a value put with lifetime="detached" by a driver that has exited is got by another
+  (the namespace's store pod holds it), while its plain value went with its pool.
 """
 
 from __future__ import annotations
 
+import asyncio
 import pathlib
 import subprocess
 import sys
@@ -30,6 +33,7 @@ import numpy as np
 import pytest
 
 import kt
+from kt.core.provider import get_provider
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -173,6 +177,42 @@ def test_files_and_directories_travel_with_their_modes(
         kt.get(single + "-plain", dest=tmp_path / "x")
     with pytest.raises(kt.ConfigError, match=r"no such file or directory"):
         kt.put(single, tmp_path / "missing")
+
+
+DETACHED = """
+import kt
+pool = kt.Compute(cpus=1, replicas=1, backend="local", name="short-" + KEY[-6:])
+h = kt.cls(dict).options(compute=pool, cpus=0).remote()  # a pool of this driver's own
+h.keys()
+kt.put(KEY + "/kept", {"step": 12}, lifetime="detached")
+kt.put(KEY + "/gone", {"step": 1})
+print("put", sorted(kt.ls(KEY)), flush=True)
+"""
+
+
+@pytest.mark.timeout(240)
+def test_a_detached_value_outlives_its_driver_and_a_plain_one_does_not() -> None:
+    key = f"detached-{uuid.uuid4().hex[:6]}"
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", DETACHED.replace("KEY", repr(key))],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert f"put ['{key}/gone', '{key}/kept']" in out.stdout, out.stdout
+        deadline = time.monotonic() + 30  # the driver's own pool ends with it
+        while key + "/gone" in kt.ls(key) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert kt.get(key + "/kept") == {"step": 12}
+        assert list(kt.ls(key)) == [key + "/kept"]
+        with pytest.raises(kt.ConfigError, match="lifetime='forever'"):
+            kt.put(key, 1, lifetime="forever")
+    finally:
+        provider = get_provider("local")
+        for pod in asyncio.run(provider.list_pods("kt-store-detached")):
+            asyncio.run(provider.delete_pod(pod.pool, pod.name))
 
 
 NO_POOL = """
