@@ -3,8 +3,9 @@
 Every call carries its caller and sequence number and its actor answers with them and its
 own index, so a result that is lost, duplicated or delivered to the wrong Ref shows as a
 mismatch. `soak` measures the driver's and the supervisors' RSS between two phases;
-`chaos` kills a random actor process at an interval while the callers run, and reads the
-executions each actor appended to its file, so "never ran twice" is counted, not assumed.
+`chaos` kills a random actor process at points spread over the calls while they run, and
+reads the executions each actor appended to its file, so "never ran twice" is counted,
+not assumed.
 """
 
 from __future__ import annotations
@@ -76,13 +77,49 @@ class Tally:
         return self.ok + self.wrong + self.hung + sum(self.errors.values()) == self.calls
 
 
+class Gate:
+    """Holds callers back so that a killer keeps pace with the calls, whatever the
+    machine's speed: a caller may start a batch only while fewer than `allowed` calls have
+    been sent; the killer raises `allowed` after each kill. `wait_s` bounds a wait, so a
+    killer that cannot kill slows the run down without hanging it."""
+
+    def __init__(self, allowed: int, wait_s: float = 30.0) -> None:
+        self._cond = threading.Condition()
+        self.sent = 0
+        self.allowed = allowed
+        self.wait_s = wait_s
+
+    def admit(self, n: int) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self.sent < self.allowed, timeout=self.wait_s)
+            self.sent += n
+
+    def reached(self, sent: int, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self.sent >= sent, timeout=timeout)
+
+    def allow(self, more: int) -> None:
+        with self._cond:
+            self.allowed += more
+            self._cond.notify_all()
+
+
 def _caller(
-    me: int, actors: Sequence[Any], calls: int, window: int, timeout: float, out: Tally
+    me: int,
+    actors: Sequence[Any],
+    calls: int,
+    window: int,
+    timeout: float,
+    out: Tally,
+    gate: Gate | None,
 ) -> None:
     seq = 0
     while seq < calls:
         batch = []
-        for _ in range(min(window, calls - seq)):
+        n = min(window, calls - seq)
+        if gate is not None:
+            gate.admit(n)
+        for _ in range(n):
             index = (me + seq) % len(actors)
             batch.append((seq, index, actors[index].echo.remote(me, seq)))
             seq += 1
@@ -103,13 +140,20 @@ def _caller(
 
 
 def drive(
-    actors: Sequence[Any], calls: int, callers: int = 4, window: int = 64, timeout: float = 60.0
+    actors: Sequence[Any],
+    calls: int,
+    callers: int = 4,
+    window: int = 64,
+    timeout: float = 60.0,
+    gate: Gate | None = None,
 ) -> Tally:
     """`calls` calls in all from `callers` threads, round robin over `actors`."""
     tallies = [Tally() for _ in range(callers)]
     share = [calls // callers + (i < calls % callers) for i in range(callers)]
     threads = [
-        threading.Thread(target=_caller, args=(i, actors, share[i], window, timeout, tallies[i]))
+        threading.Thread(
+            target=_caller, args=(i, actors, share[i], window, timeout, tallies[i], gate)
+        )
         for i in range(callers)
     ]
     start = time.perf_counter()
@@ -169,31 +213,39 @@ def chaos(
     plain: Sequence[Any],
     logs: Sequence[Path],
     calls: int,
-    kill_every: float = 0.5,
+    kills: int = 20,
     callers: int = 4,
     seed: int = 0,
 ) -> Chaos:
     """Callers over `retrying` + `plain` actors while a thread SIGKILLs a random one's
-    process every `kill_every` s. `logs[i]` is where `plain[i]` appends its executions."""
+    process after every `calls / (kills + 1)` calls sent, so the run sees `kills` kills
+    spread over it on a fast machine as on a slow one. `logs[i]` is where `plain[i]`
+    appends its executions."""
     actors = [*retrying, *plain]
+    step = max(1, calls // (kills + 1))
+    gate = Gate(allowed=step)
     stop = threading.Event()
-    kills = 0
+    done = 0
 
     def killer() -> None:
-        nonlocal kills
+        nonlocal done
         rng = random.Random(seed)
-        while not stop.wait(kill_every):
+        while not stop.is_set() and done < kills:
+            if not gate.reached(gate.allowed, timeout=0.5):
+                continue
             victim = rng.choice(actors)
             try:
                 os.kill(victim.pid.remote().result(timeout=10), signal.SIGKILL)
-                kills += 1
             except (KtError, ProcessLookupError):
-                continue  # it is dead or restarting already
+                continue  # it is dead or restarting already: choose another
+            done += 1
+            gate.allow(step)
+        gate.allow(calls)  # no more kills: let the callers finish
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
     try:
-        tally = drive(actors, calls, callers)
+        tally = drive(actors, calls, callers, gate=gate)
     finally:
         stop.set()
         thread.join(timeout=30)
@@ -212,4 +264,4 @@ def chaos(
         if (c + s) % len(actors) >= offset
     ]
     not_run = [k for k in plain_calls if k not in tally.failed and seen[k] == 0]
-    return Chaos(tally, kills, twice, not_run)
+    return Chaos(tally, done, twice, not_run)
