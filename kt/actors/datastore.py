@@ -40,6 +40,7 @@ from kt.core.errors import (
     KtError,
     PodLostError,
     StateDictMismatchError,
+    ValueGoneError,
 )
 from kt.core.protocol import FrameKind
 from kt.core.ref import Ref
@@ -136,7 +137,7 @@ def get(
                 lost = exc
                 misses += 1
                 continue  # another pod may hold it now
-            except FileNotFoundError:
+            except (FileNotFoundError, ValueGoneError):
                 misses += 1
                 continue  # replaced or removed since it was located
         if lost is not None:
@@ -299,7 +300,7 @@ def _map(meta: dict[str, Any], whole: bool) -> Any:
         FileNotFoundError: the file is gone, or holds another value now.
     """
     mapping: mmap.mmap = shm.open_for_reading(meta["file"], whole=whole)
-    return serialization.loads(shm.value_view(mapping, meta["vid"], meta["n"]))
+    return serialization.loads(shm.value_view(mapping, meta["fid"], meta["n"]))
 
 
 # -- where values are -------------------------------------------------------------------

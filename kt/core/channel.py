@@ -218,6 +218,18 @@ class FrameChannel(asyncio.BufferedProtocol):
         for part in parts:
             self.send(part)
 
+    @property
+    def writing(self) -> bool:
+        """Bytes are still queued here or in the transport: the memoryviews among them
+        still reference their buffers (the event loop does not copy them)."""
+        if self._out:
+            return True
+        transport = self.transport
+        try:
+            return transport is not None and transport.get_write_buffer_size() > 0
+        except RuntimeError:  # a closed transport holds nothing
+            return False
+
     def flush(self) -> None:
         self._flush_scheduled = False
         if not self._out or self.transport is None or self.closed:

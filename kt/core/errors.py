@@ -323,6 +323,21 @@ class DataKeyError(KtError, KeyError):
         return (type(self), (self.key, self.nearest))
 
 
+class ValueGoneError(KtError):
+    """The value of `key` a read began on is no longer held where it was read (replaced,
+    removed, or a replica dropped) while it was being read; `kt.get` looks it up again."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+    def __str__(self) -> str:
+        return f"the value of {self.key!r} was replaced or removed while it was read"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.key,))
+
+
 class DataTooLargeError(KtError, MemoryError):
     """The pod that would hold a value has no room for it; nothing was written."""
 

@@ -222,20 +222,21 @@ _VALUE_MAGIC = b"ktvalue1"
 VALUE_OFFSET = 64  # where a data store value starts in its file
 
 
-def name_value(buffer: mmap.mmap, vid: str, size: int) -> None:
-    """Write the header of a data store file: it holds value `vid` of `size` bytes."""
-    _VALUE_HEADER.pack_into(buffer, 0, _VALUE_MAGIC, vid.encode(), size)
+def name_value(buffer: mmap.mmap, fid: str, size: int) -> None:
+    """Write the header of a data store file: it holds `size` bytes placed as `fid` (an
+    id new each time a value is placed in a file)."""
+    _VALUE_HEADER.pack_into(buffer, 0, _VALUE_MAGIC, fid.encode(), size)
 
 
-def value_view(buffer: mmap.mmap, vid: str, size: int) -> memoryview:
-    """The bytes of value `vid` in a mapped data store file.
+def value_view(buffer: mmap.mmap, fid: str, size: int) -> memoryview:
+    """The bytes placed as `fid` in a mapped data store file.
 
     Raises:
         FileNotFoundError: the file holds another value now (it was dropped and reused).
     """
     magic, held, length = _VALUE_HEADER.unpack_from(buffer, 0)
-    if magic != _VALUE_MAGIC or held != vid.encode() or length != size:
-        raise FileNotFoundError(f"the file no longer holds value {vid[:8]}")
+    if magic != _VALUE_MAGIC or held != fid.encode() or length != size:
+        raise FileNotFoundError(f"the file no longer holds value {fid[:8]}")
     return memoryview(buffer)[VALUE_OFFSET : VALUE_OFFSET + size]
 
 

@@ -14,13 +14,16 @@ replacing any older one.
 Fresh pages cost more than the copy into them (about 0.7 s per GiB to fault in here, 0.08
 s to copy), so the files of values removed or replaced are kept (`POOL_FILES`, a share of
 the free memory) and reused for new values that fit, as Ray's object store reuses its
-arena. A file starts with a header naming the value in it (`shm.name_value`); a reader holds a
-shared lock on the file while it maps it and checks the header, and a file is reused only
-when nobody holds one (`shm.unread`), so no reader ever sees another value's bytes.
+arena. A file starts with a header naming the buffer's use (`shm.name_value`, an id new
+for each value placed in it); a reader holds a shared lock on the file while it maps it
+and checks the header, and a file is reused only when nobody holds one (`shm.unread`) and
+no connection still has its bytes queued to send (`Sender.writing`: the event loop writes
+queued views later, without copying them), so no reader sees another value's bytes.
 
-Each value is an *origin* (put on this pod) or a *replica* (pulled here for this pod's
-getters). Replicas are caches: they never answer `locate` or `ls`, are checked against
-the origin's value id, and are evicted oldest first when a new replica needs the room.
+Each value is an *origin* (put on this pod; `values`, one per key) or a *replica*
+(pulled here for this pod's getters; `replicas`, by key and the origin's value id, so a
+late pull of an old value never displaces this pod's own). Replicas are caches: they
+never answer `locate` or `ls`, and are evicted oldest first when a new one needs room.
 An origin keeps the broadcast tree of its value: pods that pull it join in arrival
 order and each pulls from its parent in a heap of `fanout` children per node (the origin
 is node 0), so the origin sends the value about `fanout` times however many pods get it.
@@ -35,6 +38,7 @@ import mmap
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from kt.core import cgroup, shm
 
@@ -82,6 +86,15 @@ def route(nodes: list[str], dead: set[str], node: str, fanout: int) -> str:
     return nodes[0]
 
 
+class Sender(Protocol):
+    """A connection a value's bytes were queued on."""
+
+    @property
+    def writing(self) -> bool:
+        """Bytes are still queued on it (views of buffers, not copies)."""
+        ...
+
+
 class EntryState(str, enum.Enum):
     """FILLING -> READY; either -> GONE (replaced, removed, evicted, or its pull failed)."""
 
@@ -95,6 +108,7 @@ class Entry:
     key: str
     size: int
     vid: str  # the origin's id of this value: a replica of another put is not it
+    fid: str  # the id its file's header holds: new for each value placed in a buffer
     medium: Medium
     buffer: mmap.mmap
     file: str | None  # its /dev/shm name (Medium.SHM)
@@ -106,6 +120,8 @@ class Entry:
     tree: list[str] = field(default_factory=list)  # an origin's: "host:port" per node
     dead: set[str] = field(default_factory=set)
     tokens: dict[str, str] = field(default_factory=dict)  # node -> its pool's token
+    owner: int = -1  # the route of the connection that reserved a pending put
+    senders: list[Sender] = field(default_factory=list)  # connections its bytes went to
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def advanced(self) -> None:
@@ -113,16 +129,35 @@ class Entry:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def wait_for(self, end: int) -> None:
-        """Until `end` bytes are filled; raises the pull's error if it fails first."""
+    async def wait_for(self, end: int, timeout: float) -> None:
+        """Until `end` bytes are filled.
+
+        Raises:
+            the pull's error, or ValueGoneError: it ended first (failed, dropped).
+            TimeoutError: no byte came for `timeout` s.
+        """
+        from kt.core.errors import ValueGoneError
+
         while self.have < end and self.state is not EntryState.GONE:
-            await self._changed.wait()
+            await asyncio.wait_for(self._changed.wait(), timeout)
         if self.have < end:
-            raise self.error or LookupError(f"{self.key!r} is no longer held here")
+            raise self.error or ValueGoneError(self.key)
+
+    def sent_on(self, sender: Sender) -> None:
+        """Its bytes were queued on `sender`: its file is not reused while they are."""
+        self.senders = [s for s in self.senders if s.writing and s is not sender]
+        self.senders.append(sender)
 
     def meta(self, pod: str, host: str | None) -> dict[str, object]:
         """What a getter needs to read it."""
-        return {"n": self.size, "vid": self.vid, "file": self.file, "host": host, "pod": pod}
+        return {
+            "n": self.size,
+            "vid": self.vid,
+            "fid": self.fid,
+            "file": self.file,
+            "host": host,
+            "pod": pod,
+        }
 
     @property
     def view(self) -> memoryview:
@@ -140,13 +175,15 @@ class Entry:
 class DataTable:
     pod: str
     host_key: str | None
-    values: dict[str, Entry] = field(default_factory=dict)
+    values: dict[str, Entry] = field(default_factory=dict)  # key -> the value put here
+    replicas: dict[tuple[str, str], Entry] = field(default_factory=dict)  # (key, vid) ->
     pending: dict[str, Entry] = field(default_factory=dict)  # put id -> a reserved entry
     pool: list[tuple[str, mmap.mmap]] = field(default_factory=list)  # files kept for reuse
     bytes_sent: int = 0  # value bytes this pod sent to other processes
     bytes_to_pods: int = 0  # of which to pods pulling for their getters
     bytes_pulled: int = 0  # value bytes this pod pulled from other pods
     files_made: int = 0  # /dev/shm files made (the rest of the values reused one)
+    closed: bool = False
 
     def allocate(self, key: str, size: int, vid: str, *, origin: bool) -> Entry:
         """A buffer for a value of `size` bytes (replicas make room by eviction).
@@ -156,11 +193,14 @@ class DataTable:
         """
         from kt.core.errors import DataTooLargeError
 
+        if size < 0:
+            raise ValueError(f"a value of {size} bytes")
         if not origin:
             self._evict_for(size)
-        reused = self._reuse(size, vid) if self.host_key is not None else None
+        fid = vid if origin else uuid.uuid4().hex
+        reused = self._reuse(size, fid) if self.host_key is not None else None
         if reused is not None:
-            return Entry(key, size, vid, Medium.SHM, reused[1], reused[0], origin)
+            return Entry(key, size, vid, fid, Medium.SHM, reused[1], reused[0], origin)
         for _ in range(2):
             shm_free = shm.free_bytes() if self.host_key is not None else None
             memory = cgroup.available_memory()
@@ -176,14 +216,18 @@ class DataTable:
         if medium is Medium.SHM:
             name, buffer = shm.new_file(shm.VALUE_OFFSET + size)
             self.files_made += 1
-            shm.name_value(buffer, vid, size)
-            return Entry(key, size, vid, medium, buffer, name, origin)
+            try:
+                shm.name_value(buffer, fid, size)
+            except BaseException:
+                shm.unlink(name)
+                raise
+            return Entry(key, size, vid, fid, medium, buffer, name, origin)
         buffer = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        return Entry(key, size, vid, medium, buffer, None, origin)
+        return Entry(key, size, vid, fid, medium, buffer, None, origin)
 
-    def _reuse(self, size: int, vid: str) -> tuple[str, mmap.mmap] | None:
+    def _reuse(self, size: int, fid: str) -> tuple[str, mmap.mmap] | None:
         """A pooled file that fits `size` (wasting at most half of it) and nobody reads,
-        its header naming `vid` now."""
+        its header naming `fid` now."""
         fits = sorted(
             (
                 f
@@ -196,7 +240,7 @@ class DataTable:
             with shm.unread(name) as free:
                 if not free:
                     continue
-                shm.name_value(buffer, vid, size)
+                shm.name_value(buffer, fid, size)
             self.pool.remove((name, buffer))
             return name, buffer
         return None
@@ -208,27 +252,37 @@ class DataTable:
         self.pool.clear()
 
     def discard(self, entry: Entry) -> None:
-        """`entry` is no longer held: its file goes to the pool, or away."""
+        """`entry` is no longer held: its file goes to the pool, or away (unlinked: the
+        mappings made of it, and bytes of it still queued to send, stay valid)."""
         entry.drop()
         if entry.file is None:
             return
         name, buffer, entry.file = entry.file, entry.buffer, None
         pooled = sum(len(b) for _, b in self.pool)
         room = cgroup.available_memory() + pooled
-        if len(self.pool) >= POOL_FILES or pooled + len(buffer) > room // 4:
-            shm.unlink(name)  # mappings made of it stay valid
-            return
-        try:  # after this turn of the loop: frames of it queued now are written by then
-            asyncio.get_running_loop().call_soon(self.pool.append, (name, buffer))
-        except RuntimeError:
+        if (
+            self.closed
+            or any(s.writing for s in entry.senders)
+            or len(self.pool) >= POOL_FILES
+            or pooled + len(buffer) > room // 4
+        ):
+            shm.unlink(name)
+        else:
             self.pool.append((name, buffer))
+        entry.senders.clear()
 
-    def reserve(self, key: str, size: int) -> tuple[str, Entry]:
-        """A buffer for a put, not visible until `seal`."""
+    def reserve(self, key: str, size: int, owner: int = -1) -> tuple[str, Entry]:
+        """A buffer for a put by the connection `owner`, not visible until `seal`."""
         entry = self.allocate(key, size, uuid.uuid4().hex, origin=True)
+        entry.owner = owner
         put_id = entry.vid
         self.pending[put_id] = entry
         return put_id, entry
+
+    def abandon_owner(self, owner: int) -> None:
+        """The connection `owner` is gone: its puts never finish."""
+        for put_id in [i for i, e in self.pending.items() if e.owner == owner]:
+            self.abandon(put_id)
 
     def write(self, put_id: str, offset: int, data: memoryview) -> None:
         entry = self._pending(put_id)
@@ -264,40 +318,50 @@ class DataTable:
             self.discard(old)
 
     def origin(self, key: str) -> Entry | None:
-        entry = self.values.get(key)
-        return entry if entry is not None and entry.origin else None
+        return self.values.get(key)
 
     def held(self, key: str, vid: str) -> Entry | None:
         """This pod's copy of value `vid` of `key`, origin or replica, if it has one."""
         entry = self.values.get(key)
-        if entry is None or entry.vid != vid or entry.state is EntryState.GONE:
+        if entry is None or entry.vid != vid:
+            entry = self.replicas.get((key, vid))
+        if entry is None or entry.state is EntryState.GONE:
             return None
         entry.used = time.monotonic()
         return entry
 
     def replica(self, key: str, size: int, vid: str) -> Entry:
-        """A new, filling replica of value `vid` (replacing an older copy of `key`)."""
+        """A new, filling replica of value `vid` (replicas of other values of `key` go)."""
+        for old in [e for (k, _), e in self.replicas.items() if k == key]:
+            self.drop_replica(old)
         entry = self.allocate(key, size, vid, origin=False)
-        self._replace(entry)
+        self.replicas[(key, vid)] = entry
         return entry
 
+    def drop_replica(self, entry: Entry) -> None:
+        if self.replicas.get((entry.key, entry.vid)) is entry:
+            del self.replicas[(entry.key, entry.vid)]
+        self.discard(entry)
+
     def remove(self, key: str) -> bool:
-        """Drop `key` here; True when this pod was its origin."""
+        """Drop `key` here, replicas too; True when this pod was its origin."""
+        for old in [e for (k, _), e in self.replicas.items() if k == key]:
+            self.drop_replica(old)
         entry = self.values.pop(key, None)
         if entry is None:
             return False
         self.discard(entry)
-        return entry.origin
+        return True
 
     def listing(self, prefix: str) -> dict[str, int]:
-        return {k: e.size for k, e in self.values.items() if e.origin and k.startswith(prefix)}
+        return {k: e.size for k, e in self.values.items() if k.startswith(prefix)}
 
     def close(self) -> None:
-        for entry in [*self.values.values(), *self.pending.values()]:
-            entry.drop()
-            if entry.file is not None:
-                shm.unlink(entry.file)
+        self.closed = True
+        for entry in [*self.values.values(), *self.replicas.values(), *self.pending.values()]:
+            self.discard(entry)
         self.values.clear()
+        self.replicas.clear()
         self.pending.clear()
         self._empty_pool()
 
@@ -305,13 +369,12 @@ class DataTable:
         """Drop the oldest ready replicas until a new one of `size` keeps replicas within
         their share of the pod's memory."""
         replicas = sorted(
-            (e for e in self.values.values() if not e.origin and e.state is EntryState.READY),
+            (e for e in self.replicas.values() if e.state is EntryState.READY),
             key=lambda e: e.used,
         )
-        held = sum(e.size for e in self.values.values() if not e.origin)
+        held = sum(e.size for e in self.replicas.values())
         budget = REPLICA_SHARE * (cgroup.available_memory() + held)
         while replicas and held + size > budget:
             victim = replicas.pop(0)
             held -= victim.size
-            del self.values[victim.key]
-            self.discard(victim)
+            self.drop_replica(victim)

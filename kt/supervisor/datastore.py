@@ -22,6 +22,9 @@ pods are orjson in a raw payload; values themselves are never unpickled):
     chunk {k, vid, off, n}
                           (from a pod) `n` bytes at `off`, once this pod has them
     ls {p}, rm {k}        the keys put here under a prefix; drop a key
+
+A request that is malformed (a field missing or of the wrong type, a size out of range)
+gets an error answer naming the field; the connection stays open for the next one.
 """
 
 from __future__ import annotations
@@ -34,11 +37,18 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from kt.core import protocol, serialization
-from kt.core.errors import DataKeyError, DataTooLargeError, PodLostError, ProtocolError
+from kt.core.errors import (
+    DataKeyError,
+    GetTimeoutError,
+    KtError,
+    PodLostError,
+    ProtocolError,
+    ValueGoneError,
+)
 from kt.core.protocol import FrameKind
 from kt.supervisor.data import DataTable, Entry, EntryState, route
 from kt.supervisor.fetch import FetchError
-from kt.supervisor.pull import ValueGone, replicate
+from kt.supervisor.pull import TIMEOUT_S, ValueGone, replicate
 
 if TYPE_CHECKING:
     from kt.supervisor.server import Peer, Supervisor
@@ -58,20 +68,21 @@ class DataService:
         self._pulls: dict[tuple[str, str], asyncio.Task[None]] = {}
 
     def on_frame(self, peer: Peer, req_id: int, header: memoryview, frame: memoryview) -> None:
-        want = protocol.decode_header(header)
-        payload = frame[protocol.PREFIX_SIZE + len(header) :]
-        op = want.get("op")
-        handler = _VERBS.get(str(op))
-        if handler is None:
-            raise ProtocolError(f"a STORE frame's op must be one of {sorted(_VERBS)}, not {op!r}")
         try:
+            want = protocol.decode_header(header)
+            if not isinstance(want, dict):
+                raise ProtocolError(f"a STORE header is a JSON object, not {type(want).__name__}")
+            op = want.get("op")
+            handler = _VERBS.get(op) if isinstance(op, str) else None
+            if handler is None:
+                raise ProtocolError(f"a STORE frame's op is one of {sorted(_VERBS)}, not {op!r}")
+            payload = frame[protocol.PREFIX_SIZE + len(header) :]
             handler(self, peer, req_id, want, payload)
-        except (DataKeyError, DataTooLargeError, LookupError, ValueError, OSError) as exc:
+        except (KtError, LookupError, ValueError, TypeError, OSError) as exc:
+            self.sup.reply_error(peer.route, req_id, _as_kt(exc), self.sup.pod)
+        except Exception as exc:  # a bug of ours: this request fails, the link stays
+            logger.exception("a STORE request failed")
             self.sup.reply_error(peer.route, req_id, exc, self.sup.pod)
-
-    def _answer(self, peer: Peer, req_id: int, value: Any) -> None:
-        body = serialization.dumps_bytes(value)
-        peer.channel.send(protocol.encode(FrameKind.RESULT, req_id, b"", body))
 
     def _answer_pod(self, peer: Peer, req_id: int, value: dict[str, Any]) -> None:
         parts = serialization.raw_parts(memoryview(orjson.dumps(value)))
@@ -89,36 +100,40 @@ class DataService:
 
     # -- putting ---------------------------------------------------------------------
     def reserve(self, peer: Peer, req_id: int, want: dict[str, Any], _: memoryview) -> None:
-        key, size = str(want["k"]), int(want["n"])
-        put_id, entry = self.table.reserve(key, size)
+        key, size = _str(want, "k"), _int(want, "n")
+        put_id, entry = self.table.reserve(key, size, peer.route)
         file = entry.file if peer.same_host else None
-        self._answer(peer, req_id, {"id": put_id, "file": file})
+        self.sup.answer(peer, req_id, {"id": put_id, "file": file})
 
     def write(self, peer: Peer, req_id: int, want: dict[str, Any], payload: memoryview) -> None:
-        self.table.write(str(want["id"]), int(want["off"]), payload)
-        self._answer(peer, req_id, None)
+        self.table.write(_str(want, "id"), _int(want, "off"), payload)
+        self.sup.answer(peer, req_id, None)
 
     def seal(self, peer: Peer, req_id: int, want: dict[str, Any], _: memoryview) -> None:
-        entry = self.table.seal(str(want["id"]), "", self.sup.token.decode())
-        self._answer(peer, req_id, self._meta(entry))
+        entry = self.table.seal(_str(want, "id"), "", self.sup.token.decode())
+        self.sup.answer(peer, req_id, self._meta(entry))
 
     def abandon(self, peer: Peer, req_id: int, want: dict[str, Any], _: memoryview) -> None:
-        self.table.abandon(str(want["id"]))
-        self._answer(peer, req_id, None)
+        self.table.abandon(_str(want, "id"))
+        self.sup.answer(peer, req_id, None)
+
+    def peer_lost(self, route: int) -> None:
+        """A connection closed: the puts it reserved and never sealed are dropped."""
+        self.table.abandon_owner(route)
 
     # -- getting ---------------------------------------------------------------------
     def locate(self, peer: Peer, req_id: int, want: dict[str, Any], _: memoryview) -> None:
-        key = str(want["k"])
+        key = _str(want, "k")
         entry = self.table.origin(key)
         if entry is None:
             raise self._missing(key)
-        self._answer(peer, req_id, self._meta(entry))
+        self.sup.answer(peer, req_id, self._meta(entry))
 
     def _held(self, want: dict[str, Any]) -> Entry:
-        key, vid = str(want["k"]), str(want.get("vid", ""))
+        key, vid = _str(want, "k"), _str(want, "vid")
         entry = self.table.held(key, vid)
         if entry is None:
-            raise LookupError(f"pod {self.sup.pod} holds no copy of {key!r} ({vid[:8]})")
+            raise ValueGoneError(key)
         return entry
 
     def get(self, peer: Peer, req_id: int, want: dict[str, Any], _: memoryview) -> None:
@@ -126,9 +141,9 @@ class DataService:
         self._send_when(peer, req_id, entry, 0, entry.size, raw=False)
 
     def chunk(self, peer: Peer, req_id: int, want: dict[str, Any], _: memoryview) -> None:
+        offset, n = _int(want, "off"), _int(want, "n")
         entry = self._held(want)
-        offset, n = int(want["off"]), int(want["n"])
-        if offset < 0 or n < 0 or offset + n > entry.size:
+        if offset + n > entry.size:
             raise ValueError(f"bytes {offset}..{offset + n} are outside {entry.key!r}")
         self._send_when(peer, req_id, entry, offset, n, raw=True)
 
@@ -139,11 +154,14 @@ class DataService:
         framed by `raw_parts`; else the value's own bytes, which are its pickle)."""
 
         def send() -> None:
+            if entry.state is EntryState.GONE:  # dropped while this read waited
+                raise ValueGoneError(entry.key)
             view = entry.view[offset : offset + n]
             parts = serialization.raw_parts(view) if raw else [view]
             size = serialization.parts_size(parts)
             prefix = protocol.encode_prefix(FrameKind.RESULT, req_id, b"", size)
             peer.channel.send_parts([prefix, *parts])
+            entry.sent_on(peer.channel)
             self.table.bytes_sent += n
             if raw:
                 self.table.bytes_to_pods += n
@@ -154,42 +172,41 @@ class DataService:
 
         async def later() -> None:
             try:
-                await entry.wait_for(offset + n)
-            except Exception as exc:  # the pull feeding it failed: so does this read
+                await entry.wait_for(offset + n, TIMEOUT_S)
+                send()
+            except Exception as exc:  # the pull feeding it failed, or stalled: so does this
                 self.sup.reply_error(peer.route, req_id, _as_kt(exc), self.sup.pod)
-                return
-            send()
 
         asyncio.get_running_loop().create_task(later())
 
     def fetch(self, peer: Peer, req_id: int, want: dict[str, Any], _: memoryview) -> None:
-        key, vid = str(want["k"]), str(want["vid"])
+        key, vid, size = _str(want, "k"), _str(want, "vid"), _int(want, "n")
+        host, port = _str(want, "from").rpartition(":")[::2]
+        if not host or not port.isdigit():
+            raise ValueError(f"a STORE fetch's 'from' is host:port, not {want['from']!r}")
+        token, origin_pod = _str(want, "t"), str(want.get("pod", "?"))
         entry = self.table.held(key, vid)
         if entry is None:
-            entry = self.table.replica(key, int(want["n"]), vid)
-            host, port = str(want["from"]).rsplit(":", 1)
-            origin = (host, int(port))
+            entry = self.table.replica(key, size, vid)
             task = replicate(
                 entry,
-                origin,
-                str(want["t"]),
+                (host, int(port)),
+                token,
                 node=self.node,
                 node_token=self.sup.token.decode(),
                 caller=f"pod {self.sup.pod}",
                 counted=self._pulled,
             )
-            pull = asyncio.get_running_loop().create_task(
-                self._replicate(entry, task, str(want.get("pod", "?")))
-            )
+            pull = asyncio.get_running_loop().create_task(self._replicate(entry, task, origin_pod))
             self._pulls[(key, vid)] = pull
 
         async def answer() -> None:
             try:
-                await entry.wait_for(entry.size)
+                await entry.wait_for(entry.size, TIMEOUT_S)
             except Exception as exc:
                 self.sup.reply_error(peer.route, req_id, _as_kt(exc), self.sup.pod)
                 return
-            self._answer(peer, req_id, self._meta(entry))
+            self.sup.answer(peer, req_id, self._meta(entry))
 
         asyncio.get_running_loop().create_task(answer())
 
@@ -199,7 +216,8 @@ class DataService:
     async def _replicate(self, entry: Entry, task: Any, origin_pod: str) -> None:
         try:
             await task
-            entry.state = EntryState.READY
+            if entry.state is EntryState.FILLING:
+                entry.state = EntryState.READY
         except FetchError as exc:
             entry.error = PodLostError(
                 origin_pod, f"it held {entry.key!r}, and pod {self.sup.pod} lost it: {exc}"
@@ -210,39 +228,43 @@ class DataService:
             logger.exception("replica of %r failed", entry.key)
             entry.error = exc
         finally:
-            self._pulls.pop((entry.key, entry.vid), None)
+            if self._pulls.get((entry.key, entry.vid)) is asyncio.current_task():
+                del self._pulls[(entry.key, entry.vid)]
             if entry.error is not None:
-                if self.table.values.get(entry.key) is entry:
-                    del self.table.values[entry.key]
-                self.table.discard(entry)
+                self.table.drop_replica(entry)
             entry.advanced()
 
     def route(self, peer: Peer, req_id: int, want: dict[str, Any], _: memoryview) -> None:
-        entry = self.table.origin(str(want["k"]))
-        if entry is None or entry.vid != str(want.get("vid")):
+        key, vid, node, token = _str(want, "k"), _str(want, "vid"), _str(want, "node"), ""
+        entry = self.table.origin(key)
+        if entry is None or entry.vid != vid:
             self._answer_pod(peer, req_id, {"gone": True})
             return
-        node = str(want["node"])
-        entry.tokens[node] = str(want["t"])
+        token = _str(want, "t")
+        entry.tokens.setdefault(node, token)  # a node's first word on its token stands
         failed = want.get("failed")
-        if failed:
-            entry.dead.add(str(failed))
+        if isinstance(failed, str) and failed in entry.tokens and failed != self.node:
+            entry.dead.add(failed)
         source = route(entry.tree, entry.dead, node, self.fanout)
         self._answer_pod(peer, req_id, {"source": source or self.node, "t": entry.tokens[source]})
 
     # -- the key table ---------------------------------------------------------------
     def ls(self, peer: Peer, req_id: int, want: dict[str, Any], _: memoryview) -> None:
-        self._answer(peer, req_id, self.table.listing(str(want.get("p", ""))))
+        prefix = want.get("p", "")
+        if not isinstance(prefix, str):
+            raise TypeError(f"a STORE ls's 'p' is a str, not {type(prefix).__name__}")
+        self.sup.answer(peer, req_id, self.table.listing(prefix))
 
     def rm(self, peer: Peer, req_id: int, want: dict[str, Any], _: memoryview) -> None:
-        self._answer(peer, req_id, self.table.remove(str(want["k"])))
+        self.sup.answer(peer, req_id, self.table.remove(_str(want, "k")))
 
     def status(self) -> dict[str, Any]:
         t = self.table
         return {
-            "keys": len(t.listing("")),
-            "replicas": sum(1 for e in t.values.values() if not e.origin),
-            "bytes_held": sum(e.size for e in t.values.values()),
+            "keys": len(t.values),
+            "replicas": len(t.replicas),
+            "pending": len(t.pending),
+            "bytes_held": sum(e.size for e in [*t.values.values(), *t.replicas.values()]),
             "files_pooled": len(t.pool),
             "files_made": t.files_made,
             "bytes_sent": t.bytes_sent,
@@ -256,12 +278,28 @@ class DataService:
         self.table.close()
 
 
+def _str(want: dict[str, Any], name: str) -> str:
+    value = want.get(name)
+    if not isinstance(value, str):
+        raise TypeError(f"a STORE {want.get('op')}'s {name!r} is a str, not {value!r}"[:200])
+    return value
+
+
+def _int(want: dict[str, Any], name: str) -> int:
+    value = want.get(name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"a STORE {want.get('op')}'s {name!r} is an int >= 0, not {value!r}"[:200])
+    return value
+
+
 def _as_kt(exc: BaseException) -> BaseException:
-    return (
-        exc
-        if isinstance(exc, DataKeyError | PodLostError | DataTooLargeError)
-        else LookupError(str(exc))
-    )
+    """What a kt process is told: kt's errors as they are, the rest as a ProtocolError
+    naming what was wrong with its request (or ValueGoneError, a read of a dropped value)."""
+    if isinstance(exc, KtError):
+        return exc
+    if isinstance(exc, TimeoutError):
+        return GetTimeoutError(f"no byte of the value came for {TIMEOUT_S:.0f} s")
+    return ProtocolError(f"{type(exc).__name__}: {exc}")
 
 
 _VERBS = {

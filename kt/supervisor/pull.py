@@ -25,6 +25,7 @@ from kt.supervisor.fetch import FetchError, connect, read_frame
 CHUNK = 8 * 2**20
 WINDOW = 4
 TIMEOUT_S = 120.0  # one chunk, from a source that has it or is filling it
+ATTEMPTS = 8  # sources tried (each failure names the next one up the tree)
 Address = tuple[str, int]
 
 
@@ -69,11 +70,16 @@ async def replicate(
     chunk's size.
 
     Raises:
-        FetchError: the origin cannot be reached.
-        ValueGone: the origin no longer holds the value.
+        FetchError: the origin cannot be reached, or `ATTEMPTS` sources failed.
+        ValueGone: the origin no longer holds the value, or this pod dropped `entry`.
     """
     failed: str | None = None
-    while entry.have < entry.size:
+    last: FetchError | None = None
+    for _ in range(ATTEMPTS):
+        if entry.state is EntryState.GONE:
+            raise ValueGone(entry.key)  # dropped here meanwhile: nobody wants the rest
+        if entry.have >= entry.size:
+            return
         ask: dict[str, object] = {
             "op": "route",
             "k": entry.key,
@@ -86,11 +92,20 @@ async def replicate(
         answer = await _request(origin, origin_token, caller, ask)
         if answer.get("gone"):
             raise ValueGone(entry.key)
-        source = str(answer["source"])
         try:
-            await _pull(entry, _address(source), str(answer["t"]), caller, counted)
-        except FetchError:
+            source, token = str(answer["source"]), str(answer["t"])
+            address = _address(source)
+        except (KeyError, ValueError) as exc:
+            raise FetchError(f"the origin's answer {answer!r:.100} names no source") from exc
+        try:
+            await _pull(entry, address, token, caller, counted)
+        except FetchError as exc:
             failed = source  # the origin names the next source up the tree
+            last = exc
+    if entry.state is EntryState.GONE:
+        raise ValueGone(entry.key)
+    if entry.have < entry.size:
+        raise FetchError(f"no source sent {entry.key!r} in {ATTEMPTS} tries: {last}")
 
 
 async def _pull(

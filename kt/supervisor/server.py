@@ -355,6 +355,7 @@ class Supervisor:
     def peer_lost(self, peer: Peer) -> None:
         self.peers.pop(peer.route, None)
         self.last_activity = time.monotonic()
+        self.data.peer_lost(peer.route)
         rec = self.actors.get(peer.actor)
         if rec is not None and rec.home == peer.route:
             rec.home = None
@@ -574,7 +575,7 @@ class Supervisor:
         except (SyncRefused, OSError, ValueError, struct.error) as exc:
             self.reply_error(peer.route, req_id, SyncError(f"pod {self.pod}: {exc}"), self.pod)
             return
-        self._answer(peer, req_id, answer)
+        self.answer(peer, req_id, answer)
 
     def on_image(self, peer: Peer, req_id: int, header: memoryview, frame: memoryview) -> None:
         """Run a kt.Image's steps not run yet (`kt.supervisor.image`), output to the caller."""
@@ -604,11 +605,12 @@ class Supervisor:
             finally:
                 self.stats.image.add(time.monotonic() - began)
             logger.info("image %s ready", key)
-            self._answer(peer, req_id, None)
+            self.answer(peer, req_id, None)
 
         asyncio.get_running_loop().create_task(prepare())
 
-    def _answer(self, peer: Peer, req_id: int, value: Any) -> None:
+    def answer(self, peer: Peer, req_id: int, value: Any) -> None:
+        """A pickled answer to a kt process's request."""
         peer.channel.send(
             protocol.encode(FrameKind.RESULT, req_id, b"", serialization.dumps_bytes(value))
         )
@@ -631,7 +633,7 @@ class Supervisor:
         if error is not None:
             self.reply_error(peer.route, req_id, error, self.pod)
             return
-        self._answer(peer, req_id, None)
+        self.answer(peer, req_id, None)
 
     def on_ping(self, peer: Peer, req_id: int, header: memoryview, frame: memoryview) -> None:
         self.last_activity = time.monotonic()

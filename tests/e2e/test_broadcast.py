@@ -72,12 +72,7 @@ def _spread(pools: list[Any], per_pod: int) -> list[Any]:
     return [N.options(compute=c, cpus=0).remote() for c in pools for _ in range(per_pod)]
 
 
-@pytest.mark.parametrize("backend", ["local", "k8s"])
-def test_a_100mib_value_reaches_8_actors_on_4_pods_through_a_tree(
-    backend: str, request: pytest.FixtureRequest
-) -> None:
-    if backend == "k8s":
-        request.getfixturevalue("k8s_cluster")
+def test_a_100mib_value_reaches_8_actors_on_4_pods_through_a_tree(backend: str) -> None:
     pools = _pools(4, apart=True, backend=backend)
     source = kt.cls(Node).options(compute=pools[0], cpus=0).remote()
     getters = _spread(pools, 2)
@@ -190,12 +185,7 @@ def test_a_trainer_ranks_state_dict_lands_in_rollouts_tensors_in_place() -> None
         kt.kill(handle)
 
 
-@pytest.mark.parametrize("backend", ["local", "k8s"])
-def test_the_holders_pod_dying_fails_getters_naming_key_and_pod(
-    backend: str, request: pytest.FixtureRequest
-) -> None:
-    if backend == "k8s":
-        request.getfixturevalue("k8s_cluster")
+def test_the_holders_pod_dying_fails_getters_naming_key_and_pod(backend: str) -> None:
     (pool,) = _pools(1, apart=False, backend=backend)
     holder = kt.cls(Node).options(compute=pool, cpus=0).remote()
     key = f"lost/{uuid.uuid4().hex[:6]}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,10 @@ from hypothesis import strategies as st
 
 from kt.actors.datastore import _pieces, copy_into
 from kt.core import cgroup, serialization, shm
-from kt.core.errors import StateDictMismatchError
+from kt.core.channel import FrameChannel
+from kt.core.errors import StateDictMismatchError, ValueGoneError
 from kt.supervisor.data import MARGIN, DataTable, EntryState, Medium, choose_medium, route
+from kt.supervisor.pull import ValueGone, replicate
 
 MIB = 2**20
 
@@ -102,16 +105,109 @@ def test_replicas_answer_only_for_their_value_and_are_not_listed() -> None:
         replica = table.replica("k", 4, "vid-1")
         assert table.held("k", "vid-1") is replica and table.held("k", "vid-2") is None
         assert table.origin("k") is None and table.listing("") == {}
-        waiter = asyncio.ensure_future(replica.wait_for(4))
+        waiter = asyncio.ensure_future(replica.wait_for(4, 10))
         await asyncio.sleep(0)
         replica.have = 4
         replica.advanced()
         await waiter
-        failing = asyncio.ensure_future(table.replica("j", 4, "vid-3").wait_for(4))
+        failing = asyncio.ensure_future(table.replica("j", 4, "vid-3").wait_for(4, 10))
         await asyncio.sleep(0)
         assert table.remove("j") is False  # a replica: this pod was not its origin
-        with pytest.raises(LookupError, match="no longer held"):
+        with pytest.raises(ValueGoneError, match="replaced or removed"):
             await failing
+        stalled = table.replica("s", 4, "vid-4")
+        with pytest.raises(TimeoutError):  # no byte for the timeout: the waiter gives up
+            await stalled.wait_for(4, 0.05)
+        table.close()
+
+    asyncio.run(main())
+
+
+def test_a_late_replica_of_another_value_leaves_the_pods_own_value() -> None:
+    async def main() -> None:
+        table = _table()
+        put_id, _ = table.reserve("k", 5)
+        table.write(put_id, 0, memoryview(b"mine!"))
+        own = table.seal(put_id, "", "token")
+        late = table.replica("k", 3, "an-older-put-elsewhere")
+        assert table.origin("k") is own and table.held("k", own.vid) is own
+        assert table.held("k", late.vid) is late and table.listing("") == {"k": 5}
+        newer = table.replica("k", 3, "a-newer-put-elsewhere")
+        assert late.state is EntryState.GONE and table.held("k", newer.vid) is newer
+        assert table.remove("k") is True and newer.state is EntryState.GONE
+        table.close()
+
+    asyncio.run(main())
+
+
+def test_a_put_of_a_connection_that_closed_is_dropped() -> None:
+    async def main() -> None:
+        table = _table()
+        mine, entry = table.reserve("k", 10, owner=7)
+        theirs, _ = table.reserve("j", 10, owner=8)
+        table.abandon_owner(7)
+        assert set(table.pending) == {theirs} and entry.state is EntryState.GONE
+        with pytest.raises(LookupError, match="is reserved"):
+            table.seal(mine, "", "token")
+        with pytest.raises(ValueError, match="-1 bytes"):
+            table.reserve("k", -1)
+        table.close()
+
+    asyncio.run(main())
+
+
+def test_a_replica_dropped_before_its_pull_ends_stops_it() -> None:
+    async def main() -> None:
+        table = _table()
+        entry = table.replica("k", 4, "vid")
+        table.drop_replica(entry)
+        pull = replicate(
+            entry, ("127.0.0.1", 9), "t", node="n", node_token="t", caller="c", counted=print
+        )
+        with pytest.raises(ValueGone):  # at once: the origin (port 9, discard) is not asked
+            await asyncio.wait_for(pull, 5)
+        table.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.skipif(shm.host_key() is None, reason="no /dev/shm on this machine")
+def test_a_file_whose_bytes_are_still_queued_to_send_is_not_reused() -> None:
+    """The event loop queues views of a value's file without copying: a reader that
+    reads slowly must get the bytes that were queued, not the next value's."""
+
+    async def main() -> None:
+        table = _table()
+        size = 32 * MIB
+        put_id, entry = table.reserve("k", size)
+        table.write(put_id, 0, memoryview(b"\x01" * size))
+        table.seal(put_id, "", "token")
+        name = entry.file
+        ours, theirs = socket.socketpair()
+        loop = asyncio.get_running_loop()
+        channel = FrameChannel(lambda *args: None)
+        await loop.connect_accepted_socket(lambda: channel, ours)
+        channel.send(entry.view)  # far more than the socket takes: the rest is queued
+        entry.sent_on(channel)
+        await asyncio.sleep(0.05)
+        assert channel.writing
+        table.remove("k")  # freed while being sent: not pooled
+        assert name not in [n for n, _ in table.pool]
+        put_id, other = table.reserve("j", size)  # a new file, not the one being sent
+        assert other.file != name
+        other.view[:] = b"\x02" * size
+        received = bytearray()
+        theirs.setblocking(False)
+        while len(received) < size:
+            try:
+                received += theirs.recv(1 << 20)
+            except BlockingIOError:
+                await asyncio.sleep(0.001)
+        assert received == b"\x01" * size
+        await asyncio.sleep(0.05)
+        assert not channel.writing
+        channel.close()
+        theirs.close()
         table.close()
 
     asyncio.run(main())
