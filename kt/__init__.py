@@ -47,6 +47,7 @@ from kt.core.errors import (
     StateDictMismatchError,
     SyncError,
 )
+from kt.core.gpus import gpu_ids
 from kt.core.ref import Ref, StreamRef
 
 __version__ = "0.1.0"
@@ -93,6 +94,7 @@ __all__ = [
     "get",
     "get_actor",
     "get_async",
+    "gpu_ids",
     "kill",
     "ls",
     "put",

@@ -34,6 +34,7 @@ from kt.core.errors import (
     check_option_names,
     seconds,
 )
+from kt.core.gpus import check_amount
 from kt.core.methods import (
     CALL_ARITY,
     MethodKind,
@@ -58,7 +59,7 @@ class ActorOptions:
 
     compute: Compute | None = None
     cpus: float | int | str = 1
-    gpus: int = 0
+    gpus: float = 0
     memory: int | float | str | None = None
     name: str | None = None
     namespace: str | None = None
@@ -82,11 +83,12 @@ class ActorOptions:
             raise ConfigError(f"lifetime={self.lifetime!r}: choose None or 'detached'")
         if self.max_concurrency < 1:
             raise ConfigError("max_concurrency must be at least 1")
+        check_amount(self.gpus)
 
     def request(self) -> Request:
         return Request(
             cpus=parse_cpus(self.cpus),
-            gpus=self.gpus,
+            gpus=check_amount(self.gpus),
             memory=parse_memory(self.memory),
             strategy=Strategy(self.placement),
             pod_index=self.pod,
@@ -186,6 +188,8 @@ class RemoteClass(Generic[T]):
             "max_concurrency": opts.max_concurrency,
             "env": opts.env or {},
         }
+        if opts.gpus:
+            header["gpus"] = check_amount(opts.gpus)
         if synced is not None:
             header["sync"] = synced.header()
         compute = opts.compute or config.default_compute

@@ -32,6 +32,7 @@ from typing import Any
 from kt.actors.control import Event, PodDeleted, PodFailed, PodReady, PodStarted
 from kt.core.compute import Compute
 from kt.core.errors import AuthError, KtError, LaunchError, PlacementError, seconds
+from kt.core.gpus import GpuTable, pick
 from kt.core.provider import Pod, PodSpec, PodState, Provider
 
 logger = logging.getLogger(__name__)
@@ -65,7 +66,8 @@ class Request:
     """The slice of a pod one actor asks for."""
 
     cpus: float = 1.0
-    gpus: int = 0
+    gpus: float = 0.0
+    """Whole devices (1, 2) or a share of one (0.5): `kt.core.gpus`."""
     memory: int = 0
     strategy: Strategy = Strategy.PACK
     pod_index: int | None = None
@@ -77,7 +79,7 @@ class Request:
         """In words, for messages: `1 cpu`, `2 cpus, 1 gpu, 512 MiB`."""
         parts = [f"{self.cpus:g} cpu{'' if self.cpus == 1 else 's'}"]
         if self.gpus:
-            parts.append(f"{self.gpus} gpu{'' if self.gpus == 1 else 's'}")
+            parts.append(f"{self.gpus:g} gpu{'' if self.gpus == 1 else 's'}")
         if self.memory:
             parts.append(f"{self.memory / 2**20:.0f} MiB")
         parts += [f"{amount:g} {name}" for name, amount in self.resources]
@@ -93,7 +95,6 @@ class PodSlot:
     gpus: int
     memory: int
     used_cpus: float = 0.0
-    used_gpus: int = 0
     used_memory: int = 0
     actors: set[str] = field(default_factory=set)
     resources: dict[str, float] = field(default_factory=dict)
@@ -101,6 +102,16 @@ class PodSlot:
     launched: asyncio.Event | None = None
     """Set when a LAUNCHING slot's pod is up or its launch failed; None once READY."""
     failure: KtError | None = None
+    devices: GpuTable = field(init=False)
+    """The pod's GPUs as its supervisor shares them out (the same decisions, modelled
+    here so that an actor is placed only where its devices are free)."""
+
+    def __post_init__(self) -> None:
+        self.devices = GpuTable(tuple(str(i) for i in range(self.gpus)))
+
+    @property
+    def used_gpus(self) -> float:
+        return sum(self.devices.used())
 
     @property
     def launching(self) -> bool:
@@ -109,7 +120,7 @@ class PodSlot:
     def fits(self, req: Request) -> bool:
         return (
             self.used_cpus + req.cpus <= self.cpus + 1e-9
-            and self.used_gpus + req.gpus <= self.gpus
+            and (not req.gpus or pick(self.devices.used(), req.gpus) is not None)
             and (not req.memory or self.used_memory + req.memory <= self.memory)
             and all(
                 self.used_resources.get(k, 0.0) + v <= self.resources.get(k, 0.0) + 1e-9
@@ -119,7 +130,8 @@ class PodSlot:
 
     def take(self, actor: str, req: Request) -> None:
         self.used_cpus += req.cpus
-        self.used_gpus += req.gpus
+        if req.gpus:
+            self.devices.take(actor, req.gpus)
         self.used_memory += req.memory
         for k, v in req.resources:
             self.used_resources[k] = self.used_resources.get(k, 0.0) + v
@@ -129,7 +141,7 @@ class PodSlot:
         if actor in self.actors:
             self.actors.discard(actor)
             self.used_cpus -= req.cpus
-            self.used_gpus -= req.gpus
+            self.devices.give_back(actor)
             self.used_memory -= req.memory
             for k, v in req.resources:
                 self.used_resources[k] = self.used_resources.get(k, 0.0) - v
@@ -174,8 +186,8 @@ class Pool:
         problems = []
         if req.cpus > c.cpu_count + 1e-9:
             problems.append(f"{req.cpus:g} cpus > {c.cpu_count:g}")
-        if req.gpus > c.gpus:
-            problems.append(f"{req.gpus} gpus > {c.gpus}")
+        if req.gpus > c.gpus + 1e-9:
+            problems.append(f"{req.gpus:g} gpus > {c.gpus}")
         if req.memory and c.memory_bytes and req.memory > c.memory_bytes:
             problems.append(f"{req.memory} bytes of memory > {c.memory_bytes}")
         for name, amount in req.resources:
@@ -327,6 +339,10 @@ class Pool:
         """Why `req` does not fit now, who holds the pool, and the ways out, in words."""
         used = sum(s.used_cpus for s in self.slots)
         total = sum(s.cpus for s in self.slots)
+        gpus = ""
+        if req.gpus:
+            held = sum(s.used_gpus for s in self.slots)
+            gpus = f", {held:g} of {sum(s.gpus for s in self.slots)} gpus"
         holders = sorted(a for s in self.slots for a in s.actors)
         shown = ", ".join(holders[:4]) + (
             f" and {len(holders) - 4} more" if len(holders) > 4 else ""
@@ -338,7 +354,7 @@ class Pool:
             ways.append("use an elastic pool that grows, Compute(min_replicas=0, max_replicas=N)")
         return (
             f"it asks for {req}, and pool {self.name} is full: {len(self.slots)} of at most "
-            f"{self.max_replicas} pods, {used:g} of {total:g} cpus held by "
+            f"{self.max_replicas} pods, {used:g} of {total:g} cpus{gpus} held by "
             f"{len(holders)} actors ({shown or 'none'}). Make room: {'; or '.join(ways)}."
         )
 

@@ -39,7 +39,7 @@ from typing import Any
 
 import orjson
 
-from kt.core import protocol, serialization, shm
+from kt.core import gpus, protocol, serialization, shm
 from kt.core.channel import BIG_FRAME, PRE_AUTH_MAX_FRAME, FrameChannel
 from kt.core.config import config
 from kt.core.errors import (
@@ -53,6 +53,7 @@ from kt.core.errors import (
     SyncSourceFailed,
     check_move,
 )
+from kt.core.gpus import GpuTable
 from kt.core.liveness import pid_alive
 from kt.core.protocol import FLAGS_OFFSET, ROUTE_OFFSET, FrameFlag, FrameKind
 from kt.supervisor.datastore import FANOUT, DataService
@@ -223,6 +224,9 @@ class Supervisor:
         self.stats = PodStats()
         self._by_worker: dict[int, ActorRecord] = {}
         self.host_key = shm.host_key()
+        self.gpus = GpuTable(gpus.discover(os.environ))
+        self._device_waiters: dict[str, Callable[[], None]] = {}
+        """Actors whose CREATE waits for devices that actors being killed still hold."""
         self._next_route = 1
         self.waits: dict[int, dict[int, tuple[str, str]]] = {}
         """owner route -> (asker route << 64 | req_id) -> (owner, label): WAITs unanswered."""
@@ -401,7 +405,9 @@ class Supervisor:
         req_id: int,
         frame: memoryview,
         stats: MethodStats | None = None,
+        first: bool = False,
     ) -> None:
+        """To the actor's process (`first`: ahead of what waits for it)."""
         stats = stats or self.stats.method(rec.cls_name, "__init__")
         stats.started += 1
         if rec.state is ActorState.DEAD:
@@ -412,7 +418,11 @@ class Supervisor:
         rec.inflight[(route << 64) | req_id] = (stats, time.monotonic())
         rec.calls += 1
         _ROUTE.pack_into(frame, ROUTE_OFFSET, route)
-        rec.send(frame if len(frame) > BIG_FRAME else bytes(frame))
+        data = frame if len(frame) > BIG_FRAME else bytes(frame)
+        if first and rec.worker is None:
+            rec.backlog.insert(0, data)
+        else:
+            rec.send(data)
 
     def on_create_actor(
         self, peer: Peer, req_id: int, header: memoryview, frame: memoryview
@@ -442,8 +452,73 @@ class Supervisor:
             named=bool(name),
         )
         self.actors[rec.id] = rec
-        self._relay(rec, peer.route, req_id, frame)
+        self._start(rec, spec, peer.route, req_id, header, frame)
+
+    def _start(
+        self,
+        rec: ActorRecord,
+        spec: dict[str, Any],
+        route: int,
+        req_id: int,
+        header: memoryview,
+        frame: memoryview,
+        parked: bool = False,
+    ) -> None:
+        """Give the actor its devices, send it its CREATE, and bind it a process. When
+        the devices it asks for are held by actors being killed, this waits for one of
+        them to exit (the driver frees a killed actor's slot at once; its process may
+        hold the device a moment longer): calls that come meanwhile wait behind it."""
+        if rec.state is ActorState.DEAD:  # killed while it waited for devices
+            self._relay(rec, route, req_id, frame)
+            self._actor_exited(rec, ExitInfo(exit_code=None, signal=None, oom=False))
+            return
+        try:
+            frame = self._give_devices(rec, spec, req_id, header, frame)
+        except ConfigError as exc:  # the devices it asks for are not free here
+            leaving = {a for a in self.gpus.held if a not in self.actors or self.actors[a].death}
+            if self.gpus.fits_once_gone(float(spec["gpus"]), leaving):
+                head, whole = bytes(header), bytearray(frame)  # the channel reuses its buffer
+                self._device_waiters[rec.id] = lambda: self._start(
+                    rec, spec, route, req_id, memoryview(head), memoryview(whole), True
+                )
+                return
+            self._relay(rec, route, req_id, frame, first=parked)
+            why = ActorDiedError(rec.id, self.pod, reason=str(exc), cause=DeathCause.INIT_FAILED)
+            rec.move(ActorState.DEAD, why)
+            self._actor_exited(rec, ExitInfo(exit_code=None, signal=None, oom=False))
+            return
+        self._relay(rec, route, req_id, frame, first=parked)
         asyncio.get_running_loop().create_task(self._bind_worker(rec))
+
+    def _give_devices(
+        self,
+        rec: ActorRecord,
+        spec: dict[str, Any],
+        req_id: int,
+        header: memoryview,
+        frame: memoryview,
+    ) -> memoryview:
+        """The CREATE frame, with the devices the actor is given in its environment
+        (`kt.core.gpus`) when it asks for any.
+
+        Raises:
+            ConfigError: they are not free on this pod.
+        """
+        amount = spec.get("gpus") or 0
+        if not amount:
+            return frame
+        env = dict(spec.get("env") or {})
+        local_rank = int(env["LOCAL_RANK"]) if str(env.get("LOCAL_RANK", "")).isdigit() else None
+        mine = self.gpus.take(rec.id, float(amount), prefer=local_rank)
+        visible = gpus.visible_devices(self.gpus.devices, mine, local_rank)
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(visible)
+        env[gpus.IDS_ENV] = ",".join(self.gpus.devices[i] for i in mine)
+        payload = frame[protocol.PREFIX_SIZE + len(header) :]
+        head = protocol.orjson_dumps({**spec, "env": env})
+        prefix = protocol.encode_prefix(FrameKind.CREATE_ACTOR, req_id, head, len(payload))
+        out = bytearray(prefix + head)
+        out += payload
+        return memoryview(out)
 
     async def _bind_worker(self, rec: ActorRecord) -> None:
         try:
@@ -472,6 +547,9 @@ class Supervisor:
                 rec.worker.kill()
             else:
                 rec.move(ActorState.DEAD)
+                parked = self._device_waiters.pop(actor_id, None)
+                if parked is not None:
+                    parked()  # it never had a process: it ends now
         peer.channel.send(
             protocol.encode(FrameKind.RESULT, req_id, b"", serialization.dumps_bytes(None))
         )
@@ -710,6 +788,11 @@ class Supervisor:
         rec.worker.kill()
 
     def _actor_exited(self, rec: ActorRecord, info: ExitInfo) -> None:
+        if rec.id in self.gpus.held:  # a restart may get other devices
+            self.gpus.give_back(rec.id)
+            waiters, self._device_waiters = self._device_waiters, {}
+            for again in waiters.values():
+                asyncio.get_running_loop().call_soon(again)
         exited = ActorDiedError(
             rec.id, self.pod, exit_code=info.exit_code, signal=info.signal, oom=info.oom
         )
@@ -791,4 +874,10 @@ class Supervisor:
             },
             "image": {"steps_run": self.image.steps_run},
             "data": self.data.status(),
+            "gpus": {
+                "devices": list(self.gpus.devices),
+                "held": {
+                    a: [self.gpus.devices[i] for i in d] for a, (d, _) in self.gpus.held.items()
+                },
+            },
         }
