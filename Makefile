@@ -11,7 +11,7 @@ LOCK := requirements.lock
 EXTRAS := dev,torch,examples
 PIP_TOOLS := pip-tools==7.6.2
 
-.PHONY: install test lint demo bench lock test-latest mutate clean
+.PHONY: install test lint demo bench lock test-gpu test-latest mutate clean
 
 # A changed lock rebuilds the venv from scratch: nothing the old lock installed stays.
 $(STAMP): $(LOCK) pyproject.toml
@@ -30,6 +30,13 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest -n 2 tests
+
+# The tests marked gpu (tests/gpu): they need a CUDA build of torch, which the lock's
+# CPU wheel is not. On a GPU machine install one into .venv first, or run
+# `python -m pytest -m gpu tests` with a Python that has one and kt's other
+# dependencies. Elsewhere they skip, saying why.
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest -m gpu -p no:xdist tests
 
 demo: $(STAMP)
 	$(BIN)/python examples/rl_grpo/train.py --task sort --steps 400 --min-exact 0.8 --max-overhead 0.15

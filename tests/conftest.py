@@ -21,6 +21,28 @@ os.environ.setdefault("KT_BACKEND", "local")
 os.environ["KT_HOME"] = tempfile.mkdtemp(prefix="kt-test-home-")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "gpu: needs an NVIDIA GPU and a CUDA build of torch (make test-gpu)"
+    )
+
+
+def _no_cuda() -> str:
+    """Why the tests marked gpu cannot run here, or '' when they can."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return f"no CUDA device here (torch {torch.__version__}): make test-gpu on a GPU machine"
+    return ""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    marked = [item for item in items if item.get_closest_marker("gpu")]
+    why = _no_cuda() if marked else ""
+    for item in marked if why else []:
+        item.add_marker(pytest.mark.skip(reason=why))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _teardown_driver() -> Iterator[None]:
     yield

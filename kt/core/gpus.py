@@ -11,7 +11,8 @@ override, so the assignment is tested where no GPU exists); the NVIDIA container
 runtime's `NVIDIA_VISIBLE_DEVICES`, as the Kubernetes device plugin sets it (the
 container sees those devices numbered from 0; `all` asks NVML how many); then
 `CUDA_VISIBLE_DEVICES` (the devices this process may use, by their ids); then NVML
-through nvidia-ml-py where it is installed. Nothing found: no GPUs.
+through nvidia-ml-py where it is installed, else the NVIDIA driver's list under /proc.
+Nothing found: no GPUs.
 
 Shares. A device is held in shares of 1: `gpus=k` (an integer) takes k whole free
 devices; `0 < gpus < 1` takes that share of one device, packed onto the fullest device
@@ -22,6 +23,7 @@ memory and compute with no isolation: each sees the whole device, as under Ray.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -36,18 +38,20 @@ IDS_ENV = "KT_GPU_IDS"
 def gpu_ids(environ: Mapping[str, str] | None = None) -> list[int | str]:
     """Inside an actor or rank: the ids of the devices it was given (ints where the pod
     numbers them, as `CUDA_VISIBLE_DEVICES` does; UUIDs stay str); [] when none."""
-    import os
-
     text = (os.environ if environ is None else environ).get(IDS_ENV, "")
     return [int(i) if i.isdigit() else i for i in _ids(text)]
 
 
-def _nvml_count() -> int | None:
-    """Devices NVML sees, or None where nvidia-ml-py or the driver is not there."""
+def _nvml_count(proc: str = "/proc/driver/nvidia/gpus") -> int | None:
+    """Devices NVML sees (nvidia-ml-py, where installed), else those the NVIDIA driver
+    lists under /proc; None where neither is there."""
     try:
         import pynvml
     except ImportError:
-        return None
+        try:
+            return len(os.listdir(proc))
+        except OSError:
+            return None
     try:
         pynvml.nvmlInit()
         try:
@@ -199,7 +203,8 @@ class GpuTable:
         if not self.devices:
             return (
                 "this pod has no GPUs (none in KT_GPUS, NVIDIA_VISIBLE_DEVICES, "
-                "CUDA_VISIBLE_DEVICES or NVML)"
+                "CUDA_VISIBLE_DEVICES or NVML). A local pod has this machine's GPUs; to "
+                "try gpus= without one, fake them: Compute(env={'KT_GPUS': '2'})"
             )
         shares = ", ".join(
             f"{d}: {u:g} held" for d, u in zip(self.devices, self.used(), strict=True)

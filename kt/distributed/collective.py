@@ -13,11 +13,18 @@ keeps its groups by name in `_MEMBERSHIPS`. A broadcast sends the source's tenso
 through the store, then every tensor's bytes as one uint8 buffer in one collective, so
 any dtype goes through gloo and receivers update their tensors in place (a module's
 `state_dict()` aliases its parameters, so the module itself changes).
+
+With `backend="nccl"` the ProcessGroup is NCCL's and the one buffer lives on the
+member's own device (`cuda:<LOCAL_RANK>` in a rank, `cuda:0` in an actor, which sees
+only its own devices): CUDA tensors go GPU to GPU with no host copy, and a CPU tensor
+on either side is copied to or from the device. Every member needs a CUDA device of its
+own (NCCL refuses two members on one device); gloo stays the CPU path.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import threading
 import uuid
@@ -35,7 +42,7 @@ if TYPE_CHECKING:
     from kt.actors.handle import ActorHandle
 
 logger = logging.getLogger(__name__)
-BACKENDS = ("gloo",)
+BACKENDS = ("gloo", "nccl")
 
 
 @dataclass
@@ -46,6 +53,7 @@ class _Membership:
     size: int
     store: Any
     pg: Any
+    device: str = "cpu"  # where a broadcast's buffer lives: cuda:i for NCCL
     seq: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -111,7 +119,8 @@ def collective_group(
     size = len(members)
     port = members[0].run_hook(_host_store, name, host, size, timeout).result(timeout)
     refs = [
-        h.run_hook(_join, name, host, port, rank, size, timeout) for rank, h in enumerate(members)
+        h.run_hook(_join, name, host, port, rank, size, timeout, backend)
+        for rank, h in enumerate(members)
     ]
     get(refs, timeout=timeout)
     logger.info("collective group %s: %d members, store %s:%d", name, size, host, port)
@@ -148,14 +157,14 @@ def broadcast_state_dict(
         else:
             layout = pickle.loads(member.store.get(key))
             if state_dict is None:
-                state_dict = _allocate(layout)
+                state_dict = _allocate(layout, member.device)
             problem = _mismatch(state_dict, layout)
         offsets, total = _offsets(layout)
-        buf = torch.empty(total, dtype=torch.uint8)
+        buf = torch.empty(total, dtype=torch.uint8, device=member.device)
         if member.rank == src:
             for (k, *_), (start, nbytes) in zip(layout, offsets, strict=True):
                 if nbytes:
-                    buf[start : start + nbytes].copy_(_bytes_of(state_dict[k]))
+                    buf[start : start + nbytes].copy_(_bytes_of(state_dict[k], member.device))
         if total:  # a receiver that does not match still takes part: no one is left hanging
             opts = dist.BroadcastOptions()
             opts.rootRank = src
@@ -188,20 +197,65 @@ def _host_store(instance: Any, name: str, host: str, size: int, timeout: float) 
 
 @actor_hook
 def _join(
-    instance: Any, name: str, host: str, port: int, rank: int, size: int, timeout: float
+    instance: Any,
+    name: str,
+    host: str,
+    port: int,
+    rank: int,
+    size: int,
+    timeout: float,
+    backend: str = "gloo",
 ) -> int:
     import torch.distributed as dist
 
     if name in _MEMBERSHIPS:
         raise ConfigError(f"this actor is already in collective group {name!r}")
-    store = _HOSTED_STORES.pop(name, None)
+    store = _HOSTED_STORES.pop(name, None)  # dropped with this frame if the device check fails
+    device = _nccl_device(rank) if backend == "nccl" else "cpu"
     if store is None:
         store = dist.TCPStore(host, port, size, False, timedelta(seconds=timeout))
-    pg = dist.ProcessGroupGloo(
-        dist.PrefixStore(f"kt/{name}/pg", store), rank, size, timedelta(seconds=timeout)
-    )
-    _MEMBERSHIPS[name] = _Membership(rank, size, store, pg)
+    prefixed = dist.PrefixStore(f"kt/{name}/pg", store)
+    pg: Any
+    if backend == "nccl":
+        import torch
+
+        torch.cuda.set_device(device)
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timedelta(seconds=timeout)
+        pg = dist.ProcessGroupNCCL(prefixed, rank, size, options)
+    else:
+        pg = dist.ProcessGroupGloo(prefixed, rank, size, timedelta(seconds=timeout))
+    _MEMBERSHIPS[name] = _Membership(rank, size, store, pg, device)
     return rank
+
+
+def _nccl_device(rank: int, environ: dict[str, str] | None = None) -> str:
+    """This member's device for NCCL: `cuda:<LOCAL_RANK>` in a rank, else `cuda:0`.
+
+    Raises:
+        ConfigError: no CUDA device here, or NCCL is not built into this torch.
+    """
+    import torch
+    import torch.distributed as dist
+
+    env = os.environ if environ is None else environ
+    where = f"member {rank} (pod {env.get('KT_POD', '?')})"
+    if not dist.is_nccl_available():
+        why = "this torch has no NCCL (a CPU build)"
+    elif not torch.cuda.is_available():
+        visible = env.get("CUDA_VISIBLE_DEVICES", "unset")
+        why = f"it has no CUDA device (CUDA_VISIBLE_DEVICES={visible!r})"
+    else:
+        why = ""
+    if why:
+        raise ConfigError(
+            f"backend='nccl': {where} cannot use it: {why}. Give every member a GPU of its "
+            "own (.options(gpus=1)) on a CUDA build of torch, or use backend='gloo', the "
+            "CPU path"
+        )
+    local = env.get("LOCAL_RANK", "")
+    index = int(local) if local.isdigit() and int(local) < torch.cuda.device_count() else 0
+    return f"cuda:{index}"
 
 
 @actor_hook
@@ -246,10 +300,10 @@ def _layout(state_dict: dict[str, Any]) -> Layout:
     return out
 
 
-def _bytes_of(tensor: Any) -> Any:
+def _bytes_of(tensor: Any, device: str = "cpu") -> Any:
     import torch
 
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    flat = tensor.detach().to(device).contiguous().reshape(-1)
     return flat.view(torch.uint8) if flat.numel() else flat.new_empty(0, dtype=torch.uint8)
 
 
@@ -264,11 +318,11 @@ def _offsets(layout: Layout) -> tuple[list[tuple[int, int]], int]:
     return out, cursor
 
 
-def _allocate(layout: Layout) -> dict[str, Any]:
+def _allocate(layout: Layout, device: str = "cpu") -> dict[str, Any]:
     import torch
 
     return {
-        k: torch.empty(shape, dtype=dtype) if kind == "tensor" else dtype
+        k: torch.empty(shape, dtype=dtype, device=device) if kind == "tensor" else dtype
         for k, kind, dtype, shape, _ in layout
     }
 

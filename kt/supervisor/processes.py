@@ -61,6 +61,10 @@ WORKER_MOVES = {
 _FREE = {_W.IDLE: 0, _W.STARTING: 1, _W.SPAWNING: 2}  # the readiest is handed out first
 FORK_SEND_S = 30.0  # a zygote that takes no fork request for this long is given up
 CONNECT_TIMEOUT_S = 60.0  # a warm worker that has not said HELLO by then is killed
+SPAWNS_AT_ONCE = 4
+"""Fresh interpreters starting at once, each until it says HELLO or exits: with the
+zygote gone in a burst, spawning every waiting worker at once forked the supervisor
+dozens of times in one turn of its loop and starved it past its driver's heartbeat."""
 
 
 @dataclass
@@ -255,6 +259,7 @@ class ProcessManager:
         self._zygote_writer: asyncio.StreamWriter | None = None
         self._zygote_gone: asyncio.Event | None = None
         self.zygote_pid: int | None = None
+        self._spawn_room: asyncio.Semaphore | None = None  # SPAWNS_AT_ONCE; made on the loop
 
     def _env(self) -> dict[str, str]:
         return dict(
@@ -383,17 +388,35 @@ class ProcessManager:
             raise OSError(f"the zygote took no fork request for {FORK_SEND_S:g} s") from None
 
     async def _spawn(self, worker: WorkerProcess) -> asyncio.StreamReader:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "kt.supervisor.worker",
-            self.socket_path,
-            str(worker.id),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            env=self._env(),
-        )
+        if self._spawn_room is None:
+            self._spawn_room = asyncio.Semaphore(SPAWNS_AT_ONCE)
+        room = self._spawn_room
+        await room.acquire()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "kt.supervisor.worker",
+                self.socket_path,
+                str(worker.id),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                env=self._env(),
+            )
+        except BaseException:
+            room.release()
+            raise
+        released = False
+
+        def release(_: Any) -> None:  # once it is up (HELLO) or gone
+            nonlocal released
+            if not released:
+                released = True
+                room.release()
+
+        worker.connected.add_done_callback(release)
+        worker.exited.add_done_callback(release)
         assert proc.stdout is not None
         worker.started(proc.pid)
 

@@ -15,6 +15,9 @@ Behaviours covered:
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -40,6 +43,17 @@ def test_discovery_reads_the_override_the_plugin_cuda_then_nvml() -> None:
     assert discover({}, _no_nvml) == ()
     with pytest.raises(ConfigError, match=r"KT_GPUS=' ,': give a count \(4\) or device ids"):
         discover({"KT_GPUS": " ,"}, _no_nvml)
+
+
+def test_without_nvml_the_drivers_proc_listing_counts(tmp_path: Path) -> None:
+    from kt.core.gpus import _nvml_count
+
+    if importlib.util.find_spec("pynvml") is not None:
+        pytest.skip("nvidia-ml-py is installed here: NVML answers, not /proc")
+    (tmp_path / "0000:17:00.0").mkdir()
+    (tmp_path / "0000:65:00.0").mkdir()
+    assert _nvml_count(str(tmp_path)) == 2  # nvidia-ml-py is not installed here
+    assert _nvml_count(str(tmp_path / "absent")) is None
 
 
 def test_whole_devices_come_free_and_preferred_first_and_shares_pack() -> None:

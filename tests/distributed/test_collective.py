@@ -9,7 +9,10 @@ Behaviours covered:
 - the trainer's default process group keeps working, and its rank 1 is untouched;
 - `kt.distributed.broadcast_state_dict(...)` called inside the members does the same;
 - an actor can be in several collective groups; a member whose state dict does not
-  match raises, and the others are not left hanging: the group stays in step.
+  match raises, and the others are not left hanging: the group stays in step;
+- backend="nccl" where a member has no CUDA device (these machines): a ConfigError naming
+  the member and the ways out, and the group's name is free again (tests/gpu runs NCCL
+  itself where a GPU exists).
 """
 
 from __future__ import annotations
@@ -136,3 +139,25 @@ def _mismatched_member_raises_without_hanging_the_others(rollouts: list[kt.Actor
     )
     assert _equal(b.state(), a.state())
     assert _equal(fresh, a.state())
+
+
+@pytest.mark.timeout(90)
+def test_nccl_without_a_cuda_device_is_refused_naming_the_member(pool: kt.Compute) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device: tests/gpu runs NCCL here")
+    rollouts = [kt.cls(Rollout).options(compute=pool, cpus=0).remote(seed=i) for i in range(2)]
+    try:
+        with pytest.raises(
+            kt.ConfigError,
+            match=r"backend='nccl': member \d \(pod .*\) cannot use it: .*backend='gloo'",
+        ):
+            collective_group(rollouts, backend="nccl", name="no-gpu", timeout=30)
+        with pytest.raises(kt.ConfigError, match=r"collective groups support \('gloo', 'nccl'\)"):
+            collective_group(rollouts, backend="mpi")
+        group = collective_group(rollouts, name="no-gpu")  # the name is free again
+        assert group.backend == "gloo"
+        kt.get([rollouts[0].push.remote("no-gpu"), rollouts[1].pull.remote("no-gpu")], timeout=60)
+        assert _equal(rollouts[1].state(), rollouts[0].state())
+    finally:
+        for r in rollouts:
+            kt.kill(r)

@@ -35,7 +35,8 @@ class Sized:
 
 
 def test_gpu_and_memory_requests_are_placed_against_the_pod() -> None:
-    compute = kt.Compute(cpus=4, gpus=2, memory="1Gi", replicas=1, backend="local")
+    env = {"KT_GPUS": "2"}  # the pod's devices, faked: this machine has none
+    compute = kt.Compute(cpus=4, gpus=2, memory="1Gi", replicas=1, backend="local", env=env)
     S = kt.cls(Sized).options(compute=compute, cpus=0)
     with pytest.raises(kt.PlacementError, match="3 gpus > 2"):
         S.options(gpus=3).remote().ping()
