@@ -67,13 +67,15 @@ SYSTEM_PYTHON = "/usr/bin/python3"
 
 @pytest.fixture(scope="session")
 def k8s_cluster() -> Iterator[pathlib.Path]:
-    """`python -m kt.testing.cluster` (4 nodes of 16 cpus) for this test process, and
-    KUBECONFIG pointing at it; stopped (every pod's processes with it) at the end."""
+    """`python -m kt.testing.cluster` (4 nodes of 16 cpus and 4 nvidia.com/gpu) for this
+    test process, and KUBECONFIG pointing at it; stopped (every pod's processes with it)
+    at the end."""
     from kt.k8s import manifests
     from kt.testing.cluster import running
     from tests.k8s.kubectl import kubectl
 
-    with running(CLUSTER_NODES, CLUSTER_CPUS, images={NO_KT_IMAGE: SYSTEM_PYTHON}) as kubeconfig:
+    images = {NO_KT_IMAGE: SYSTEM_PYTHON}
+    with running(CLUSTER_NODES, CLUSTER_CPUS, gpus_per_node=4, images=images) as kubeconfig:
         os.environ["KUBECONFIG"] = str(kubeconfig)
         # what a platform team grants kt's pods (the chart's Role): they make pools and
         # delete themselves through their service account, "default" here

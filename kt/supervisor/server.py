@@ -53,7 +53,6 @@ from kt.core.errors import (
     SyncSourceFailed,
     check_move,
 )
-from kt.core.gpus import GpuTable
 from kt.core.liveness import pid_alive
 from kt.core.protocol import FLAGS_OFFSET, ROUTE_OFFSET, FrameFlag, FrameKind
 from kt.supervisor.datastore import FANOUT, DataService
@@ -224,7 +223,7 @@ class Supervisor:
         self.stats = PodStats()
         self._by_worker: dict[int, ActorRecord] = {}
         self.host_key = shm.host_key()
-        self.gpus = GpuTable(gpus.discover(os.environ))
+        self.gpus = gpus.GpuTable(gpus.discover(os.environ))
         self._device_waiters: dict[str, Callable[[], None]] = {}
         """Actors whose CREATE waits for devices that actors being killed still hold."""
         self._next_route = 1

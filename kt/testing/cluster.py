@@ -46,7 +46,7 @@ async def run(args: argparse.Namespace) -> None:
     url = f"https://{host}:{port}"
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="kt-cluster-"))
     runner, _ = await apiserver.serve(host, port, token, tls)
-    shape = NodeShape(cpus=args.cpus_per_node, memory=args.memory_per_node)
+    shape = NodeShape(cpus=args.cpus_per_node, memory=args.memory_per_node, gpus=args.gpus_per_node)
     kubelet = Kubelet(
         url,
         token,
@@ -102,6 +102,7 @@ def running(
     nodes: int = 4,
     cpus_per_node: float = 4,
     *,
+    gpus_per_node: int = 0,
     images: dict[str, str] | None = None,
     limit: float = 60,
 ) -> Iterator[Path]:
@@ -115,6 +116,7 @@ def running(
     kubeconfig = root / "kubeconfig"
     argv = [sys.executable, "-m", "kt.testing.cluster", "--kubeconfig", str(kubeconfig)]
     argv += ["--nodes", str(nodes), "--cpus-per-node", f"{cpus_per_node:g}"]
+    argv += ["--gpus-per-node", str(gpus_per_node)]
     argv += ["--workdir", str(root / "work")]
     for image, python in (images or {}).items():
         argv += ["--image-python", f"{image}={python}"]
@@ -178,6 +180,9 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=4)
     parser.add_argument("--cpus-per-node", type=float, default=4)
     parser.add_argument("--memory-per-node", default="8Gi")
+    parser.add_argument(
+        "--gpus-per-node", type=int, default=0, help="nvidia.com/gpu each node advertises"
+    )
     parser.add_argument("--port", type=int, default=0, help="API server port (default: free)")
     parser.add_argument("--workdir", help="pods' directories (default: a temporary one)")
     parser.add_argument(

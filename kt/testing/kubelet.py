@@ -30,6 +30,11 @@ it does, per node it registers (a Node object with capacity and a Ready conditio
   the kernel's OOM killer does for a container's cgroup;
 - **graceful deletion**: a pod given a deletionTimestamp gets SIGTERM, SIGKILL after its
   grace period, and is then deleted with grace period 0; a pod deleted outright is killed;
+- **GPUs, as the NVIDIA device plugin and container runtime give them**: a node with
+  `NodeShape.gpus` advertises them as `nvidia.com/gpu`; a container whose limits ask for
+  n gets n of its node's devices no other running container holds, named in
+  `NVIDIA_VISIBLE_DEVICES` (as GPU UUIDs), given back when it ends (there are no device
+  files: a process sees the variable, not a GPU);
 - **logs**: what a container writes goes to a file per pod, served (as a real kubelet
   does on its port) at `/containerLogs/<namespace>/<pod>/<container>[?follow=true]`; the
   node's `status.daemonEndpoints.kubeletEndpoint.Port` says where, and the API server
@@ -63,6 +68,7 @@ logger = logging.getLogger(__name__)
 
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 OOM_EXIT = 137
+GPU = "nvidia.com/gpu"
 
 
 def _now() -> str:
@@ -92,6 +98,7 @@ class NodeShape:
     cpus: float = 4
     memory: str = "8Gi"
     labels: dict[str, str] = field(default_factory=dict)
+    gpus: int = 0  # nvidia.com/gpu
 
 
 @dataclass
@@ -108,6 +115,7 @@ class PodRun:
     deleting: asyncio.Event = field(default_factory=asyncio.Event)
     gone: bool = False  # deleted from the API server: nothing left to report
     pgid: int | None = None
+    gpus: list[int] = field(default_factory=list)  # its node's devices it holds
     task: asyncio.Task[None] | None = None
 
 
@@ -168,6 +176,7 @@ class Kubelet:
         self._log_server: web.AppRunner | None = None
         self.log_port = 0
         self.api: Rest | None = None
+        self._gpus_held: dict[str, set[int]] = {node: set() for node in self.nodes}
 
     # -- the loop ----------------------------------------------------------------------------
     async def run(self) -> None:
@@ -212,6 +221,8 @@ class Kubelet:
     async def _register(self, node: str) -> None:
         assert self.api is not None
         capacity = {"cpu": f"{self.shape.cpus:g}", "memory": self.shape.memory, "pods": "110"}
+        if self.shape.gpus:
+            capacity[GPU] = str(self.shape.gpus)
         body = {
             "apiVersion": "v1",
             "kind": "Node",
@@ -355,6 +366,25 @@ class Kubelet:
     # -- one pod ---------------------------------------------------------------------------
     async def _run(self, run: PodRun) -> None:
         """Pull, mount, start, probe, watch memory, report the end, finish deletion."""
+        try:
+            await self._run_pod(run)
+        finally:
+            self._gpus_held.get(run.node, set()).difference_update(run.gpus)
+            run.gpus = []
+
+    def _give_gpus(self, run: PodRun, container: dict[str, Any], env: dict[str, str]) -> None:
+        """The node's devices the container's limits ask for, as the device plugin names
+        them (once: a container keeps its devices until it ends)."""
+        want = int(quantity((container.get("resources", {}).get("limits") or {}).get(GPU, "0")))
+        held = self._gpus_held.setdefault(run.node, set())
+        if want and not run.gpus:
+            free = [i for i in range(self.shape.gpus) if i not in held]
+            run.gpus = free[:want]  # the scheduler counted them: never fewer
+            held.update(run.gpus)
+        if run.gpus:
+            env["NVIDIA_VISIBLE_DEVICES"] = ",".join(f"GPU-{run.node}-{i}" for i in run.gpus)
+
+    async def _run_pod(self, run: PodRun) -> None:
         run.root = self._root(run.pod)
         container = run.pod["spec"]["containers"][0]
         started = await self._start(run, container)
@@ -559,6 +589,7 @@ class Kubelet:
                 if values is None or key_ref["key"] not in values:
                     return None
                 env[var["name"]] = values[key_ref["key"]]
+        self._give_gpus(run, container, env)
         return env
 
     def _bin(self, container: dict[str, Any]) -> str | None:

@@ -1,7 +1,9 @@
-"""Devices given to actors and ranks on local pods whose GPUs are faked by KT_GPUS (the
-assignment is the same code a GPU pod runs; only discovery differs).
+"""Devices given to actors and ranks on pods without a real GPU: local pods whose GPUs
+are faked by KT_GPUS, and test-cluster pods given `nvidia.com/gpu` by its kubelet as the
+NVIDIA device plugin does (NVIDIA_VISIBLE_DEVICES), so discovery from the plugin's
+variable runs too. The assignment is the same code a GPU pod runs.
 
-Behaviours covered:
+Behaviours covered (the first three on both backends):
 - four gpus=1 actors on a pod with KT_GPUS=4 see four distinct CUDA_VISIBLE_DEVICES,
   which kt.gpu_ids() returns; a fifth that may wait 2 s fails saying the gpus are held;
   a fifth that waits gets the device of the one killed;
@@ -34,13 +36,14 @@ class Rank:
         return os.environ["LOCAL_RANK"], os.environ["CUDA_VISIBLE_DEVICES"], kt.gpu_ids()
 
 
-def _pool(gpus: int) -> kt.Compute:
+def _pool(gpus: int, backend: str = "local") -> kt.Compute:
     name = f"gpus-{uuid.uuid4().hex[:6]}"
-    return kt.Compute(cpus=1, gpus=gpus, env={"KT_GPUS": str(gpus)}, name=name)
+    env = {"KT_GPUS": str(gpus)} if backend == "local" else {}  # k8s: the kubelet's devices
+    return kt.Compute(cpus=1, gpus=gpus, env=env, name=name, backend=backend)
 
 
-def test_four_actors_get_four_devices_and_a_fifth_waits_for_a_freed_one() -> None:
-    One = kt.cls(Seer).options(compute=_pool(4), cpus=0, gpus=1)
+def test_four_actors_get_four_devices_and_a_fifth_waits_for_a_freed_one(backend: str) -> None:
+    One = kt.cls(Seer).options(compute=_pool(4, backend), cpus=0, gpus=1)
     actors = [One.remote() for _ in range(4)]
     seen = kt.get([a.devices.remote() for a in actors], timeout=120)
     assert sorted(v for v, _ in seen) == ["0", "1", "2", "3"], seen
@@ -58,8 +61,8 @@ def test_four_actors_get_four_devices_and_a_fifth_waits_for_a_freed_one() -> Non
         kt.kill(a)
 
 
-def test_two_half_gpu_actors_share_one_device() -> None:
-    Half = kt.cls(Seer).options(compute=_pool(2), cpus=0, gpus=0.5)
+def test_two_half_gpu_actors_share_one_device(backend: str) -> None:
+    Half = kt.cls(Seer).options(compute=_pool(2, backend), cpus=0, gpus=0.5)
     first, second, third = (Half.remote() for _ in range(3))
     a, b, c = kt.get([h.devices.remote() for h in (first, second, third)], timeout=120)
     assert a == b and a[0] in ("0", "1"), (a, b)
@@ -68,8 +71,8 @@ def test_two_half_gpu_actors_share_one_device() -> None:
         kt.kill(h)
 
 
-def test_an_spmd_group_gives_each_rank_the_device_of_its_local_rank() -> None:
-    compute = _pool(2).distribute("spmd", workers=1, procs_per_worker=2)
+def test_an_spmd_group_gives_each_rank_the_device_of_its_local_rank(backend: str) -> None:
+    compute = _pool(2, backend).distribute("spmd", workers=1, procs_per_worker=2)
     ranks = kt.cls(Rank).to(compute)
     try:
         assert sorted(ranks.devices()) == [("0", "0,1", [0]), ("1", "0,1", [1])]

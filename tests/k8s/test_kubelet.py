@@ -9,7 +9,10 @@ Behaviours covered (each a real process started by the kubelet):
   over its memory limit is killed and reported OOMKilled with exit code 137;
 - a graceful delete sends SIGTERM (the program sees it), then removes the pod; the
   process is gone;
-- an image whose registry does not resolve waits in ErrImagePull, then ImagePullBackOff.
+- an image whose registry does not resolve waits in ErrImagePull, then ImagePullBackOff;
+- a node with GPUs advertises nvidia.com/gpu; containers limited to 2 each get disjoint
+  devices in NVIDIA_VISIBLE_DEVICES, as the device plugin names them, and a container
+  started after one ended gets the devices it gave back.
 """
 
 from __future__ import annotations
@@ -68,7 +71,9 @@ def _pod(name: str, argv: list[str], **container: Any) -> dict[str, Any]:
 
 
 async def _cluster(
-    tmp: pathlib.Path, body: Callable[[client.CoreV1Api, Kubelet], Awaitable[None]]
+    tmp: pathlib.Path,
+    body: Callable[[client.CoreV1Api, Kubelet], Awaitable[None]],
+    shape: NodeShape | None = None,
 ) -> None:
     port = free_port()
     tls = apiserver.make_tls()
@@ -80,7 +85,7 @@ async def _cluster(
         tls.ca_pem,
         workdir=tmp,
         nodes=2,
-        shape=NodeShape(cpus=3),
+        shape=shape or NodeShape(cpus=3),
         python_bin=os.path.dirname(sys.executable),
     )
     running = asyncio.ensure_future(kubelet.run())
@@ -229,3 +234,45 @@ def test_exit_codes_oom_and_unpullable_images(tmp_path: pathlib.Path) -> None:
             await asyncio.sleep(0.05)
 
     asyncio.run(_cluster(tmp_path, body))
+
+
+DEVICES = r"""
+import os, time
+open(os.environ["OUT"], "w").write(os.environ.get("NVIDIA_VISIBLE_DEVICES", "none"))
+time.sleep(60)
+"""
+
+
+def test_gpus_are_advertised_and_handed_out_as_the_device_plugin_does(
+    tmp_path: pathlib.Path,
+) -> None:
+    def gpu_pod(name: str) -> dict[str, Any]:
+        env = [{"name": "OUT", "value": str(tmp_path / name)}]
+        limits = {"resources": {"limits": {"nvidia.com/gpu": "2"}}}
+        return _pod(name, [sys.executable, "-c", DEVICES], env=env, **limits)
+
+    async def seen(name: str) -> set[str]:
+        path = tmp_path / name
+        for _ in range(600):
+            if path.exists() and path.read_text():
+                return set(path.read_text().split(","))
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"{name} never started")
+
+    async def body(api: client.CoreV1Api, kubelet: Kubelet) -> None:
+        node = await api.read_node("node-1")
+        assert node.status.capacity["nvidia.com/gpu"] == "4"
+        await _bind(api, gpu_pod("g1"))
+        await _bind(api, gpu_pod("g2"))
+        first, second = await seen("g1"), await seen("g2")
+        assert len(first) == len(second) == 2 and not first & second, (first, second)
+        assert all(d.startswith("GPU-node-1-") for d in first | second)
+        await api.delete_namespaced_pod("g1", "default", grace_period_seconds=0)
+        for _ in range(600):  # its container's end gives its devices back
+            if not any(r.name == "g1" for r in kubelet.runs.values()):
+                break
+            await asyncio.sleep(0.05)
+        await _bind(api, gpu_pod("g3"))
+        assert await seen("g3") == first
+
+    asyncio.run(_cluster(tmp_path, body, NodeShape(cpus=3, gpus=4)))
