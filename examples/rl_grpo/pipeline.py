@@ -16,6 +16,11 @@ The pieces are laid out the way a real GRPO pipeline is, each a kt part:
 - one step of overlap (`overlap=True`): rollouts for step k+1 (with weights k) run while
   the trainer does step k; the sync follows when both are done.
 
+With `device="cuda"` the policies live on GPUs: each rollout actor asks for a share of
+one (`gpus=1 / (rollouts + 1)`) and each trainer rank's pod for one device, so on a
+one-GPU machine everything shares it; the trainer stays gloo DDP (NCCL cannot put two
+ranks on one device), and weights cross through the host in either sync.
+
 Nothing here names a backend: the pools come from `KT_BACKEND` / `backend=`.
 Every actor method reports the seconds it computed, so the driver can tell compute
 from what kt adds (calls, serialization, placement, sync).
@@ -41,21 +46,25 @@ import kt
 from kt.distributed import collective_group
 
 
-def _policy(task_name: str, model: dict[str, Any], seed: int) -> Policy:
-    """The same initial weights everywhere: one seed, one config."""
+def _policy(task_name: str, model: dict[str, Any], seed: int, device: str) -> Policy:
+    """The same initial weights everywhere: one seed, one config (made on the CPU, then
+    moved, so a GPU run starts from the CPU run's weights)."""
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     cfg = dataclasses.replace(PolicyConfig.for_task(get_task(task_name)), **model)
-    return Policy(cfg)
+    return Policy(cfg).to(device)
 
 
 class RolloutWorker:
     """Samples completions with its copy of the policy (updated in place by `load`)."""
 
-    def __init__(self, task_name: str, model: dict[str, Any], seed: int, index: int) -> None:
+    def __init__(
+        self, task_name: str, model: dict[str, Any], seed: int, index: int, device: str = "cpu"
+    ) -> None:
         self.task = get_task(task_name)
-        self.policy = _policy(task_name, model, seed)
-        self.gen = torch.Generator().manual_seed(seed * 1000 + 10_000 + index)
+        self.device = device
+        self.policy = _policy(task_name, model, seed, device)
+        self.gen = torch.Generator(device=device).manual_seed(seed * 1000 + 10_000 + index)
         self.version = 0
 
     def load(self, key: str, version: int) -> None:
@@ -71,19 +80,22 @@ class RolloutWorker:
         """Completions, with the version of the weights that made them (every sync sent
         before this call by the same driver has run: its calls run in order)."""
         t = time.perf_counter()
-        completions, old_logprobs = self.policy.sample(prompts, group, self.gen)
+        completions, old_logprobs = self.policy.sample(prompts.to(self.device), group, self.gen)
         return {
-            "completions": completions,
-            "old_logprobs": old_logprobs,
+            "completions": completions.cpu(),
+            "old_logprobs": old_logprobs.cpu(),
             "version": self.version,
             "seconds": time.perf_counter() - t,
         }
 
     def exact_match(self, prompts: torch.Tensor) -> float:
-        return greedy_exact_match(self.task, self.policy.greedy, prompts)
+        def greedy(p: torch.Tensor) -> torch.Tensor:
+            return self.policy.greedy(p.to(self.device)).cpu()
+
+        return greedy_exact_match(self.task, greedy, prompts)
 
     def flat_weights(self) -> torch.Tensor:
-        return get_flat_state(self.policy)
+        return get_flat_state(self.policy).cpu()
 
 
 def score(task_name: str, prompts: torch.Tensor, completions: torch.Tensor, group: int) -> Any:
@@ -97,12 +109,19 @@ class Trainer:
     """One rank of the DDP trainer; `policy` is the bare module whose weights are synced."""
 
     def __init__(
-        self, task_name: str, model: dict[str, Any], seed: int, hp: Hyper, steps: int
+        self,
+        task_name: str,
+        model: dict[str, Any],
+        seed: int,
+        hp: Hyper,
+        steps: int,
+        device: str = "cpu",
     ) -> None:
         import torch.distributed as dist
         from torch.nn.parallel import DistributedDataParallel
 
-        self.policy = _policy(task_name, model, seed)
+        self.device = device
+        self.policy = _policy(task_name, model, seed, device)
         dist.init_process_group("gloo")  # the environment is torchrun's, set by kt
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.ddp = DistributedDataParallel(self.policy)
@@ -115,7 +134,7 @@ class Trainer:
 
     def step(self, batch: tuple[torch.Tensor, ...]) -> dict[str, float]:
         t = time.perf_counter()
-        shard = Batch(*batch).shard(self.rank, self.world)
+        shard = Batch(*(t.to(self.device) for t in batch)).shard(self.rank, self.world)
         stats = update(
             self.ddp, self.opt, shard, clip_eps=self.hp.clip_eps, inner_steps=self.hp.inner_steps
         )
@@ -124,10 +143,10 @@ class Trainer:
 
     def publish(self, key: str) -> None:
         """Put this rank's weights (rank 0's, DDP keeps every rank's equal) in the store."""
-        kt.put(key, self.policy.state_dict())
+        kt.put(key, {k: v.cpu() for k, v in self.policy.state_dict().items()})
 
     def flat_weights(self) -> torch.Tensor:
-        return get_flat_state(self.policy)
+        return get_flat_state(self.policy).cpu()
 
 
 @dataclass(frozen=True)
@@ -142,6 +161,7 @@ class RunConfig:
     stop_at_exact: float | None = None  # stop once greedy exact-match reaches this
     stop_at_gain: float | None = None  # stop once the 5-step mean reward rose this much
     weight_sync: str = "collective"  # or "store": kt.put / kt.get(into=)
+    device: str = "cpu"  # or "cuda": policies on GPUs (see the module's docstring)
 
 
 @dataclass
@@ -191,15 +211,23 @@ async def run_async(cfg: RunConfig, progress: Progress | None = None) -> Run:
     hp, task = cfg.hp, get_task(cfg.task)
     if hp.prompts % cfg.rollouts:
         raise ValueError(f"--prompts {hp.prompts} does not split over {cfg.rollouts} rollouts")
+    if cfg.device not in ("cpu", "cuda"):
+        raise ValueError(f"device={cfg.device!r}: 'cpu' or 'cuda'")
     model = dict(hp.model)
-    rollout_pool = kt.Compute(cpus=cfg.rollouts, replicas=1, backend=cfg.backend)
-    trainer_pool = kt.Compute(cpus=1, backend=cfg.backend).distribute("pytorch", workers=2)
+    gpus = 1 if cfg.device == "cuda" else 0
+    rollout_pool = kt.Compute(cpus=cfg.rollouts, gpus=gpus, replicas=1, backend=cfg.backend)
+    trainer_pool = kt.Compute(cpus=1, gpus=gpus, backend=cfg.backend).distribute(
+        "pytorch", workers=2
+    )
+    share = 1 / (cfg.rollouts + 1) if gpus else 0  # a share of the pod's device each
+    Rollout = kt.cls(RolloutWorker).options(compute=rollout_pool, gpus=share)
     workers = [
-        kt.cls(RolloutWorker).options(compute=rollout_pool).remote(cfg.task, model, cfg.seed, i)
-        for i in range(cfg.rollouts)
+        Rollout.remote(cfg.task, model, cfg.seed, i, cfg.device) for i in range(cfg.rollouts)
     ]
     reward = kt.fn(score).to(rollout_pool)
-    trainer = kt.cls(Trainer).to(trainer_pool, init_args=(cfg.task, model, cfg.seed, hp, cfg.steps))
+    trainer = kt.cls(Trainer).to(
+        trainer_pool, init_args=(cfg.task, model, cfg.seed, hp, cfg.steps, cfg.device)
+    )
     if cfg.weight_sync not in ("collective", "store"):
         raise ValueError(f"weight_sync={cfg.weight_sync!r}: 'collective' or 'store'")
     if cfg.weight_sync == "collective":

@@ -38,6 +38,9 @@ def parse(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Namespace]
         choices=["collective", "store"],
         help="broadcast in a collective group, or kt.put / kt.get(into=) via the data store",
     )
+    ap.add_argument(
+        "--device", default="cpu", choices=["cpu", "cuda"], help="where the policies run"
+    )
     ap.add_argument("--stop-at", type=float, default=None, help="stop at this exact-match")
     ap.add_argument("--min-exact", type=float, default=None, help="exit 1 below this")
     ap.add_argument("--max-overhead", type=float, default=None, help="exit 1 above this")
@@ -53,6 +56,7 @@ def parse(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Namespace]
         hp=hp,
         stop_at_exact=a.stop_at,
         weight_sync=a.weight_sync,
+        device=a.device,
     )
     return cfg, a
 
