@@ -53,6 +53,7 @@ WRITE_CHUNK = 64 * 2**20
 RECENT = 16  # pods that held keys, asked first
 LISTING_S = 1.0  # how long the provider's listing of pods is taken as it was
 RETRIES = 3  # reads of a located key that may fail (its pod lost, its file replaced)
+ALIGN_FROM = 2**20  # a buffer this large is placed where it copies fastest
 
 _where: dict[str, tuple[Address, str, str]] = {}  # key -> the pod that answered last
 # (its address, its pool's token, its name)
@@ -84,14 +85,18 @@ def put(key: str, value: Any, *, lifetime: str | None = None) -> None:
     reserved = _ask(address, token, {"op": "reserve", "k": key, "n": size})
     put_id = reserved["id"]
     try:
-        if not (reserved["file"] and _write_file(reserved["file"], parts)):
+        seal: dict[str, Any] = {"op": "seal", "id": put_id}
+        start = _write_file(reserved["file"], parts) if reserved["file"] else None
+        if start is None:
             refs = [
                 _submit(address, token, {"op": "write", "id": put_id, "off": offset}, piece)
                 for offset, piece in _pieces(parts, WRITE_CHUNK)
             ]
             for ref in refs:
                 ref.result(timeout=MOVE_S)
-        _ask(address, token, {"op": "seal", "id": put_id})
+        else:
+            seal["start"] = start
+        _ask(address, token, seal)
     except BaseException:
         _ask(address, token, {"op": "abandon", "id": put_id})
         raise
@@ -241,20 +246,33 @@ def _mismatch(target: Any, source: Any) -> str:
 
 
 # -- moving bytes -----------------------------------------------------------------------
-def _write_file(name: str, parts: Sequence[Any]) -> bool:
-    """Write the value into the pod's reserved /dev/shm file; False if it cannot be
+def _write_file(name: str, parts: Sequence[Any]) -> int | None:
+    """Write the value into the pod's reserved /dev/shm file, from where its largest
+    buffer copies fastest (`shm.value_start`); that start, or None if the file cannot be
     opened here after all (then the bytes are sent)."""
     try:
         target = shm.open_for_writing(name)
     except (OSError, ValueError):
-        return False
+        return None
+    views = [memoryview(part).cast("B") for part in parts]
+    largest = max(range(len(views)), key=lambda i: views[i].nbytes, default=0)
+    start = shm.VALUE_OFFSET
+    if views and views[largest].nbytes >= ALIGN_FROM:
+        position = sum(v.nbytes for v in views[:largest])
+        start = shm.value_start(_address(views[largest]), position)
     with target:
-        pos = shm.VALUE_OFFSET
-        for part in parts:
-            view = memoryview(part).cast("B")
+        pos = start
+        for view in views:
             target[pos : pos + view.nbytes] = view
             pos += view.nbytes
-    return True
+    return start
+
+
+def _address(view: memoryview) -> int:
+    """Where a buffer's bytes are in this process's memory."""
+    import numpy as np
+
+    return int(np.frombuffer(view, dtype=np.uint8).ctypes.data)
 
 
 def _pieces(parts: Sequence[Any], size: int) -> Iterator[tuple[int, list[memoryview]]]:

@@ -217,15 +217,25 @@ def unread(name: str) -> Iterator[bool]:
         os.close(fd)  # drops the lock
 
 
-_VALUE_HEADER = struct.Struct("<8s32sQ")  # magic, value id, size
-_VALUE_MAGIC = b"ktvalue1"
-VALUE_OFFSET = 64  # where a data store value starts in its file
+_VALUE_HEADER = struct.Struct("<8s32sQQ")  # magic, placement id, size, where it starts
+_VALUE_MAGIC = b"ktvalue2"
+VALUE_OFFSET = 64  # where a data store value starts in its file, at the earliest
+VALUE_SLACK = 4096
+"""Room after the header for the putter to start the value later (`value_start`)."""
 
 
-def name_value(buffer: mmap.mmap, fid: str, size: int) -> None:
+def name_value(buffer: mmap.mmap, fid: str, size: int, start: int = VALUE_OFFSET) -> None:
     """Write the header of a data store file: it holds `size` bytes placed as `fid` (an
-    id new each time a value is placed in a file)."""
-    _VALUE_HEADER.pack_into(buffer, 0, _VALUE_MAGIC, fid.encode(), size)
+    id new each time a value is placed in a file), from byte `start`."""
+    _VALUE_HEADER.pack_into(buffer, 0, _VALUE_MAGIC, fid.encode(), size, start)
+
+
+def value_start(source_address: int, position: int) -> int:
+    """Where in its file a value starts so that the byte at `position` of it lands at the
+    same offset within a page as `source_address`, whence it is copied. A large copy
+    between addresses a few dozen bytes apart within their pages is 2.7x slower with
+    glibc's memcpy on some CPUs (AMD EPYC here: 0.35 against 0.13 s per GiB)."""
+    return VALUE_OFFSET + (source_address - position - VALUE_OFFSET) % VALUE_SLACK
 
 
 def value_view(buffer: mmap.mmap, fid: str, size: int) -> memoryview:
@@ -234,10 +244,10 @@ def value_view(buffer: mmap.mmap, fid: str, size: int) -> memoryview:
     Raises:
         FileNotFoundError: the file holds another value now (it was dropped and reused).
     """
-    magic, held, length = _VALUE_HEADER.unpack_from(buffer, 0)
+    magic, held, length, start = _VALUE_HEADER.unpack_from(buffer, 0)
     if magic != _VALUE_MAGIC or held != fid.encode() or length != size:
         raise FileNotFoundError(f"the file no longer holds value {fid[:8]}")
-    return memoryview(buffer)[VALUE_OFFSET : VALUE_OFFSET + size]
+    return memoryview(buffer)[start : start + size]
 
 
 def unlink(name: str) -> None:

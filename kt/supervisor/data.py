@@ -49,6 +49,7 @@ MARGIN = 64 * 2**20
 """Bytes of memory left free when a value is placed: the pod's processes need some."""
 REPLICA_SHARE = 0.5
 """Replicas take at most this share of the memory left to the pod (with their own)."""
+_ROOM = shm.VALUE_OFFSET + shm.VALUE_SLACK  # a file's bytes beside its value's
 
 
 class Medium(str, enum.Enum):
@@ -120,6 +121,7 @@ class Entry:
     tree: list[str] = field(default_factory=list)  # an origin's: "host:port" per node
     dead: set[str] = field(default_factory=set)
     tokens: dict[str, str] = field(default_factory=dict)  # node -> its pool's token
+    start: int = shm.VALUE_OFFSET  # where its bytes begin in its file (Medium.SHM)
     owner: int = -1  # the route of the connection that reserved a pending put
     senders: list[Sender] = field(default_factory=list)  # connections its bytes went to
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -162,8 +164,21 @@ class Entry:
     @property
     def view(self) -> memoryview:
         """The value's bytes in its buffer."""
-        start = shm.VALUE_OFFSET if self.medium is Medium.SHM else 0
+        start = self.start if self.medium is Medium.SHM else 0
         return memoryview(self.buffer)[start : start + self.size]
+
+    def move_to(self, start: int) -> None:
+        """A putter that wrote the file itself began the value at `start`.
+
+        Raises:
+            ValueError: `start` is outside the room its file has.
+        """
+        if self.medium is not Medium.SHM or self.file is None:
+            raise ValueError("only a value in a file the putter wrote has a start")
+        if not shm.VALUE_OFFSET <= start <= len(self.buffer) - self.size:
+            raise ValueError(f"a value of {self.size} bytes cannot start at byte {start}")
+        self.start = start
+        shm.name_value(self.buffer, self.fid, self.size, start)
 
     def drop(self) -> None:
         """No longer held: waiters are told; `DataTable.discard` frees the buffer."""
@@ -204,7 +219,7 @@ class DataTable:
         for _ in range(2):
             shm_free = shm.free_bytes() if self.host_key is not None else None
             memory = cgroup.available_memory()
-            medium = choose_medium(size + shm.VALUE_OFFSET, shm_free=shm_free, memory_free=memory)
+            medium = choose_medium(size + _ROOM, shm_free=shm_free, memory_free=memory)
             if medium is not None or not self.pool:
                 break
             self._empty_pool()  # the pooled files' memory, back for this value
@@ -214,7 +229,7 @@ class DataTable:
                 room += f", {shm_free / 2**20:.0f} MiB in /dev/shm"
             raise DataTooLargeError(key, size, self.pod, room)
         if medium is Medium.SHM:
-            name, buffer = shm.new_file(shm.VALUE_OFFSET + size)
+            name, buffer = shm.new_file(_ROOM + size)
             self.files_made += 1
             try:
                 shm.name_value(buffer, fid, size)
@@ -229,11 +244,7 @@ class DataTable:
         """A pooled file that fits `size` (wasting at most half of it) and nobody reads,
         its header naming `fid` now."""
         fits = sorted(
-            (
-                f
-                for f in self.pool
-                if size + shm.VALUE_OFFSET <= len(f[1]) <= 2 * (size + shm.VALUE_OFFSET)
-            ),
+            (f for f in self.pool if size + _ROOM <= len(f[1]) <= 2 * (size + _ROOM)),
             key=lambda f: len(f[1]),
         )
         for name, buffer in fits:
@@ -290,9 +301,19 @@ class DataTable:
             raise ValueError(f"bytes {offset}..{offset + len(data)} are outside the value")
         entry.view[offset : offset + len(data)] = data
 
-    def seal(self, put_id: str, node: str, token: str) -> Entry:
-        """The reserved value becomes its key's, replacing the one before."""
-        entry = self.pending.pop(put_id, None) or self._pending(put_id)
+    def seal(self, put_id: str, node: str, token: str, start: int | None = None) -> Entry:
+        """The reserved value becomes its key's, replacing the one before (`start`: where
+        the putter began it in its file, `Entry.move_to`).
+
+        Raises:
+            LookupError: no such put is reserved.
+            ValueError: `start` leaves the value no room in its file (the put stays
+                reserved: its putter abandons it).
+        """
+        entry = self._pending(put_id)
+        if start is not None:
+            entry.move_to(start)
+        del self.pending[put_id]
         entry.have = entry.size
         entry.state = EntryState.READY
         entry.tree = [node]

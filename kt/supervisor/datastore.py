@@ -10,7 +10,8 @@ pods are orjson in a raw payload; values themselves are never unpickled):
     reserve {k, n}        a buffer for a put -> {id, file}: `file` when the putter shares
                           this host and may write it itself, else it sends "write"s
     write {id, off}       bytes of a reserved put, at `off`
-    seal {id}             the put becomes the key's value -> its meta
+    seal {id, start?}     the put becomes the key's value -> its meta (`start`: where a
+                          putter that wrote the file itself began the value)
     abandon {id}          forget a reserved put (its putter failed)
     locate {k}            the meta of the value this pod put under `k` (or DataKeyError)
     get {k, vid}          the value's bytes, as one frame
@@ -110,7 +111,8 @@ class DataService:
         self.sup.answer(peer, req_id, None)
 
     def seal(self, peer: Peer, req_id: int, want: dict[str, Any], _: memoryview) -> None:
-        entry = self.table.seal(_str(want, "id"), "", self.sup.token.decode())
+        start = _int(want, "start") if "start" in want else None
+        entry = self.table.seal(_str(want, "id"), "", self.sup.token.decode(), start)
         self.sup.answer(peer, req_id, self._meta(entry))
 
     def abandon(self, peer: Peer, req_id: int, want: dict[str, Any], _: memoryview) -> None:

@@ -213,6 +213,36 @@ def test_a_file_whose_bytes_are_still_queued_to_send_is_not_reused() -> None:
     asyncio.run(main())
 
 
+@given(st.integers(0, 2**47), st.integers(0, 2**30))
+def test_a_value_starts_where_its_largest_buffer_keeps_its_page_offset(
+    address: int, position: int
+) -> None:
+    start = shm.value_start(address, position)
+    assert shm.VALUE_OFFSET <= start < shm.VALUE_OFFSET + shm.VALUE_SLACK
+    assert (start + position) % 4096 == address % 4096
+
+
+@pytest.mark.skipif(shm.host_key() is None, reason="no /dev/shm on this machine")
+def test_a_putter_that_writes_the_file_chooses_where_the_value_starts() -> None:
+    async def main() -> None:
+        table = _table()
+        put_id, entry = table.reserve("k", 5)
+        with pytest.raises(ValueError, match="cannot start at byte"):
+            table.seal(put_id, "", "token", start=shm.VALUE_OFFSET + shm.VALUE_SLACK + 1)
+        assert put_id in table.pending  # refused: still reserved, its putter abandons it
+        start = shm.VALUE_OFFSET + 1000
+        entry.buffer[start : start + 5] = b"hello"
+        sealed = table.seal(put_id, "", "token", start=start)
+        assert bytes(sealed.view) == b"hello"
+        assert entry.file is not None
+        reader = shm.open_for_reading(entry.file)
+        assert bytes(shm.value_view(reader, sealed.fid, 5)) == b"hello"
+        del reader
+        table.close()
+
+    asyncio.run(main())
+
+
 def test_raw_chunks_round_trip_and_anything_else_is_refused() -> None:
     data = memoryview(os.urandom(100_000))
     payload = memoryview(b"".join(bytes(p) for p in serialization.raw_parts(data)))
