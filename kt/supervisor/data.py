@@ -113,7 +113,6 @@ class Entry:
     medium: Medium
     buffer: mmap.mmap
     file: str | None  # its /dev/shm name (Medium.SHM)
-    origin: bool
     have: int = 0  # bytes filled, from the start
     state: EntryState = EntryState.FILLING
     used: float = field(default_factory=time.monotonic)
@@ -215,7 +214,7 @@ class DataTable:
         fid = vid if origin else uuid.uuid4().hex
         reused = self._reuse(size, fid) if self.host_key is not None else None
         if reused is not None:
-            return Entry(key, size, vid, fid, Medium.SHM, reused[1], reused[0], origin)
+            return Entry(key, size, vid, fid, Medium.SHM, reused[1], reused[0])
         for _ in range(2):
             shm_free = shm.free_bytes() if self.host_key is not None else None
             memory = cgroup.available_memory()
@@ -236,9 +235,9 @@ class DataTable:
             except BaseException:
                 shm.unlink(name)
                 raise
-            return Entry(key, size, vid, fid, medium, buffer, name, origin)
+            return Entry(key, size, vid, fid, medium, buffer, name)
         buffer = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        return Entry(key, size, vid, fid, medium, buffer, None, origin)
+        return Entry(key, size, vid, fid, medium, buffer, None)
 
     def _reuse(self, size: int, fid: str) -> tuple[str, mmap.mmap] | None:
         """A pooled file that fits `size` (wasting at most half of it) and nobody reads,
