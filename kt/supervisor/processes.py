@@ -60,6 +60,7 @@ WORKER_MOVES = {
 }
 _FREE = {_W.IDLE: 0, _W.STARTING: 1, _W.SPAWNING: 2}  # the readiest is handed out first
 FORK_SEND_S = 30.0  # a zygote that takes no fork request for this long is given up
+FORK_REPORT_S = 30.0  # a fork is spawned instead once the zygote reports nothing this long
 CONNECT_TIMEOUT_S = 60.0  # a warm worker that has not said HELLO by then is killed
 SPAWNS_AT_ONCE = 4
 """Fresh interpreters starting at once, each until it says HELLO or exits: with the
@@ -259,6 +260,7 @@ class ProcessManager:
         self._zygote_writer: asyncio.StreamWriter | None = None
         self._zygote_gone: asyncio.Event | None = None
         self.zygote_pid: int | None = None
+        self._zygote_heard = 0.0  # loop time of its last report (`_fork` waits on it)
         self._spawn_room: asyncio.Semaphore | None = None  # SPAWNS_AT_ONCE; made on the loop
 
     def _env(self) -> dict[str, str]:
@@ -320,6 +322,7 @@ class ProcessManager:
         self._zygote_gone.set()  # forks asked of it and never reported are spawned instead
 
     def _zygote_said(self, event: dict[str, Any]) -> None:
+        self._zygote_heard = asyncio.get_running_loop().time()
         if "spawned" in event:
             worker = self.workers.get(int(event["spawned"]))
             pid = int(event["pid"])
@@ -347,8 +350,15 @@ class ProcessManager:
         assert self._zygote_gone is not None
         gone = asyncio.get_running_loop().create_task(self._zygote_gone.wait())
         either: list[asyncio.Future[Any]] = [worker.spawned, gone]
+        # Give up only once the zygote has been silent for FORK_REPORT_S: a burst's requests
+        # queue in its socket, and the last one waits for all the forks before it.
+        sent = loop.time()
         try:
-            await asyncio.wait(either, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+            while not (worker.spawned.done() or gone.done()):
+                left = max(sent, self._zygote_heard) + FORK_REPORT_S - loop.time()
+                if left <= 0:
+                    break
+                await asyncio.wait(either, timeout=left, return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
         if not worker.spawned.done() and worker.peer_pid is not None:
@@ -361,7 +371,7 @@ class ProcessManager:
             raise OSError(
                 "the zygote exited"
                 if self._zygote_gone.is_set()
-                else "the zygote did not fork in 30 s"
+                else f"the zygote reported nothing for {FORK_REPORT_S:g} s"
             )
         reader = asyncio.StreamReader()
         await loop.connect_read_pipe(
