@@ -27,10 +27,10 @@ import mmap
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from typing import Any
 
-from kt.actors import files
+from kt.actors import direct, files
 from kt.actors.driver import current_driver, get_driver, get_runtime, ready_pods_with_tokens
 from kt.core import protocol, serialization, shm
 from kt.core.errors import (
@@ -60,7 +60,7 @@ _where: dict[str, tuple[Address, str, str]] = {}  # key -> the pod that answered
 _recent: OrderedDict[Address, str] = OrderedDict()  # pods that held keys, newest last
 
 
-def put(key: str, value: Any, *, lifetime: str | None = None) -> None:
+def put(key: str, value: Any, *, lifetime: str | None = None, transport: str | None = None) -> None:
     """Store `value` under `key`, replacing what was there; held by this process's pod
     for its pool's life, or with `lifetime="detached"` by the namespace's store pod
     (`STORE`), which outlives every driver until `kt teardown`.
@@ -68,9 +68,14 @@ def put(key: str, value: Any, *, lifetime: str | None = None) -> None:
     A path (`pathlib.Path`, or a str naming an existing file or directory) stores the
     files there (`kt.get(key, dest=...)` writes them).
 
+    `transport`: a state dict of CUDA tensors put from an actor or a rank ("nccl" when
+    None) also stays on its device, copied, in this process, and `kt.get(key, into=)`
+    of CUDA tensors receives it GPU to GPU over NCCL; "gloo" does the same for CPU
+    tensors; "store" keeps only the pod's host copy. Every other get reads that copy.
+
     Raises:
-        ConfigError: the key is not a non-empty str, the driver has no pod to hold it, or
-            a path cannot be read.
+        ConfigError: the key is not a non-empty str, the driver has no pod to hold it, a
+            path cannot be read, or the transport does not suit the value or process.
         SerializationError: the value cannot be pickled (the path to the culprit named).
         DataTooLargeError: the pod has no room for it (nothing was stored).
     """
@@ -79,6 +84,8 @@ def put(key: str, value: Any, *, lifetime: str | None = None) -> None:
         raise ConfigError(f"lifetime={lifetime!r}: choose None (its pool's) or 'detached'")
     if files.is_path(value):
         value = files.pack(value)
+    mine = _own_pod()
+    how = direct.transport_for(value, transport, in_worker=mine is not None, key=key)
     parts = serialization.dumps_value(value, f"kt.put({key!r})")
     size = serialization.parts_size(parts)
     address, token = _store_pod() if lifetime == "detached" else _home()
@@ -86,6 +93,11 @@ def put(key: str, value: Any, *, lifetime: str | None = None) -> None:
     put_id = reserved["id"]
     try:
         seal: dict[str, Any] = {"op": "seal", "id": put_id}
+        if how != "store" and mine is not None:
+            tensors = direct.tensors_of(value)
+            assert tensors is not None  # transport_for checked
+            still = _still_held(key, put_id, address, token)
+            seal["dev"] = direct.hold(key, put_id, tensors, how, (mine[0][0], mine[1]), still)
         start = _write_file(reserved["file"], parts) if reserved["file"] else None
         if start is None:
             refs = [
@@ -98,9 +110,23 @@ def put(key: str, value: Any, *, lifetime: str | None = None) -> None:
             seal["start"] = start
         _ask(address, token, seal)
     except BaseException:
+        direct.forget(key, put_id)
         _ask(address, token, {"op": "abandon", "id": put_id})
         raise
     _found(key, address, token, "")
+
+
+def _still_held(key: str, vid: str, address: Address, token: str) -> Callable[[], bool]:
+    """Whether the pod at `address` still holds value `vid` of `key` (a held copy's
+    sweep asks; raises when the pod does not answer)."""
+
+    def still() -> bool:
+        try:
+            return bool(_ask(address, token, {"op": "locate", "k": key})["vid"] == vid)
+        except DataKeyError:
+            return False
+
+    return still
 
 
 def get(
@@ -133,6 +159,8 @@ def get(
         found = _locate(key) if misses <= RETRIES else None
         if found is not None:
             address, token, meta = found
+            if into is not None and meta.get("dev") and _direct(key, token, meta, into):
+                return into
             try:
                 value = _read(key, address, token, meta, whole=into is not None)
                 break
@@ -180,6 +208,24 @@ def ls(prefix: str = "") -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
+def _direct(key: str, token: str, meta: dict[str, Any], into: MutableMapping[str, Any]) -> bool:
+    """Fill `into` straight from the process that put the value (`kt.actors.direct`);
+    False when it cannot (read the store).
+
+    Raises:
+        StateDictMismatchError: `into` does not match the value (nothing copied).
+    """
+    with direct.offer(meta["dev"], key, meta["vid"], token, into) as offer:
+        if offer is None:
+            return False
+        try:
+            check_into(into, offer.specs, key)
+        except StateDictMismatchError:
+            offer.decline()
+            raise
+        return offer.take(into)
+
+
 def rm(key: str) -> None:
     """Remove `key` from every pod that holds it.
 
@@ -188,6 +234,7 @@ def rm(key: str) -> None:
     """
     _check_key(key)
     _where.pop(key, None)
+    direct.forget(key)
     holders = _holders()
     for fresh in (False, True):  # pods listed since: asked only when none known held it
         pods = [p for p in _listed(max_age=0) if p not in holders] if fresh else holders
@@ -204,6 +251,29 @@ def copy_into(into: MutableMapping[str, Any], value: Any, key: str = "the value"
     Raises:
         StateDictMismatchError: names the first key that differs; nothing was copied.
     """
+    check_into(into, value, key)
+    for name, target in into.items():
+        source = value[name]
+        if hasattr(target, "copy_"):
+            import torch
+
+            with torch.no_grad():
+                target.copy_(torch.as_tensor(source))
+        elif hasattr(target, "__array__") and hasattr(target, "shape"):
+            import numpy as np
+
+            np.copyto(target, source)
+        else:
+            into[name] = source
+
+
+def check_into(into: Mapping[str, Any], value: Any, key: str = "the value") -> None:
+    """That state dict `value` (its values: anything with a shape and dtype stands for
+    a tensor) can be copied into `into`.
+
+    Raises:
+        StateDictMismatchError: names the first key that differs.
+    """
     if not isinstance(value, Mapping):
         raise StateDictMismatchError(
             f"{key!r} holds a {type(value).__name__}, not a state dict: into= needs one"
@@ -218,19 +288,6 @@ def copy_into(into: MutableMapping[str, Any], value: Any, key: str = "the value"
         problem = _mismatch(target, value[name])
         if problem:
             raise StateDictMismatchError(f"{name!r} of {key!r}: {problem}; nothing was copied")
-    for name, target in into.items():
-        source = value[name]
-        if hasattr(target, "copy_"):
-            import torch
-
-            with torch.no_grad():
-                target.copy_(torch.as_tensor(source))
-        elif hasattr(target, "__array__") and hasattr(target, "shape"):
-            import numpy as np
-
-            np.copyto(target, source)
-        else:
-            into[name] = source
 
 
 def _mismatch(target: Any, source: Any) -> str:

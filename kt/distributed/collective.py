@@ -34,6 +34,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from kt.actors.api import get
+from kt.actors.direct import make_group
 from kt.core.errors import ConfigError
 from kt.core.methods import actor_hook
 from kt.distributed.fanout import RankView
@@ -214,17 +215,11 @@ def _join(
     device = _nccl_device(rank) if backend == "nccl" else "cpu"
     if store is None:
         store = dist.TCPStore(host, port, size, False, timedelta(seconds=timeout))
-    prefixed = dist.PrefixStore(f"kt/{name}/pg", store)
-    pg: Any
     if backend == "nccl":
         import torch
 
         torch.cuda.set_device(device)
-        options = dist.ProcessGroupNCCL.Options()
-        options._timeout = timedelta(seconds=timeout)
-        pg = dist.ProcessGroupNCCL(prefixed, rank, size, options)
-    else:
-        pg = dist.ProcessGroupGloo(prefixed, rank, size, timedelta(seconds=timeout))
+    pg = make_group(store, f"kt/{name}/pg", rank, size, backend, timeout)
     _MEMBERSHIPS[name] = _Membership(rank, size, store, pg, device)
     return rank
 

@@ -123,6 +123,7 @@ class Entry:
     start: int = shm.VALUE_OFFSET  # where its bytes begin in its file (Medium.SHM)
     owner: int = -1  # the route of the connection that reserved a pending put
     senders: list[Sender] = field(default_factory=list)  # connections its bytes went to
+    device: str = ""  # the putting process's endpoint that sends its tensors directly
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def advanced(self) -> None:
@@ -158,6 +159,7 @@ class Entry:
             "file": self.file,
             "host": host,
             "pod": pod,
+            **({"dev": self.device} if self.device else {}),
         }
 
     @property
@@ -300,9 +302,12 @@ class DataTable:
             raise ValueError(f"bytes {offset}..{offset + len(data)} are outside the value")
         entry.view[offset : offset + len(data)] = data
 
-    def seal(self, put_id: str, node: str, token: str, start: int | None = None) -> Entry:
+    def seal(
+        self, put_id: str, node: str, token: str, start: int | None = None, device: str = ""
+    ) -> Entry:
         """The reserved value becomes its key's, replacing the one before (`start`: where
-        the putter began it in its file, `Entry.move_to`).
+        the putter began it in its file, `Entry.move_to`; `device`: the putter's endpoint
+        that sends its tensors directly, `kt.actors.direct`).
 
         Raises:
             LookupError: no such put is reserved.
@@ -313,6 +318,7 @@ class DataTable:
         if start is not None:
             entry.move_to(start)
         del self.pending[put_id]
+        entry.device = device
         entry.have = entry.size
         entry.state = EntryState.READY
         entry.tree = [node]

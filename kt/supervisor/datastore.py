@@ -10,8 +10,11 @@ pods are orjson in a raw payload; values themselves are never unpickled):
     reserve {k, n}        a buffer for a put -> {id, file}: `file` when the putter shares
                           this host and may write it itself, else it sends "write"s
     write {id, off}       bytes of a reserved put, at `off`
-    seal {id, start?}     the put becomes the key's value -> its meta (`start`: where a
-                          putter that wrote the file itself began the value)
+    seal {id, start?, dev?}
+                          the put becomes the key's value -> its meta (`start`: where a
+                          putter that wrote the file itself began the value; `dev`: the
+                          putting process's endpoint that sends its tensors directly,
+                          given back in the meta: `kt.actors.direct`)
     abandon {id}          forget a reserved put (its putter failed)
     locate {k}            the meta of the value this pod put under `k` (or DataKeyError)
     get {k, vid}          the value's bytes, as one frame
@@ -58,6 +61,7 @@ logger = logging.getLogger(__name__)
 FANOUT = 2
 """Pods one node of a value's tree serves (KT_DATA_FANOUT): the origin sends the value
 about this many times however many pods get it."""
+MAX_ENDPOINT = 512  # a seal's `dev`: the putting process's endpoint (kt.actors.direct)
 
 
 class DataService:
@@ -112,7 +116,10 @@ class DataService:
 
     def seal(self, peer: Peer, req_id: int, want: dict[str, Any], _: memoryview) -> None:
         start = _int(want, "start") if "start" in want else None
-        entry = self.table.seal(_str(want, "id"), "", self.sup.token.decode(), start)
+        device = _str(want, "dev") if "dev" in want else ""
+        if len(device) > MAX_ENDPOINT:
+            raise ProtocolError(f"a STORE seal's dev is at most {MAX_ENDPOINT} characters")
+        entry = self.table.seal(_str(want, "id"), "", self.sup.token.decode(), start, device)
         self.sup.answer(peer, req_id, self._meta(entry))
 
     def abandon(self, peer: Peer, req_id: int, want: dict[str, Any], _: memoryview) -> None:

@@ -10,7 +10,8 @@ Behaviours covered:
   resource, verbs), and the pods' Role is kt's own DRIVER_RULES;
 - the gateway runs non-root, no privilege escalation, no capabilities, seccomp
   RuntimeDefault, read-only root, serving the chosen namespaces; the NetworkPolicy admits
-  only kt pods of the served namespaces, the gateway and extraFrom, on ports 7170/7171;
+  kt pods of the served namespaces on every port (torch.distributed links between them),
+  and the gateway and extraFrom only on ports 7170/7171;
 - on the test cluster (kubectl creates the rendered service accounts, Roles, RoleBindings
   and NetworkPolicy): the kt-pod account's token may do what kt-pod allows in a served
   namespace and gets 403 naming the verb and resource elsewhere; the gateway's may read
@@ -162,10 +163,14 @@ def test_the_gateway_runs_locked_down_and_the_policy_admits_only_kt() -> None:
         assert policy["spec"]["podSelector"] == {
             "matchLabels": {"app.kubernetes.io/managed-by": "kt"}
         }
-        (rule,) = policy["spec"]["ingress"]
-        assert sorted(p["port"] for p in rule["ports"]) == [SUPERVISOR_PORT, SUPERVISOR_PORT + 1]
-        kt_pods, gateway, extra = rule["from"]
+        among, outside = policy["spec"]["ingress"]
+        # kt pods reach each other on every port (torch.distributed's links and stores)
+        (kt_pods,) = among["from"]
+        assert "ports" not in among
         assert kt_pods["namespaceSelector"]["matchExpressions"][0]["values"] == served
+        assert kt_pods["podSelector"] == {"matchLabels": {"app.kubernetes.io/managed-by": "kt"}}
+        assert sorted(p["port"] for p in outside["ports"]) == [SUPERVISOR_PORT, SUPERVISOR_PORT + 1]
+        gateway, extra = outside["from"]
         assert gateway["podSelector"]["matchLabels"] == dict(
             pair.split("=") for pair in manifests.GATEWAY_SELECTOR.split(",")
         ) | {"app.kubernetes.io/instance": "kt"}

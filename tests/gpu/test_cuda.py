@@ -8,8 +8,9 @@ Behaviours covered:
   CUDA tensor on cuda:<LOCAL_RANK>;
 - two actors with a GPU each (machines with 2 or more) broadcast a CUDA state dict
   through collective_group(..., backend="nccl"): bit-identical, in place, on the device;
-- kt.get(key, into=) fills CUDA tensors in place (the bytes cross the host: the store's
-  NCCL path is not built);
+- kt.get(key, into=) fills CUDA tensors in place: GPU to GPU over NCCL from the putting
+  actor when each has a device of its own (machines with 2 or more), from the store's
+  host copy when they share one (NCCL cannot pair two processes on one device);
 - the GRPO example with device="cuda" (rollouts sharing the GPU, the trainer ranks on it)
   reaches greedy exact-match >= 0.8 on the sort task.
 """
@@ -72,10 +73,15 @@ class Device:
         broadcast_state_dict(self.state, group=group)
 
     def put(self, key: str) -> None:
-        kt.put(key, {k: v.cpu() for k, v in self.state.items()})
+        kt.put(key, self.state)  # CUDA tensors: held here too, for NCCL
 
-    def get_into(self, key: str) -> None:
+    def get_into(self, key: str) -> dict[str, int]:
+        import dataclasses
+
+        from kt.actors import direct
+
         kt.get(key, into=self.state, timeout=60)
+        return dataclasses.asdict(direct.counts)
 
 
 def all_reduce() -> tuple[str, float]:
@@ -129,20 +135,36 @@ def test_a_cuda_state_dict_broadcasts_through_nccl_bit_identical() -> None:
         kt.kill(a)
 
 
-def test_the_data_store_fills_cuda_tensors_in_place() -> None:
+def _store_round(gpus: float) -> dict[str, int]:
+    """A CUDA state dict put by one actor and got into another's; the getter's counts."""
     pool = _pool()
-    D = kt.cls(Device).options(compute=pool, cpus=0, gpus=0.5)
+    D = kt.cls(Device).options(compute=pool, cpus=0, gpus=gpus)
     src, dst = D.options(env={"SEED": "1"}).remote(), D.options(env={"SEED": "2"}).remote()
     key = f"cuda/{uuid.uuid4().hex[:6]}"
     src.put(key)
     before = dst.digest()
-    dst.get_into(key)
+    counts = dst.get_into(key)
     after = dst.digest()
     assert {k: d for k, (d, _) in after.items()} == {k: d for k, (d, _) in src.digest().items()}
     assert {k: p for k, (_, p) in after.items()} == {k: p for k, (_, p) in before.items()}
     kt.rm(key)
     for a in (src, dst):
         kt.kill(a)
+    return counts
+
+
+def test_the_data_store_fills_cuda_tensors_on_a_shared_gpu_in_place() -> None:
+    counts = _store_round(0.5)  # one device: NCCL cannot pair them, the store's copy is read
+    assert counts["received"] == 0 and counts["fallbacks"] == 1, counts
+
+
+def test_the_data_store_sends_cuda_tensors_gpu_to_gpu_over_nccl() -> None:
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("NCCL pairs two processes on two devices: this machine has one GPU")
+    counts = _store_round(1)
+    assert counts["received"] == 1 and counts["fallbacks"] == 0, counts
 
 
 def test_the_grpo_example_learns_on_the_gpu() -> None:

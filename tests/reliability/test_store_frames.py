@@ -111,6 +111,8 @@ BAD = [
     ({"op": "write", "id": 7, "off": 0}, "'id' is a str"),
     ({"op": "write", "id": "nope", "off": -1}, "'off' is an int >= 0"),
     ({"op": "seal", "id": "nope"}, "no put 'nope' is reserved"),
+    ({"op": "seal", "id": "nope", "dev": 5}, "'dev' is a str"),
+    ({"op": "seal", "id": "nope", "dev": "x" * 600}, "dev is at most 512"),
     ({"op": "locate", "k": ["x"]}, "'k' is a str"),
     ({"op": "chunk", "k": "x", "vid": "v", "off": -8, "n": 1}, "'off' is an int >= 0"),
     ({"op": "fetch", "k": "x", "vid": "v", "n": 4, "from": "nowhere", "t": "t"}, "host:port"),
