@@ -11,7 +11,7 @@ LOCK := requirements.lock
 EXTRAS := dev,torch,examples
 PIP_TOOLS := pip-tools==7.6.2
 
-.PHONY: install test lint demo bench lock test-gpu test-latest mutate clean
+.PHONY: install test lint demo bench lock test-gpu gpu-wheels test-latest mutate clean
 
 # A changed lock rebuilds the venv from scratch: nothing the old lock installed stays.
 $(STAMP): $(LOCK) pyproject.toml
@@ -37,6 +37,15 @@ test: lint
 # dependencies. Elsewhere they skip, saying why.
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -m gpu -p no:xdist tests
+
+# What the GPU machine's python (3.12, a CUDA torch, most of kt's needs) lacks, as the
+# lock's wheels in .whl/, for tools/gpu_check.sh to install there.
+GPU_WHEELS = orjson starlette uvicorn
+gpu-wheels:
+	rm -rf .whl
+	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -d .whl $$(for p in $(GPU_WHEELS); do grep -oE "^$$p==[^ ]+" $(LOCK); done)
 
 demo: $(STAMP)
 	$(BIN)/python examples/rl_grpo/train.py --task sort --steps 400 --min-exact 0.8 --max-overhead 0.15

@@ -5,7 +5,8 @@ Ray venv's, made on first use by ``bench.ray_venv``) as fresh subprocesses, alte
 goes first; then ``bench.report`` prints the medians and speedups, writes
 ``bench/results/latest.json`` and renders ``bench/results/ratios.png`` with matplotlib from
 kt's locked venv. ``place100`` (about 40 s on Ray), ``sync16``, ``soak`` (1M calls) and
-``actors1000`` run in the first repetition only.
+``actors1000`` run in the first repetition only. The GPU rows (``cuda_into``, ``cuda_bcast``:
+``bench/gpu_rows.py``) run only when named, on a GPU machine (``tools/gpu_check.sh``).
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ ROWS = (
     "tree",
 )
 ONCE = ("place100", "sync16", "soak", "actors1000")  # slow: first repetition only
+GPU_ROWS = ("cuda_into", "cuda_bcast")  # on a GPU machine, asked for by name (bench/gpu_rows.py)
 # No Ray counterpart: an absolute target only.
-KT_ONLY = ("reload", "sync16", "k8s", "soak", "actors1000", "tree")
+KT_ONLY = ("reload", "sync16", "k8s", "soak", "actors1000", "tree", *GPU_ROWS)
 SPMD = "spmd"  # kt's SPMD group against torchrun (bench/spmd_side.py), once per run
 TIMEOUT_S = {"kt": 600.0, "ray": 900.0, "spmd": 300.0}
 
@@ -112,7 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--reps", type=int, default=3, help="repetitions per side (default 3)")
     parser.add_argument(
-        "--rows", nargs="+", choices=(*ROWS, SPMD), default=[*ROWS, SPMD], metavar="ROW"
+        "--rows",
+        nargs="+",
+        choices=(*ROWS, SPMD, *GPU_ROWS),
+        default=[*ROWS, SPMD],
+        metavar="ROW",
     )
     parser.add_argument("--no-ray", action="store_true", help="run the kt side only")
     args = parser.parse_args(argv)

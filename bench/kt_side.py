@@ -567,7 +567,17 @@ ROWS: dict[str, Callable[[], Result]] = {
     "data100": row_data100,
     "bcast1g": row_bcast1g,
     "tree": row_tree,
+    "cuda_into": lambda: _gpu_row("row_cuda_into"),
+    "cuda_bcast": lambda: _gpu_row("row_cuda_bcast"),
 }
+
+
+def _gpu_row(name: str) -> Result:
+    """A row of bench/gpu_rows.py (imported only there: it needs a CUDA torch)."""
+    from bench import gpu_rows
+
+    row: Callable[[], Result] = getattr(gpu_rows, name)
+    return row()
 
 
 class RowTimeout(Exception):

@@ -19,7 +19,8 @@ The pieces are laid out the way a real GRPO pipeline is, each a kt part:
 With `device="cuda"` the policies live on GPUs: each rollout actor asks for a share of
 one (`gpus=1 / (rollouts + 1)`) and each trainer rank's pod for one device, so on a
 one-GPU machine everything shares it; the trainer stays gloo DDP (NCCL cannot put two
-ranks on one device), and weights cross through the host in either sync.
+ranks on one device). The collective sync crosses the host (gloo); the store sync goes
+GPU to GPU (the data store's direct path: CUDA IPC on a shared GPU, NCCL between two).
 
 Nothing here names a backend: the pools come from `KT_BACKEND` / `backend=`.
 Every actor method reports the seconds it computed, so the driver can tell compute
@@ -143,7 +144,7 @@ class Trainer:
 
     def publish(self, key: str) -> None:
         """Put this rank's weights (rank 0's, DDP keeps every rank's equal) in the store."""
-        kt.put(key, {k: v.cpu() for k, v in self.policy.state_dict().items()})
+        kt.put(key, self.policy.state_dict())  # CUDA tensors go GPU to GPU to the rollouts
 
     def flat_weights(self) -> torch.Tensor:
         return get_flat_state(self.policy).cpu()

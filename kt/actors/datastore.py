@@ -109,6 +109,7 @@ def put(key: str, value: Any, *, lifetime: str | None = None, transport: str | N
         else:
             seal["start"] = start
         _ask(address, token, seal)
+        direct.sealed(key, put_id)
     except BaseException:
         direct.forget(key, put_id)
         _ask(address, token, {"op": "abandon", "id": put_id})

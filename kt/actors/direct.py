@@ -17,11 +17,12 @@ a two-member ProcessGroup (NCCL, or gloo) that they make on the connection's fir
 transfer, its rendezvous on a TCPStore the holder hosts. A connection is one pair: when
 it breaks, both sides drop the group. The held copy goes when the key is put again
 (the new one replaces it), when this process removes it, or when a sweep (every
-`SWEEP_S`) finds that its pod holds another value or none.
+`SWEEP_S`, and after each new put) finds that its pod holds another value or none.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hmac
 import logging
@@ -49,7 +50,8 @@ TRANSFER_S = 300.0  # one tensor's send or receive, and a pair's rendezvous
 CONNECT_S = 2.0  # dialling a holder
 SWEEP_S = 10.0  # how often held copies are checked against their pods
 UNREACHABLE_S = 60.0  # a holder that could not be dialled is not tried again for this long
-MAX_FRAME = 64 * 2**20
+MAX_FRAME = 64 * 2**20  # a message: a layout of many tensors, their IPC handles
+HELLO_MAX = 4096  # a getter's first message, before its token is checked
 _LENGTH = struct.Struct("!I")
 
 PROCESS = uuid.uuid4().hex[:16]  # this process, in the endpoints it names
@@ -65,6 +67,7 @@ class Counts:
     bytes_sent: int = 0
     bytes_received: int = 0
     fallbacks: int = 0  # gets that asked and then read the store instead
+    ipc: int = 0  # of the transfers, those through CUDA IPC (sender and getter on one GPU)
 
 
 counts = Counts()
@@ -184,6 +187,7 @@ class _Held:
     backend: str
     tensors: dict[str, Any]
     still: Callable[[], bool]  # whether its pod still holds this value (the sweep asks)
+    sealed: bool = False  # its pod holds it (before, the sweep would find it missing)
 
     def gpu(self) -> str:
         """The UUID of the CUDA device its tensors are on, or ''."""
@@ -205,6 +209,7 @@ class Holder:
         self._token = token.encode()
         self._held: dict[str, _Held] = {}
         self._lock = threading.Lock()
+        self._wake = threading.Event()  # a new value: sweep now (RL puts a version a step)
         self._listener = socket.create_server((host, 0))
         self.address = f"{host}:{self._listener.getsockname()[1]}"
         timeout = timedelta(seconds=TRANSFER_S)
@@ -215,6 +220,14 @@ class Holder:
     def hold(self, key: str, held: _Held) -> None:
         with self._lock:
             self._held[key] = held  # the one before (another vid) is dropped
+
+    def sealed(self, key: str, vid: str) -> None:
+        """Its pod holds value `vid` of `key` now: the sweep may ask about it, and
+        copies of keys removed meanwhile are looked for at once."""
+        held = self.get(key, vid)
+        if held is not None:
+            held.sealed = True
+        self._wake.set()
 
     def forget(self, key: str, vid: str | None = None) -> None:
         with self._lock:
@@ -232,9 +245,10 @@ class Holder:
 
     def _sweep(self) -> None:
         while True:
-            time.sleep(SWEEP_S)
+            self._wake.wait(SWEEP_S)
+            self._wake.clear()
             with self._lock:
-                items = list(self._held.items())
+                items = [(k, h) for k, h in self._held.items() if h.sealed]
             for key, held in items:
                 try:
                     gone = not held.still()
@@ -254,10 +268,12 @@ class Holder:
         groups: dict[str, Any] = {}  # backend -> this pair's group
         pair = uuid.uuid4().hex
         try:
-            hello = _recv(conn)
+            conn.settimeout(ASK_S)  # a stranger that says nothing is not waited for
+            hello = _recv(conn, HELLO_MAX)
             if not hmac.compare_digest(str(hello.get("t", "")).encode(), self._token):
                 _send(conn, {"ok": False, "why": "the token is not this pool's"})
                 return
+            conn.settimeout(None)  # a getter may ask again much later
             _send(conn, {"ok": True, "store": self._store.port, "pair": pair})
             while True:
                 ask = _recv(conn)
@@ -266,7 +282,11 @@ class Holder:
                     _send(conn, {"ok": False})
                     continue
                 _send(conn, {"ok": True, "layout": held.layout(), "gpu": held.gpu()})
-                if not _recv(conn).get("go"):
+                go = _recv(conn).get("go")
+                if go == "ipc":
+                    self._share(conn, held)
+                    continue
+                if go != "p2p":
                     continue
                 backend = held.backend
                 if backend not in groups:
@@ -282,6 +302,23 @@ class Holder:
             logger.debug("a getter's connection ended: %s", exc)
         finally:
             conn.close()
+
+    def _share(self, conn: socket.socket, held: _Held) -> None:
+        """CUDA IPC, for a getter on the same GPU: the handles of the held tensors; they
+        stay alive (`held`) until the getter says it has copied them."""
+        if held.backend != "nccl":
+            _send(conn, {"ok": False, "why": "CUDA IPC shares CUDA tensors only"})
+            return
+        try:
+            shared = [ipc_share(t) for t in held.tensors.values()]
+        except (RuntimeError, ValueError) as exc:  # this build or sandbox cannot
+            _send(conn, {"ok": False, "why": f"CUDA IPC: {exc}"[:500]})
+            return
+        _send(conn, {"ok": True, "tensors": shared})
+        if _recv(conn).get("ok"):
+            counts.sent += 1
+            counts.ipc += 1
+            counts.bytes_sent += sum(t.nbytes for t in held.tensors.values())
 
 
 _env_lock = threading.Lock()
@@ -340,6 +377,12 @@ def hold(
     }
     holder.hold(key, _Held(vid, backend, copies, still))
     return endpoint(backend, holder.address)
+
+
+def sealed(key: str, vid: str) -> None:
+    """The put of value `vid` of `key` that `hold` kept a copy of is its pod's now."""
+    if _holder is not None:
+        _holder.sealed(key, vid)
 
 
 def forget(key: str, vid: str | None = None) -> None:
@@ -433,12 +476,12 @@ def offer(
         try:
             _send(link.sock, {"k": key, "vid": vid, "backend": backend})
             answer = _recv(link.sock)
-            gpu = str(answer.get("gpu", ""))
-            if gpu and gpu == gpu_uuid(next(iter(into.values())).device):
-                # NCCL refuses two members on one device (two actors sharing a GPU)
-                _send(link.sock, {"go": False})
-            elif answer.get("ok"):
-                made = _remote_offer(link, address, backend, answer["layout"])
+            if answer.get("ok"):
+                # NCCL refuses two members on one device (two actors sharing a GPU):
+                # those share the held memory through CUDA IPC instead
+                gpu = str(answer.get("gpu", ""))
+                same = bool(gpu) and gpu == gpu_uuid(next(iter(into.values())).device)
+                made = _remote_offer(link, address, backend, answer["layout"], same)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             _drop(address, link, exc)
         if made is None:
@@ -467,12 +510,16 @@ def _local_offer(held: _Held) -> Offer:
     return Offer(_specs(held.layout()), take, lambda: None)
 
 
-def _remote_offer(link: _Link, address: str, backend: str, layout: list[list[Any]]) -> Offer:
+def _remote_offer(
+    link: _Link, address: str, backend: str, layout: list[list[Any]], same_gpu: bool
+) -> Offer:
     def take(into: MutableMapping[str, Any]) -> bool:
         import torch
 
+        if same_gpu:
+            return _take_ipc(link, address, layout, into)
         try:
-            _send(link.sock, {"go": True})
+            _send(link.sock, {"go": "p2p"})
             group = link.group(backend)
             got = 0
             for name, _, _ in layout:
@@ -501,6 +548,105 @@ def _remote_offer(link: _Link, address: str, backend: str, layout: list[list[Any
             _drop(address, link, exc)
 
     return Offer(_specs(layout), take, decline)
+
+
+def _take_ipc(
+    link: _Link, address: str, layout: list[list[Any]], into: MutableMapping[str, Any]
+) -> bool:
+    """Copy the holder's tensors, opened through CUDA IPC, into `into` on their GPU."""
+    import torch
+
+    try:
+        _send(link.sock, {"go": "ipc"})
+        answer = _recv(link.sock)
+        if not answer.get("ok"):
+            raise ValueError(str(answer.get("why", "refused")))
+        device = next(iter(into.values())).device
+        got = 0
+        with torch.no_grad():
+            for (name, _, _), shared in zip(layout, answer["tensors"], strict=True):
+                target = into[name]
+                if target.numel():
+                    target.copy_(ipc_open(shared, device.index or 0))
+                    got += target.nbytes
+        torch.cuda.current_stream(device).synchronize()  # done before it may be freed
+        _send(link.sock, {"ok": True})
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+        _drop(address, link, exc, failed=True)
+        return False
+    counts.received += 1
+    counts.ipc += 1
+    counts.bytes_received += got
+    return True
+
+
+_STORAGES = ("TypedStorage", "UntypedStorage")
+
+
+def ipc_share(tensor: Any) -> dict[str, Any]:
+    """What another process on this GPU needs to open `tensor`'s memory (torch's own
+    CUDA IPC, as torch.multiprocessing sends it), as JSON: nothing is unpickled."""
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    _, args = reduce_tensor(tensor)
+    _, size, stride, offset, storage_cls, dtype, _, handle, nbytes, at = args[:10]
+    ref, ref_at, event, sync = args[11:15]
+    if storage_cls.__name__ not in _STORAGES:
+        raise ValueError(f"a {storage_cls.__name__} is not shared")
+    return {
+        "size": list(size),
+        "stride": list(stride),
+        "offset": int(offset),
+        "storage": storage_cls.__name__,
+        "dtype": str(dtype).removeprefix("torch."),
+        "handle": _b64(handle),
+        "bytes": int(nbytes),
+        "at": int(at),
+        "ref": _b64(ref),
+        "ref_at": int(ref_at),
+        "event": _b64(event),
+        "sync": bool(sync),
+    }
+
+
+def ipc_open(shared: dict[str, Any], device: int) -> Any:
+    """The tensor `ipc_share` described, on this process's CUDA device `device`."""
+    import torch
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+    dtype = getattr(torch, str(shared["dtype"]), None)
+    if not isinstance(dtype, torch.dtype) or shared["storage"] not in _STORAGES:
+        raise ValueError(f"not a shared tensor: {shared['dtype']!r}, {shared['storage']!r}")
+    storage_cls = (
+        torch.UntypedStorage
+        if shared["storage"] == "UntypedStorage"
+        else torch.storage.TypedStorage
+    )
+    return rebuild_cuda_tensor(
+        torch.Tensor,
+        torch.Size(shared["size"]),
+        tuple(shared["stride"]),
+        int(shared["offset"]),
+        storage_cls,
+        dtype,
+        device,
+        _unb64(shared["handle"]),
+        int(shared["bytes"]),
+        int(shared["at"]),
+        False,
+        _unb64(shared["ref"]),
+        int(shared["ref_at"]),
+        _unb64(shared["event"]),
+        bool(shared["sync"]),
+    )
+
+
+def _b64(data: bytes | None) -> str | None:
+    return None if data is None else base64.b64encode(data).decode()
+
+
+def _unb64(text: str | None) -> bytes | None:
+    return None if text is None else base64.b64decode(text)
 
 
 def _link(address: str, token: str) -> _Link | None:
@@ -551,16 +697,16 @@ def _send(sock: socket.socket, message: dict[str, Any]) -> None:
     sock.sendall(_LENGTH.pack(len(body)) + body)
 
 
-def _recv(sock: socket.socket) -> dict[str, Any]:
-    """One message.
+def _recv(sock: socket.socket, limit: int = MAX_FRAME) -> dict[str, Any]:
+    """One message of at most `limit` bytes.
 
     Raises:
         OSError: the connection closed (ConnectionError) or timed out.
         ValueError: what came is not a message.
     """
     (size,) = _LENGTH.unpack(_exactly(sock, _LENGTH.size))
-    if size > MAX_FRAME:
-        raise ValueError(f"a message of {size} bytes is over {MAX_FRAME}")
+    if size > limit:
+        raise ValueError(f"a message of {size} bytes is over {limit}")
     message = orjson.loads(_exactly(sock, size))
     if not isinstance(message, dict):
         raise ValueError("a message is a JSON object")

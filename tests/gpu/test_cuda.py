@@ -8,11 +8,12 @@ Behaviours covered:
   CUDA tensor on cuda:<LOCAL_RANK>;
 - two actors with a GPU each (machines with 2 or more) broadcast a CUDA state dict
   through collective_group(..., backend="nccl"): bit-identical, in place, on the device;
-- kt.get(key, into=) fills CUDA tensors in place: GPU to GPU over NCCL from the putting
-  actor when each has a device of its own (machines with 2 or more), from the store's
-  host copy when they share one (NCCL cannot pair two processes on one device);
+- kt.get(key, into=) fills CUDA tensors in place, GPU to GPU from the putting actor:
+  over NCCL when each has a device of its own (machines with 2 or more), through CUDA
+  IPC when they share one (NCCL cannot pair two processes on one device);
 - the GRPO example with device="cuda" (rollouts sharing the GPU, the trainer ranks on it)
-  reaches greedy exact-match >= 0.8 on the sort task.
+  reaches greedy exact-match >= 0.8 on the sort task, with either weight sync (the
+  store's goes GPU to GPU).
 """
 
 from __future__ import annotations
@@ -153,9 +154,9 @@ def _store_round(gpus: float) -> dict[str, int]:
     return counts
 
 
-def test_the_data_store_fills_cuda_tensors_on_a_shared_gpu_in_place() -> None:
-    counts = _store_round(0.5)  # one device: NCCL cannot pair them, the store's copy is read
-    assert counts["received"] == 0 and counts["fallbacks"] == 1, counts
+def test_the_data_store_fills_cuda_tensors_on_a_shared_gpu_through_cuda_ipc() -> None:
+    counts = _store_round(0.5)  # one device: NCCL cannot pair them; CUDA IPC does
+    assert (counts["received"], counts["ipc"], counts["fallbacks"]) == (1, 1, 0), counts
 
 
 def test_the_data_store_sends_cuda_tensors_gpu_to_gpu_over_nccl() -> None:
@@ -167,14 +168,17 @@ def test_the_data_store_sends_cuda_tensors_gpu_to_gpu_over_nccl() -> None:
     assert counts["received"] == 1 and counts["fallbacks"] == 0, counts
 
 
-def test_the_grpo_example_learns_on_the_gpu() -> None:
+@pytest.mark.parametrize("sync", ["collective", "store"])
+def test_the_grpo_example_learns_on_the_gpu(sync: str) -> None:
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples" / "rl_grpo"))
     from pipeline import RunConfig, run_pipeline, teardown
 
-    cfg = RunConfig(task="sort", steps=400, seed=0, device="cuda", stop_at_exact=0.8)
+    cfg = RunConfig(
+        task="sort", steps=400, seed=0, device="cuda", stop_at_exact=0.8, weight_sync=sync
+    )
     run = run_pipeline(cfg)
     try:
         exact = run.history.evals[-1][1]
