@@ -125,11 +125,11 @@ class Idle:
         return 0
 
 
-def _top(*args: str, **popen: Any) -> subprocess.Popen[str]:
+def _top(*args: str, env: dict[str, str] | None = None, **popen: Any) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "kt.cli", "top", *args],
         text=True,
-        env=dict(os.environ, COLUMNS="200"),
+        env=dict(os.environ, COLUMNS="200", **(env or {})),
         **popen,
     )
 
@@ -174,12 +174,21 @@ def test_kt_top_shows_a_live_pool(tmp_path: pathlib.Path) -> None:
 
         log = tmp_path / "top.out"
         with log.open("w") as sink:
-            live = _top(name, "--interval", "0.2", stdout=sink, stderr=subprocess.PIPE)
-            deadline = time.monotonic() + 30
+            # PYTHONFAULTHANDLER: if it hangs, SIGABRT prints where each of its threads is
+            env = {"PYTHONFAULTHANDLER": "1"}
+            live = _top(name, "--interval", "0.2", stdout=sink, stderr=subprocess.PIPE, env=env)
+            deadline = time.monotonic() + 60
             while log.read_text().count("calls/s") < 2 and time.monotonic() < deadline:
                 time.sleep(0.1)
-            live.send_signal(signal.SIGINT)
-            _, err = live.communicate(timeout=30)
+            shown = log.read_text().count("calls/s")
+            live.send_signal(signal.SIGINT if shown >= 2 else signal.SIGABRT)
+            try:
+                _, err = live.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                live.send_signal(signal.SIGABRT)
+                _, err = live.communicate(timeout=30)
+                pytest.fail(f"kt top did not stop on Ctrl-C within 30 s; its threads:\n{err}")
+        assert shown >= 2, f"kt top showed {shown} tables in 60 s; its threads:\n{err}"
         assert live.returncode == 0 and "Traceback" not in err, err
         assert log.read_text().count("calls/s") >= 2
     finally:
