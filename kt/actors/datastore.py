@@ -32,7 +32,7 @@ from typing import Any
 
 from kt.actors import direct, files
 from kt.actors.driver import current_driver, get_driver, get_runtime, ready_pods_with_tokens
-from kt.core import protocol, serialization, shm
+from kt.core import dial, protocol, serialization, shm
 from kt.core.errors import (
     ConfigError,
     DataKeyError,
@@ -160,7 +160,7 @@ def get(
         found = _locate(key) if misses <= RETRIES else None
         if found is not None:
             address, token, meta = found
-            if into is not None and meta.get("dev") and _direct(key, token, meta, into):
+            if into is not None and meta.get("dev") and _direct(key, address, token, meta, into):
                 return into
             try:
                 value = _read(key, address, token, meta, whole=into is not None)
@@ -209,13 +209,18 @@ def ls(prefix: str = "") -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
-def _direct(key: str, token: str, meta: dict[str, Any], into: MutableMapping[str, Any]) -> bool:
+def _direct(
+    key: str, address: Address, token: str, meta: dict[str, Any], into: MutableMapping[str, Any]
+) -> bool:
     """Fill `into` straight from the process that put the value (`kt.actors.direct`);
-    False when it cannot (read the store).
+    False when it cannot (read the store): also from a driver that reaches the pods
+    through a gateway, which cannot dial the putter.
 
     Raises:
         StateDictMismatchError: `into` does not match the value (nothing copied).
     """
+    if _own_pod() is None and not dial.reached_directly(address):
+        return False
     with direct.offer(meta["dev"], key, meta["vid"], token, into) as offer:
         if offer is None:
             return False

@@ -64,6 +64,12 @@ def via(pod: Address, gateway: Address) -> None:
     _via[pod] = gateway
 
 
+def reached_directly(pod: Address) -> bool:
+    """Whether this process dials `pod` at its own address (no gateway between): then
+    it may dial the pod's other ports too."""
+    return not config.gateway and pod not in _via
+
+
 def gateway_address() -> Address | None:
     """The configured gateway, or None.
 

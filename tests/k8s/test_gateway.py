@@ -4,7 +4,8 @@ Behaviours covered:
 - a driver with KT_GATEWAY set runs a fan-out over 4 actors on 2 pods and an SPMD 2x2
   gloo group through it: every connection of that driver reaches its pods from the
   gateway's address, none from its own; with heartbeats every second, a link idle for 3 s
-  still works (the PONGs go between frames);
+  still works (the PONGs go between frames); a state dict an actor holds for direct
+  transfers is read from its pod's host copy, never dialled for;
 - attacks, each refused with one logged line and nothing relayed: bytes that are not a
   preamble, a preamble never finished, one over the size cap, a target that is not a
   kt pod's supervisor port (the API server, an address with no kt pod), a real pod with a
@@ -73,6 +74,9 @@ class Recorder:
         return i
     def history(self):
         return self.seen
+    def put_direct(self, key):
+        import torch
+        kt.put(key, {"w": torch.arange(1000.0)}, transport="gloo")
 
 def probe():
     import torch, torch.distributed as dist
@@ -95,6 +99,15 @@ group = kt.fn(probe).to(
 sums = group.remote().result(timeout=120)
 time.sleep(3)  # idle: the gateway sends heartbeats
 assert actors[0].record(7) == 7
+# a value an actor holds for direct transfers: this driver cannot dial its pod, so it
+# reads the pod's host copy through the gateway without trying (no fallback counted)
+import torch
+from kt.actors import direct
+actors[0].put_direct("gw/direct")
+into = {"w": torch.zeros(1000)}
+kt.get("gw/direct", into=into, timeout=60)
+assert bool((into["w"] == torch.arange(1000.0)).all())
+assert direct.counts.fallbacks == 0 and direct.counts.received == 0, direct.counts
 print(json.dumps({"sums": sums, "pid": os.getpid()}), flush=True)
 sys.stdin.readline()  # stay connected while the test looks at the pods
 group.teardown()
