@@ -125,9 +125,17 @@ class Idle:
         return 0
 
 
+# `kt top` as at a terminal, where Ctrl-C reaches it: a test run started in the background
+# of a script inherits SIGINT ignored, and Python (so asyncio.run) keeps it ignored
+AT_A_TERMINAL = (
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv[0] = 'kt'; runpy.run_module('kt.cli', run_name='__main__')"
+)
+
+
 def _top(*args: str, env: dict[str, str] | None = None, **popen: Any) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "kt.cli", "top", *args],
+        [sys.executable, "-c", AT_A_TERMINAL, "top", *args],
         text=True,
         env=dict(os.environ, COLUMNS="200", **(env or {})),
         **popen,
@@ -185,9 +193,20 @@ def test_kt_top_shows_a_live_pool(tmp_path: pathlib.Path) -> None:
             try:
                 _, err = live.communicate(timeout=30)
             except subprocess.TimeoutExpired:
+                # how it took SIGINT (ignored, blocked, caught), and whether it went on
+                signals = [
+                    line
+                    for line in pathlib.Path(f"/proc/{live.pid}/status").read_text().splitlines()
+                    if line.startswith(("SigBlk", "SigIgn", "SigCgt", "SigPnd", "ShdPnd"))
+                ]
+                after = log.read_text().count("calls/s")
                 live.send_signal(signal.SIGABRT)
                 _, err = live.communicate(timeout=30)
-                pytest.fail(f"kt top did not stop on Ctrl-C within 30 s; its threads:\n{err}")
+                pytest.fail(
+                    f"kt top did not stop on Ctrl-C within 30 s ({shown} tables before it, "
+                    f"{after} after; {signals}; here SIGINT is {signal.getsignal(signal.SIGINT)}"
+                    f"); its threads:\n{err}"
+                )
         assert shown >= 2, f"kt top showed {shown} tables in 60 s; its threads:\n{err}"
         assert live.returncode == 0 and "Traceback" not in err, err
         assert log.read_text().count("calls/s") >= 2
