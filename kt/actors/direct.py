@@ -364,17 +364,26 @@ def hold(
     still: Callable[[], bool],
 ) -> str:
     """Keep a copy of `tensors` (value `vid` of `key`) for getters; the endpoint that a
-    value's meta names. `address`: (this pod's host, its pool's token)."""
+    value's meta names. `address`: (this pod's host, its pool's token).
+
+    Raises:
+        ConfigError: no copy can be kept here (no room on the device for it, no port).
+    """
     global _holder
-    with _holder_lock:
-        if _holder is None:
-            _holder = Holder(*address)
-        holder = _holder
     import torch
 
-    copies = {
-        n: t.detach().clone(memory_format=torch.contiguous_format) for n, t in tensors.items()
-    }
+    try:
+        with _holder_lock:
+            if _holder is None:
+                _holder = Holder(*address)
+            holder = _holder
+        contiguous = torch.contiguous_format
+        copies = {n: t.detach().clone(memory_format=contiguous) for n, t in tensors.items()}
+    except (OSError, RuntimeError) as exc:  # torch's OutOfMemoryError is a RuntimeError
+        raise ConfigError(
+            f"kt.put({key!r}, transport={backend!r}) cannot keep a copy of its tensors in "
+            f"this process: {exc}"[:500]
+        ) from exc
     holder.hold(key, _Held(vid, backend, copies, still))
     return endpoint(backend, holder.address)
 
