@@ -170,7 +170,7 @@ def get(
             if into is not None and meta.get("dev") and _direct(key, address, token, meta, into):
                 return into
             try:
-                value = _read(key, address, token, meta, whole=into is not None)
+                value, mapping = _read(key, address, token, meta)
                 break
             except PodLostError as exc:
                 _where.pop(key, None)
@@ -201,7 +201,7 @@ def get(
         return files.unpack(value, dest, key)
     if into is None:
         return value
-    copy_into(into, value, key)
+    copy_into(into, value, key, mapping)
     return into
 
 
@@ -257,17 +257,32 @@ def rm(key: str) -> None:
     raise DataKeyError(key, _nearest(key))
 
 
-def copy_into(into: MutableMapping[str, Any], value: Any, key: str = "the value") -> None:
+def copy_into(
+    into: MutableMapping[str, Any],
+    value: Any,
+    key: str = "the value",
+    mapping: mmap.mmap | None = None,
+) -> None:
     """Copy state dict `value` into `into`'s tensors (or arrays) in place; values that
     are not tensors are replaced. Every key, shape and dtype is checked first.
+
+    `mapping`: the file mapping `value`'s arrays are views on. A contiguous CPU target is
+    then read from the file straight into its memory (`shm.read_into`), and the
+    mapping's pages are never touched: making a private mapping's page tables costs
+    more than the copy (250 against 30 ms for 384 MiB here).
 
     Raises:
         StateDictMismatchError: names the first key that differs; nothing was copied.
     """
     check_into(into, value, key)
+    span = _span(mapping) if mapping is not None else None
+    reads: list[tuple[int, memoryview]] = []
     for name, target in into.items():
         source = value[name]
-        if hasattr(target, "copy_"):
+        piece = _file_piece(target, source, span) if span is not None else None
+        if piece is not None:
+            reads.append(piece)
+        elif hasattr(target, "copy_"):
             import torch
 
             with torch.no_grad():
@@ -278,6 +293,47 @@ def copy_into(into: MutableMapping[str, Any], value: Any, key: str = "the value"
             np.copyto(target, source)
         else:
             into[name] = source
+    if reads:
+        assert mapping is not None
+        shm.read_into(mapping, reads)
+
+
+def _span(mapping: mmap.mmap) -> tuple[int, int]:
+    """Where `mapping` is in this process's memory: (first address, size)."""
+    import numpy as np
+
+    return int(np.frombuffer(mapping, dtype=np.uint8).ctypes.data), len(mapping)
+
+
+def _file_piece(target: Any, source: Any, span: tuple[int, int]) -> tuple[int, memoryview] | None:
+    """(offset in the file, `target`'s bytes) when `source` is a contiguous view on the
+    mapping at `span` of the same size and `target` contiguous CPU memory; else None."""
+    import numpy as np
+
+    if type(source).__name__ == "Tensor" and source.device.type == "cpu":
+        if not source.is_contiguous():
+            return None
+        address, nbytes = int(source.data_ptr()), int(source.nbytes)
+    elif isinstance(source, np.ndarray) and source.flags.c_contiguous:
+        address, nbytes = int(source.ctypes.data), int(source.nbytes)
+    else:
+        return None
+    start, size = span
+    if not nbytes or not start <= address <= start + size - nbytes:
+        return None
+    if type(target).__name__ in ("Tensor", "Parameter") and hasattr(target, "data_ptr"):
+        import torch
+
+        if target.device.type != "cpu" or not target.is_contiguous() or target.nbytes != nbytes:
+            return None
+        flat = target.detach().reshape(-1).view(torch.uint8).numpy()
+    elif isinstance(target, np.ndarray):
+        if not target.flags.c_contiguous or not target.flags.writeable or target.nbytes != nbytes:
+            return None
+        flat = target.reshape(-1).view(np.uint8)
+    else:
+        return None
+    return address - start, memoryview(flat)
 
 
 def check_into(into: Mapping[str, Any], value: Any, key: str = "the value") -> None:
@@ -362,12 +418,14 @@ def _pieces(parts: Sequence[Any], size: int) -> Iterator[tuple[int, list[memoryv
         yield offset, piece
 
 
-def _read(key: str, address: Address, token: str, meta: dict[str, Any], whole: bool) -> Any:
-    """The value located at `address`, read the cheapest way this process can (`whole`:
-    all of it will be read, as by into=)."""
+def _read(
+    key: str, address: Address, token: str, meta: dict[str, Any]
+) -> tuple[Any, mmap.mmap | None]:
+    """The value located at `address`, read the cheapest way this process can, and the
+    mapping of its file when its arrays are views on one."""
     here = shm.host_key()
     if meta["file"] and here is not None and meta["host"] == here:
-        return _map(meta, whole)
+        return _map(meta)
     asked = {"k": key, "vid": meta["vid"]}
     mine = _own_pod()
     if mine is not None and mine[0] != address:
@@ -375,20 +433,20 @@ def _read(key: str, address: Address, token: str, meta: dict[str, Any], whole: b
         fetch["from"] = f"{address[0]}:{address[1]}"
         local = _ask(*mine, fetch, timeout=MOVE_S)
         if local["file"] and here is not None and local["host"] == here:
-            return _map(local, whole)
+            return _map(local)
         address, token = mine
-    return _ask(address, token, {"op": "get", **asked}, timeout=MOVE_S)
+    return _ask(address, token, {"op": "get", **asked}, timeout=MOVE_S), None
 
 
-def _map(meta: dict[str, Any], whole: bool) -> Any:
-    """A value from its /dev/shm file; its arrays are views on a private mapping
-    (`whole`: the caller reads all of it).
+def _map(meta: dict[str, Any]) -> tuple[Any, mmap.mmap]:
+    """A value from its /dev/shm file; its arrays are views on a private mapping, whose
+    pages are touched only as they are read.
 
     Raises:
         FileNotFoundError: the file is gone, or holds another value now.
     """
-    mapping: mmap.mmap = shm.open_for_reading(meta["file"], whole=whole)
-    return serialization.loads(shm.value_view(mapping, meta["fid"], meta["n"]))
+    mapping: mmap.mmap = shm.open_for_reading(meta["file"])
+    return serialization.loads(shm.value_view(mapping, meta["fid"], meta["n"])), mapping
 
 
 # -- where values are -------------------------------------------------------------------

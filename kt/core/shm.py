@@ -174,11 +174,10 @@ def open_for_writing(name: str) -> mmap.mmap:
         os.close(fd)
 
 
-def open_for_reading(name: str, *, whole: bool = False) -> mmap.mmap:
+def open_for_reading(name: str) -> mmap.mmap:
     """A file from `new_file` as a private copy-on-write mapping (writes stay in this
-    process), with a shared lock held while the mapping lives: its owner does not reuse
-    a file someone reads (`unread`). `whole`: the reader reads all of it (page tables
-    made at once).
+    process), its pages made as they are touched, with a shared lock held while the
+    mapping lives: its owner does not reuse a file someone reads (`unread`).
 
     Raises:
         ValueError: the name is not a kt file.
@@ -188,13 +187,33 @@ def open_for_reading(name: str, *, whole: bool = False) -> mmap.mmap:
     try:
         fcntl.flock(fd, fcntl.LOCK_SH)
         size = os.fstat(fd).st_size
-        flags = mmap.MAP_PRIVATE | (_POPULATE if whole else 0)
-        mapping = _Mapping(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        prot = mmap.PROT_READ | mmap.PROT_WRITE
+        mapping = _Mapping(fd, size, flags=mmap.MAP_PRIVATE, prot=prot)
     except BaseException:
         os.close(fd)
         raise
+    mapping.fd = fd
     weakref.finalize(mapping, os.close, fd)
     return mapping
+
+
+def read_into(mapping: mmap.mmap, pieces: list[tuple[int, memoryview]]) -> None:
+    """Fill each buffer from the file `mapping` (from `open_for_reading`) maps, at its
+    offset, with read(2): one copy, and the mapping's own pages are never touched.
+
+    Raises:
+        OSError: the file is shorter than a piece.
+    """
+    fd = mapping.fd if isinstance(mapping, _Mapping) else None
+    if fd is None:
+        raise OSError("not a mapping from open_for_reading")
+    for offset, target in pieces:
+        done = 0
+        while done < target.nbytes:
+            got = os.preadv(fd, [target[done:]], offset + done)
+            if got <= 0:
+                raise OSError(f"the file ended at byte {offset + done}")
+            done += got
 
 
 @contextlib.contextmanager
@@ -266,6 +285,8 @@ def free_bytes() -> int:
 
 class _Mapping(mmap.mmap):
     """A receiver's mapping; its finalizer releases the segment for reuse."""
+
+    fd: int  # the open file it maps (`read_into` reads it)
 
 
 def attach(name: str, offsets: list[int], lengths: list[int]) -> list[memoryview]:

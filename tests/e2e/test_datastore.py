@@ -15,12 +15,16 @@ Behaviours covered (on both backends, the k8s one on the test cluster, but the l
   driver lands inside a dest directory; getting files without dest=, dest= for a plain
   value, or a missing path are refused saying what to do;
 - a value put with lifetime="detached" by a driver that has exited is got by another
-  (the namespace's store pod holds it), while its plain value went with its pool.
+  (the namespace's store pod holds it), while its plain value went with its pool;
+- (local) into= on the holder's host fills every kind of target right and in place:
+  contiguous tensors and arrays read from the file straight into them, a transposed
+  target, bfloat16, a 0-d tensor, small tensors and a plain value.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import pathlib
 import subprocess
 import sys
@@ -229,3 +233,85 @@ def test_a_driver_without_pods_is_told_what_to_do() -> None:
         [sys.executable, "-c", NO_POOL], capture_output=True, text=True, timeout=60
     ).stdout
     assert "refused:" in out and "make an actor" in out, out
+
+
+class Mixed:
+    """A state dict of every kind into= meets: large tensors and arrays (read from the
+    value's file straight into the target), a dtype numpy lacks, a transposed target, a
+    0-d tensor, small ones (pickled in band) and a plain value."""
+
+    @staticmethod
+    def value(seed: int) -> dict[str, Any]:
+        import torch
+
+        torch.manual_seed(seed)
+        return {
+            "big": torch.randn(300_000),
+            "bf16": torch.randn(200_000).to(torch.bfloat16),
+            "t": torch.randn(700, 500),
+            "arr": np.arange(100_000, dtype=np.float64) * seed,
+            "ints": torch.arange(50_000, dtype=torch.int32) * seed,
+            "scalar": torch.tensor(float(seed)),
+            "small": torch.arange(10) * seed,
+            "step": seed,
+        }
+
+    @staticmethod
+    def empty() -> dict[str, Any]:
+        import torch
+
+        return {
+            "big": torch.zeros(300_000),
+            "bf16": torch.zeros(200_000, dtype=torch.bfloat16),
+            "t": torch.zeros(500, 700).t(),  # not contiguous: copied, not read
+            "arr": np.zeros(100_000),
+            "ints": torch.zeros(50_000, dtype=torch.int32),
+            "scalar": torch.tensor(0.0),
+            "small": torch.zeros(10, dtype=torch.int64),
+            "step": 0,
+        }
+
+    def put(self, key: str, seed: int) -> None:
+        kt.put(key, self.value(seed))
+
+    def get_into(self, key: str) -> tuple[dict[str, str], bool]:
+        return _fill(key)
+
+
+def _digests(sd: dict[str, Any]) -> dict[str, str]:
+    import torch
+
+    out = {}
+    for k, v in sd.items():
+        if isinstance(v, torch.Tensor):
+            v = v.contiguous().reshape(-1).view(torch.uint8).numpy()
+        out[k] = hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest()
+    return out
+
+
+def _fill(key: str) -> tuple[dict[str, str], bool]:
+    """Get `key` into fresh targets: their digests, and whether each stayed in place."""
+    into = Mixed.empty()
+    places = {k: v.data_ptr() if hasattr(v, "data_ptr") else id(v) for k, v in into.items()}
+    places.pop("step")
+    assert kt.get(key, into=into, timeout=60) is into
+    kept = all(
+        (v.data_ptr() if hasattr(v, "data_ptr") else id(v)) == places[k]
+        for k, v in into.items()
+        if k != "step"
+    )
+    return _digests(into), kept
+
+
+def test_into_fills_every_kind_of_target_from_a_file_on_this_host() -> None:
+    pool = kt.Compute(cpus=1, replicas=1, backend="local", name=f"mix-{uuid.uuid4().hex[:6]}")
+    putter, getter = (kt.cls(Mixed).options(compute=pool, cpus=0).remote() for _ in range(2))
+    key = f"mixed/{uuid.uuid4().hex[:6]}"
+    for seed in (3, 5):  # the second put replaces the first in a reused file
+        putter.put(key, seed)
+        want = _digests(Mixed.value(seed))
+        assert getter.get_into(key) == (want, True)  # an actor on the holder's pod
+        assert _fill(key) == (want, True)  # the driver, on the same host
+    kt.rm(key)
+    for a in (putter, getter):
+        kt.kill(a)
