@@ -199,8 +199,13 @@ class Link:
         with channel.write_lock:
             self.inflight[req_id] = ref
             if not channel.write_now(data):
-                del self.inflight[req_id]
-                return False
+                if self.inflight.pop(req_id, None) is not None:
+                    return False  # nothing written: the caller sends it through the loop
+                # the link failed meanwhile (the loop swapped `inflight` out): fail the
+                # call here too, in case it went into the old dict after its calls failed
+                failure = self._failure or PodLostError(self.pod, "connection lost")
+                self.runtime.complete(ref._finish(_failed, failure))
+                return True
         if self.state is not LinkState.READY and self.inflight.pop(req_id, None) is not None:
             # the link failed between our check and our write: fail the call like the rest
             failure = self._failure or PodLostError(self.pod, "connection lost")
