@@ -22,6 +22,7 @@ the caller's own, in place, after checking every key, shape and dtype.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import mmap
@@ -50,6 +51,7 @@ from kt.core.runtime import Address
 logger = logging.getLogger(__name__)
 POLL_S = 0.2  # how often a `kt.get(key, timeout=...)` looks again for a key not there yet
 ASK_S = 30.0  # one pod's answer to a question
+LAUNCH_S = 600.0  # a put from the driver waits this long for a pod its pools are starting
 MOVE_S = 600.0  # one pod's answer when it moves a value's bytes
 WRITE_CHUNK = 64 * 2**20
 RECENT = 16  # pods that held keys, asked first
@@ -461,7 +463,14 @@ def _home() -> tuple[Address, str]:
     mine = _own_pod()
     if mine is not None:
         return mine
-    pools = [p for p in get_driver().pools.values() if p.slots]
+    driver = get_driver()
+    driver.runtime.run(_settled(), timeout=ASK_S)  # actors made just now are recorded
+    pools = [p for p in driver.pools.values() if p.slots]
+    waiting = [a for a in list(driver.actors.values()) if a.slot is None]
+    if not pools and waiting:  # an actor made just now: its pool comes with its placement
+        with contextlib.suppress(KtError):
+            waiting[-1].handle.wait_placed(LAUNCH_S)
+        pools = [p for p in driver.pools.values() if p.slots]
     if not pools:
         raise ConfigError(
             "kt.put from the driver keeps the value on a pod of its pools, and it has none "
@@ -469,7 +478,12 @@ def _home() -> tuple[Address, str]:
         )
     own = [p for p in pools if not p.detached]  # the driver's own: values end with them
     pool = (own or pools)[-1]
-    return pool.slots[0].pod.address, pool.token
+    slot = driver.runtime.run(pool.a_pod_up(), timeout=LAUNCH_S)  # one may be starting
+    return slot.pod.address, pool.token
+
+
+async def _settled() -> None:
+    """Nothing: run on the loop after what this thread asked of it before (FIFO)."""
 
 
 STORE = "kt-store"

@@ -271,6 +271,16 @@ class Pool:
         ready = sum(not s.launching for s in self.slots)
         progress(f"pool {self.name}: {ready}/{len(self.slots)} pods ready")
 
+    async def a_pod_up(self) -> PodSlot:
+        """A slot whose pod is up: a ready one, else the first being launched, once it is
+        (raises its launch error; LaunchError when the pool has no pod at all)."""
+        ready = [s for s in self.slots if not s.launching]
+        if ready:
+            return ready[0]
+        if not self.slots:
+            raise LaunchError(self.name, "-", "the pool has no pod")
+        return await self._until_up(self.slots[0])
+
     async def _until_up(self, slot: PodSlot) -> PodSlot:
         """Wait for a slot's launch; raises LaunchError if it failed."""
         if slot.launched is not None:

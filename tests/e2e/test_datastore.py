@@ -18,7 +18,8 @@ Behaviours covered (on both backends, the k8s one on the test cluster, but the l
   (the namespace's store pod holds it), while its plain value went with its pool;
 - (local) into= on the holder's host fills every kind of target right and in place:
   contiguous tensors and arrays read from the file straight into them, a transposed
-  target, bfloat16, a 0-d tensor, small tensors and a plain value.
+  target, bfloat16, a 0-d tensor, small tensors and a plain value;
+- (local) a put from the driver right after it made an actor waits for the actor's pod.
 """
 
 from __future__ import annotations
@@ -315,3 +316,16 @@ def test_into_fills_every_kind_of_target_from_a_file_on_this_host() -> None:
     kt.rm(key)
     for a in (putter, getter):
         kt.kill(a)
+
+
+def test_a_put_from_the_driver_waits_for_the_pod_of_an_actor_just_made() -> None:
+    """Right after `.remote()` the actor's pool may not exist yet, then its pod starts:
+    the driver's put waits for the pod (it used to refuse, "it has none yet", or to send
+    the value to the starting pod's empty address)."""
+    pool = kt.Compute(cpus=1, replicas=1, backend="local", name=f"early-{uuid.uuid4().hex[:6]}")
+    holder = kt.cls(Holder).options(compute=pool, cpus=0).remote()
+    key = f"early/{uuid.uuid4().hex[:6]}"
+    kt.put(key, {"x": 1})
+    assert holder.get(key) == {"x": 1}
+    kt.rm(key)
+    kt.kill(holder)
