@@ -27,6 +27,7 @@ import difflib
 import logging
 import mmap
 import os
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
@@ -312,7 +313,9 @@ def _file_piece(target: Any, source: Any, span: tuple[int, int]) -> tuple[int, m
     mapping at `span` of the same size and `target` contiguous CPU memory; else None."""
     import numpy as np
 
-    if type(source).__name__ == "Tensor" and source.device.type == "cpu":
+    torch = sys.modules.get("torch")  # a value or target holding tensors imported it
+    is_tensor = torch is not None and isinstance(source, torch.Tensor)
+    if is_tensor and source.device.type == "cpu":
         if not source.is_contiguous():
             return None
         address, nbytes = int(source.data_ptr()), int(source.nbytes)
@@ -323,9 +326,7 @@ def _file_piece(target: Any, source: Any, span: tuple[int, int]) -> tuple[int, m
     start, size = span
     if not nbytes or not start <= address <= start + size - nbytes:
         return None
-    if type(target).__name__ in ("Tensor", "Parameter") and hasattr(target, "data_ptr"):
-        import torch
-
+    if torch is not None and isinstance(target, torch.Tensor):
         if target.device.type != "cpu" or not target.is_contiguous() or target.nbytes != nbytes:
             return None
         flat = target.detach().reshape(-1).view(torch.uint8).numpy()

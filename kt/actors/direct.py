@@ -138,8 +138,8 @@ def transport_for(value: object, asked: str | None, *, in_worker: bool, key: str
 
 def takes(backend: str, into: Mapping[str, Any]) -> bool:
     """Whether a get into `into` can receive a value held for `backend` directly."""
-    tensors = tensors_of(into)
-    if tensors is None or len(tensors) != len(into):
+    tensors = tensors_of(into)  # None unless every value is a tensor
+    if tensors is None:
         return False
     place = device_kind(tensors)
     return place.startswith("cuda:") if backend == "nccl" else place == "cpu"
