@@ -33,12 +33,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from typing import Any
 
-from kt.actors import direct, files
+from kt.actors import direct, files, hotmaps
 from kt.actors.driver import current_driver, get_driver, get_runtime, ready_pods_with_tokens
 from kt.core import dial, protocol, serialization, shm
 from kt.core.errors import (
     ConfigError,
     DataKeyError,
+    DataTooLargeError,
     GetTimeoutError,
     KtError,
     PodLostError,
@@ -94,7 +95,13 @@ def put(key: str, value: Any, *, lifetime: str | None = None, transport: str | N
     parts = serialization.dumps_value(value, f"kt.put({key!r})")
     size = serialization.parts_size(parts)
     address, token = _store_pod() if lifetime == "detached" else _home()
-    reserved = _ask(address, token, {"op": "reserve", "k": key, "n": size})
+    hotmaps.sweep()  # kept mappings of files gone hold memory the pod may need now
+    try:
+        reserved = _ask(address, token, {"op": "reserve", "k": key, "n": size})
+    except DataTooLargeError:
+        if not hotmaps.cool():  # or this process's kept mappings held the room
+            raise
+        reserved = _ask(address, token, {"op": "reserve", "k": key, "n": size})
     put_id = reserved["id"]
     try:
         seal: dict[str, Any] = {"op": "seal", "id": put_id}
@@ -380,28 +387,18 @@ def _write_file(name: str, parts: Sequence[Any]) -> int | None:
     buffer copies fastest (`shm.value_start`); that start, or None if the file cannot be
     opened here after all (then the bytes are sent)."""
     try:
-        target = shm.open_for_writing(name)
+        use = hotmaps.writable(name)
     except (OSError, ValueError):
         return None
     views = [memoryview(part).cast("B") for part in parts]
     largest = max(range(len(views)), key=lambda i: views[i].nbytes, default=0)
     start = shm.VALUE_OFFSET
-    if views and views[largest].nbytes >= ALIGN_FROM:
-        position = sum(v.nbytes for v in views[:largest])
-        start = shm.value_start(_address(views[largest]), position)
-    with target:
-        pos = start
-        for view in views:
-            target[pos : pos + view.nbytes] = view
-            pos += view.nbytes
+    address = shm.address(views[largest]) if views and views[largest].nbytes >= ALIGN_FROM else None
+    if address is not None:
+        start = shm.value_start(address, sum(v.nbytes for v in views[:largest]))
+    with use as target:
+        shm.write_at(target, start, views)
     return start
-
-
-def _address(view: memoryview) -> int:
-    """Where a buffer's bytes are in this process's memory."""
-    import numpy as np
-
-    return int(np.frombuffer(view, dtype=np.uint8).ctypes.data)
 
 
 def _pieces(parts: Sequence[Any], size: int) -> Iterator[tuple[int, list[memoryview]]]:

@@ -49,3 +49,39 @@ def test_kt_shm_0_turns_it_off(monkeypatch: pytest.MonkeyPatch) -> None:
     assert shm.host_key() is not None
     monkeypatch.setenv("KT_SHM", "0")
     assert shm.host_key() is None
+
+
+@pytest.mark.parametrize("size", [3 * 2**20 + 5, 40 * 2**20 + 7])  # alone, then threaded
+def test_write_at_and_read_into_copy_every_byte(size: int) -> None:
+    name, owner = shm.new_file(size + 100)
+    try:
+        source = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)
+        head = np.arange(11, dtype=np.uint8)
+        mapping, _ = shm.open_for_writing(name)
+        shm.write_at(mapping, 50, [memoryview(head), memoryview(source)])
+        mapping.close()
+        assert bytes(owner[50:61]) == bytes(head)
+        assert bytes(owner[61 : 61 + size]) == source.tobytes()
+        reader = shm.open_for_reading(name)
+        out = np.zeros(size, np.uint8)
+        small = bytearray(11)
+        shm.read_into(reader, [(50, memoryview(small)), (61, memoryview(out))])
+        assert bytes(small) == bytes(head) and np.array_equal(out, source)
+        with pytest.raises(OSError, match="ended"):
+            shm.read_into(reader, [(61, memoryview(np.zeros(size + 100, np.uint8)))])
+        reader.close()
+    finally:
+        owner.close()
+        shm.unlink(name)
+
+
+def test_write_at_refuses_what_does_not_fit() -> None:
+    name, owner = shm.new_file(100)
+    try:
+        with pytest.raises(ValueError, match="do not fit"):
+            shm.write_at(owner, 90, [memoryview(b"x" * 11)])
+        shm.write_at(owner, 90, [memoryview(b"y" * 10)])
+        assert bytes(owner[90:100]) == b"y" * 10
+    finally:
+        owner.close()
+        shm.unlink(name)
