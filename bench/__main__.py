@@ -45,6 +45,7 @@ ROWS = (
     "actors1000",
     "data100",
     "bcast1g",
+    "sd_into",
     "tree",
 )
 ONCE = ("place100", "sync16", "soak", "actors1000")  # slow: first repetition only

@@ -508,6 +508,48 @@ def row_bcast1g() -> Result:
     return {"median_s": statistics.median(times)}
 
 
+SD_TENSORS, SD_MIB = 24, 16  # `sd_into`'s state dict: 24 arrays of 16 MiB, 384 MiB
+
+
+def state_dict(fill: float) -> dict[str, np.ndarray]:
+    """A model-sized state dict of float32 arrays (`sd_into`)."""
+    return {
+        f"layer{i}.weight": np.full(SD_MIB * MIB // 4, fill, np.float32) for i in range(SD_TENSORS)
+    }
+
+
+class Learner:
+    """`sd_into`'s getter: holds its own weights and loads new ones into them in place."""
+
+    def __init__(self) -> None:
+        self.weights = state_dict(0.0)
+
+    def load(self, key: str) -> float:
+        kt.get(key, into=self.weights, timeout=120)
+        return float(self.weights["layer7.weight"][-1])
+
+
+def row_sd_into() -> Result:
+    """A 384 MiB state dict put by the driver and loaded with `into=` by an actor on the
+    same host, its key replaced each time, as a trainer's weights reach a rollout actor
+    (median of 5, after a warm-up load)."""
+    pool = kt.Compute(cpus=1, replicas=1, backend="local", name="bench-sd-into")
+    learner = kt.cls(Learner).options(compute=pool).remote()
+    _LIVE.append(learner)
+    weights = state_dict(0.0)
+    times = []
+    for i in range(6):
+        for array in weights.values():
+            array.fill(i + 1)
+        t0 = time.perf_counter()
+        kt.put("bench/sd_into/weights", weights)
+        got = kt.get(learner.load.remote("bench/sd_into/weights"), timeout=300)
+        times.append(time.perf_counter() - t0)
+        assert got == i + 1, f"sd_into: loaded {got}, put {i + 1}"
+    _kill([learner])
+    return {"median_ms": 1e3 * statistics.median(times[1:])}
+
+
 def row_tree() -> Result:
     """kt only: 256 MiB put by an actor, got by pods that share no memory with it or each
     other (each its own KT_SHM_DOMAIN, as pods on different hosts), through the broadcast
@@ -567,6 +609,7 @@ ROWS: dict[str, Callable[[], Result]] = {
     "data100": row_data100,
     "bcast1g": row_bcast1g,
     "tree": row_tree,
+    "sd_into": row_sd_into,
     "cuda_into": lambda: _gpu_row("row_cuda_into"),
     "cuda_bcast": lambda: _gpu_row("row_cuda_bcast"),
 }

@@ -277,6 +277,48 @@ def row_bcast1g() -> Result:
     return {"median_s": statistics.median(times)}
 
 
+SD_TENSORS, SD_MIB = 24, 16  # as on kt's side
+
+
+def state_dict(fill: float) -> dict[str, np.ndarray]:
+    return {
+        f"layer{i}.weight": np.full(SD_MIB * MIB // 4, fill, np.float32) for i in range(SD_TENSORS)
+    }
+
+
+class Learner:
+    """The counterpart of kt's: gets the state dict (its ref inside a list) and copies
+    it into its own weights, as kt's into= does."""
+
+    def __init__(self) -> None:
+        self.weights = state_dict(0.0)
+
+    def load(self, refs: list[Any]) -> float:
+        for name, array in ray.get(refs[0]).items():
+            np.copyto(self.weights[name], array)
+        return float(self.weights["layer7.weight"][-1])
+
+
+LearnerActor: Any = ray.remote(Learner)
+
+
+def row_sd_into() -> Result:
+    learner = LearnerActor.remote()
+    weights = state_dict(0.0)
+    times = []
+    for i in range(6):
+        for array in weights.values():
+            array.fill(i + 1)
+        t0 = time.perf_counter()
+        ref = ray.put(weights)
+        got = ray.get(learner.load.remote([ref]))
+        times.append(time.perf_counter() - t0)
+        assert got == i + 1
+        del ref
+    _kill([learner])
+    return {"median_ms": 1e3 * statistics.median(times[1:])}
+
+
 ROWS: dict[str, Callable[[], Result]] = {
     "rtt": row_rtt,
     "async_1to1": row_async_1to1,
@@ -291,6 +333,7 @@ ROWS: dict[str, Callable[[], Result]] = {
     "memory": row_memory,
     "data100": row_data100,
     "bcast1g": row_bcast1g,
+    "sd_into": row_sd_into,
 }
 
 

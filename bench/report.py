@@ -70,6 +70,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("actors1000.kill_all_s", "1000 light actors: kill all", "s", False),
     Metric("data100.median_ms", "100 MiB put, got by 8 actors", "ms", False),
     Metric("bcast1g.median_s", "1 GiB put, got on 16 local pods", "s", False),
+    Metric("sd_into.median_ms", "384 MiB state dict put, into= in an actor", "ms", False),
     Metric("tree.one_hop_s", "256 MiB to 1 pod apart (no shared memory)", "s", False),
     Metric("tree.eight_pods_s", "256 MiB to 8 pods apart, broadcast tree", "s", False),
     Metric("tree.source_copies", "256 MiB to 8 pods apart: copies the source sent", "x", False),
@@ -99,6 +100,7 @@ SPEEDUP_TARGETS: dict[str, float] = {
     "spmd.second_call_ms": 100.0,
     "data100.median_ms": 1.0,  # faster than Ray (issue 16)
     "bcast1g.median_s": 1.0,
+    "sd_into.median_ms": 1.0,
 }
 # Absolute bounds for kt alone: (op, bound), op "<=" or ">=".
 ABSOLUTE_TARGETS: dict[str, tuple[str, float]] = {
