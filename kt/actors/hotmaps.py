@@ -10,7 +10,8 @@ page tables (25 ms per GiB here, made at once), unmapping it as much again, agai
 every client for the same reason.
 
 What it costs: a mapping keeps its file's memory even after the pod unlinks the file.
-So a mapping is dropped when its file is gone (`sweep`, before each put), after
+So a mapping is dropped when its file is gone (`sweep`, before each put: a file's
+name is never given to another, so a name still there is the file that was mapped), after
 `IDLE_S` without a write (a timer), when more than `FILES` are kept, and at once when a
 pod refuses a value for want of room (`cool`: the put then asks again).
 """
@@ -34,7 +35,6 @@ IDLE_S = 10.0  # a mapping is dropped this long after its last write
 class _Kept:
     name: str
     mapping: mmap.mmap
-    inode: int
     used: float = 0.0
     writers: int = 0  # writes under way: the mapping is not dropped meanwhile
 
@@ -69,7 +69,7 @@ mapped = 0  # files mapped by this process (each a miss of the kept ones)
 
 def writable(name: str) -> Use:
     """`name`'s file (a pod's, from `shm.new_file`) mapped shared and writable, its page
-    tables made: the one kept from an earlier write when the file is still the same.
+    tables made: the one kept from an earlier write, if any.
 
     Raises:
         ValueError: the name is not a kt file.
@@ -78,12 +78,8 @@ def writable(name: str) -> Use:
     global mapped
     with _lock:
         kept = _kept.get(name)
-        if kept is not None and _inode(name) != kept.inode:
-            _drop(kept)
-            kept = None
         if kept is None:
-            mapping, inode = shm.open_for_writing(name)
-            kept = _kept[name] = _Kept(name, mapping, inode)
+            kept = _kept[name] = _Kept(name, shm.open_for_writing(name))
             mapped += 1
         kept.writers += 1
         return Use(kept)
@@ -93,7 +89,7 @@ def sweep() -> None:
     """Drop the mappings of files that are gone (their pod unlinked them)."""
     with _lock:
         for kept in list(_kept.values()):
-            if not kept.writers and _inode(kept.name) != kept.inode:
+            if not kept.writers and not os.path.exists(os.path.join(shm.SHM_DIR, kept.name)):
                 _drop(kept)
 
 
@@ -110,13 +106,6 @@ def kept() -> list[str]:
     """The files mapped now."""
     with _lock:
         return list(_kept)
-
-
-def _inode(name: str) -> int | None:
-    try:
-        return os.stat(os.path.join(shm.SHM_DIR, name)).st_ino
-    except OSError:
-        return None
 
 
 def _drop(kept: _Kept) -> None:

@@ -35,7 +35,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from kt.core.liveness import pid_alive
 
@@ -163,10 +163,9 @@ def _open(name: str, flags: int) -> int:
     return os.open(os.path.join(SHM_DIR, name), flags)
 
 
-def open_for_writing(name: str) -> tuple[mmap.mmap, int]:
+def open_for_writing(name: str) -> mmap.mmap:
     """Another process's file from `new_file`, mapped shared and writable, to fill it
-    (its page tables made at once: a quarter of the cost of faulting them in one by one),
-    and its inode.
+    (its page tables made at once: a quarter of the cost of faulting them in one by one).
 
     Raises:
         ValueError: the name is not a kt file.
@@ -174,8 +173,7 @@ def open_for_writing(name: str) -> tuple[mmap.mmap, int]:
     """
     fd = _open(name, os.O_RDWR)
     try:
-        st = os.fstat(fd)
-        return mmap.mmap(fd, st.st_size, flags=mmap.MAP_SHARED | _POPULATE), st.st_ino
+        return mmap.mmap(fd, os.fstat(fd).st_size, flags=mmap.MAP_SHARED | _POPULATE)
     finally:
         os.close(fd)
 
@@ -230,8 +228,9 @@ def read_into(mapping: mmap.mmap, pieces: list[tuple[int, memoryview]]) -> None:
 
 def write_at(mapping: mmap.mmap, start: int, views: list[memoryview]) -> None:
     """Copy `views` (byte views) one after another into `mapping` from byte `start`. Large
-    copies of arrays go in `COPY_PIECE` pieces on the copy threads (numpy's copy lets go
-    of the GIL; without numpy loaded, this thread copies alone).
+    copies go in `COPY_PIECE` pieces on the copy threads when numpy is loaded (its copy
+    lets go of the GIL; an mmap's slice assignment does not, so without it this thread
+    copies alone). Its views on `mapping` end with the call: the caller may close it.
 
     Raises:
         ValueError: they do not fit.
@@ -240,31 +239,25 @@ def write_at(mapping: mmap.mmap, start: int, views: list[memoryview]) -> None:
     if start < 0 or start + total > len(mapping):
         raise ValueError(f"{total} bytes from {start} do not fit in {len(mapping)}")
     np = sys.modules.get("numpy")
-    if np is None or total < PARALLEL_FROM or _copiers() is None:
-        pos = start
-        for view in views:
-            mapping[pos : pos + view.nbytes] = view
-            pos += view.nbytes
-        return
-    _write_parallel(np, mapping, start, views, total)
+    copy: Callable[[tuple[int, memoryview]], None]
+    if np is None:
 
+        def copy(job: tuple[int, memoryview]) -> None:
+            at, piece = job
+            mapping[at : at + piece.nbytes] = piece
 
-def _write_parallel(
-    np: Any, mapping: mmap.mmap, start: int, views: list[memoryview], total: int
-) -> None:
-    """`write_at` on the copy threads; its views on `mapping` end with this call, so the
-    caller may close it."""
-    target = np.frombuffer(mapping, dtype=np.uint8)
-    jobs = []
-    pos = start
+    else:
+        target = np.frombuffer(mapping, dtype=np.uint8)
+
+        def copy(job: tuple[int, memoryview]) -> None:
+            at, piece = job
+            np.copyto(target[at : at + piece.nbytes], np.frombuffer(piece, dtype=np.uint8))
+
+    jobs, pos = [], start
     for view in views:
-        source = np.frombuffer(view, dtype=np.uint8)
-        for at, piece in _split(view):
-            jobs.append(
-                (target[pos + at : pos + at + piece.nbytes], source[at : at + piece.nbytes])
-            )
+        jobs += [(pos + at, piece) for at, piece in _split(view)]
         pos += view.nbytes
-    _run(lambda job: np.copyto(*job), jobs, total)
+    _run(copy, jobs, total if np is not None else 0)
 
 
 COPY_PIECE = 8 * 2**20

@@ -57,7 +57,7 @@ def test_write_at_and_read_into_copy_every_byte(size: int) -> None:
     try:
         source = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)
         head = np.arange(11, dtype=np.uint8)
-        mapping, _ = shm.open_for_writing(name)
+        mapping = shm.open_for_writing(name)
         shm.write_at(mapping, 50, [memoryview(head), memoryview(source)])
         mapping.close()
         assert bytes(owner[50:61]) == bytes(head)
