@@ -43,6 +43,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         item.add_marker(pytest.mark.skip(reason=why))
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> object:
+    """A failed test that ran on the test cluster shows the end of the cluster's log: what
+    its API server, scheduler and kubelet said (a stalled loop says where it stalled)."""
+    report = yield
+    on_cluster = "k8s_cluster" in getattr(item, "fixturenames", ()) or "[k8s" in item.nodeid
+    if report.failed and on_cluster and CLUSTER_LOG.is_file():
+        tail = CLUSTER_LOG.read_text(errors="replace").splitlines()[-200:]
+        report.sections.append(("test cluster log (its last 200 lines)", "\n".join(tail)))
+    return report
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _teardown_driver() -> Iterator[None]:
     yield
@@ -63,6 +75,7 @@ def pool() -> object:
 CLUSTER_NODES, CLUSTER_CPUS = 4, 16
 NO_KT_IMAGE = "kt-test/no-kt:1"  # the cluster runs its pods on a Python without kt
 SYSTEM_PYTHON = "/usr/bin/python3"
+CLUSTER_LOG = pathlib.Path("/nonexistent")  # this test process's cluster's, once it runs
 
 
 @pytest.fixture(scope="session")
@@ -76,6 +89,8 @@ def k8s_cluster() -> Iterator[pathlib.Path]:
 
     images = {NO_KT_IMAGE: SYSTEM_PYTHON}
     with running(CLUSTER_NODES, CLUSTER_CPUS, gpus_per_node=4, images=images) as kubeconfig:
+        global CLUSTER_LOG
+        CLUSTER_LOG = kubeconfig.with_name("cluster.log")
         os.environ["KUBECONFIG"] = str(kubeconfig)
         # what a platform team grants kt's pods (the chart's Role): they make pools and
         # delete themselves through their service account, "default" here

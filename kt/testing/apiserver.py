@@ -26,6 +26,7 @@ import copy
 import datetime
 import hmac
 import itertools
+import logging
 import re
 import ssl
 import uuid
@@ -39,8 +40,12 @@ from aiohttp import web
 
 from kt.testing import rbac
 
+logger = logging.getLogger(__name__)
+
 CHANNEL_V4 = "v4.channel.k8s.io"  # the streaming subprotocol: one channel byte per message
 HISTORY = 2000  # watch events kept; an older resourceVersion gets 410 Gone
+BOOKMARK_S = 5.0  # a watch that asked for bookmarks gets one after this long without events
+UNREAD_S = 30.0  # a watch whose client has read nothing for this long is closed
 GIT_VERSION = "v1.33.0"
 
 
@@ -196,17 +201,19 @@ class Store:
         default_factory=lambda: deque(maxlen=HISTORY)
     )
     versions: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
-    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    # set, then replaced, on every change: a watch waits on it without a lock, so a watch
+    # blocked writing to a client that stopped reading holds up nothing else
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
     rv: int = 0
 
     def _bump(self) -> int:
         self.rv = next(self.versions)
         return self.rv
 
-    async def _record(self, kind: str, resource: str, obj: dict[str, Any]) -> None:
+    def _record(self, kind: str, resource: str, obj: dict[str, Any]) -> None:
         self.history.append((int(obj["metadata"]["resourceVersion"]), kind, resource, obj))
-        async with self.changed:
-            self.changed.notify_all()
+        self.changed.set()
+        self.changed = asyncio.Event()
 
     def oldest(self) -> int:
         return self.history[0][0] if self.history else self.rv
@@ -234,7 +241,7 @@ class Store:
         if res.name == "namespaces":
             body.setdefault("status", {})["phase"] = "Active"
         self.objects[key] = body
-        await self._record("ADDED", res.name, body)
+        self._record("ADDED", res.name, body)
         if res.name == "namespaces":  # as the service-account controller does
             default = {"metadata": {"name": "default"}}
             await self.create(RESOURCES["serviceaccounts"], name, default)
@@ -265,7 +272,7 @@ class Store:
         body["apiVersion"], body["kind"] = res.api_version, res.kind
         meta["resourceVersion"] = str(self._bump())
         self.objects[(res.name, ns if res.namespaced else "", name)] = body
-        await self._record("MODIFIED", res.name, body)
+        self._record("MODIFIED", res.name, body)
         if meta.get("deletionTimestamp") and not meta.get("finalizers") and res.name != "pods":
             await self.remove(res, ns, name)
         return body
@@ -276,7 +283,7 @@ class Store:
             raise ApiError(404, "NotFound", f'{res.name} "{name}" not found')
         obj = copy.deepcopy(obj)
         obj["metadata"]["resourceVersion"] = str(self._bump())
-        await self._record("DELETED", res.name, obj)
+        self._record("DELETED", res.name, obj)
         uid = obj["metadata"]["uid"]
         for (rname, rns, rn), dependent in list(self.objects.items()):  # the GC's cascade
             refs = dependent["metadata"].get("ownerReferences") or []
@@ -534,27 +541,47 @@ class ApiServer:
                     continue
                 if fields and not field_match(fields, obj):
                     continue
-                await response.write(orjson.dumps({"type": kind, "object": obj}) + b"\n")
+                if not await self._send(request, response, {"type": kind, "object": obj}):
+                    return response
             if seen:  # past what was filtered out; not past what came while writing
                 sent = max(sent, seen[-1][0])
             if self.store.history and self.store.history[-1][0] > sent:
                 continue
-            async with self.store.changed:
-                try:
-                    await asyncio.wait_for(
-                        self.store.changed.wait(), min(5.0, deadline - loop.time())
-                    )
-                except TimeoutError:
-                    if bookmarks:
-                        mark = {
-                            "kind": res.kind,
-                            "apiVersion": res.api_version,
-                            "metadata": {"resourceVersion": str(sent)},
-                        }
-                        await response.write(
-                            orjson.dumps({"type": "BOOKMARK", "object": mark}) + b"\n"
-                        )
+            changed = self.store.changed  # no await since the check: no change is missed
+            try:
+                await asyncio.wait_for(changed.wait(), min(BOOKMARK_S, deadline - loop.time()))
+            except TimeoutError:
+                if bookmarks:
+                    mark = {
+                        "kind": res.kind,
+                        "apiVersion": res.api_version,
+                        "metadata": {"resourceVersion": str(sent)},
+                    }
+                    if not await self._send(
+                        request, response, {"type": "BOOKMARK", "object": mark}
+                    ):
+                        return response
         return response
+
+    async def _send(
+        self, request: web.Request, response: web.StreamResponse, event: dict[str, Any]
+    ) -> bool:
+        """One event to a watch; False (the connection closed) when its client has not read
+        for UNREAD_S, as kube-apiserver closes a watcher that falls behind."""
+        try:
+            async with asyncio.timeout(UNREAD_S):  # a timer, not a task: this is every event
+                await response.write(orjson.dumps(event) + b"\n")
+            return True
+        except TimeoutError:
+            logger.warning(
+                "apiserver: closing the watch %s of %s: its client took in nothing for %g s",
+                request.path_qs,
+                request.remote,
+                UNREAD_S,
+            )
+            if request.transport is not None:
+                request.transport.abort()
+            return False
 
     async def item(self, request: web.Request) -> web.StreamResponse:
         res, ns = self._resource(request)

@@ -21,7 +21,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,7 +40,41 @@ def _free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
+STALL_S = 2.0  # the loop not turning for this long is reported, with where it is
+
+
+def _watch_the_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """A thread that prints the loop thread's stack whenever the loop has not turned for
+    STALL_S: everything here (API server, scheduler, kubelet) shares one loop, so work
+    that blocks it stops the whole cluster, and its log should say where."""
+    turned = [time.monotonic()]
+    main = threading.get_ident()
+
+    def tick() -> None:
+        turned[0] = time.monotonic()
+        loop.call_later(STALL_S / 4, tick)
+
+    def watch() -> None:
+        said = 0.0
+        while not loop.is_closed():
+            time.sleep(STALL_S / 2)
+            late = time.monotonic() - turned[0]
+            if late > STALL_S and turned[0] != said:
+                said = turned[0]
+                frame = sys._current_frames().get(main)
+                where = "".join(traceback.format_stack(frame)) if frame else "(no stack)\n"
+                print(
+                    f"the cluster's loop has not turned for {late:.1f} s, at:\n{where}",
+                    end="",
+                    flush=True,
+                )
+
+    loop.call_soon(tick)
+    threading.Thread(target=watch, name="stall-watch", daemon=True).start()
+
+
 async def run(args: argparse.Namespace) -> None:
+    _watch_the_loop(asyncio.get_running_loop())
     host = "127.0.0.1"
     port = args.port or _free_port(host)
     token = secrets.token_urlsafe(24)

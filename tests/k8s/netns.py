@@ -4,8 +4,9 @@
 -rn` (a user and network namespace: only a loopback device, down), then this file, which
 brings loopback up, listens on each given host:port (the same as outside) and relays
 every connection to a Unix socket; the test process relays each socket to the real
-address. Nothing else is reachable: a pod's address (127.1.x.y) leads to an empty
-loopback there, so a driver that dials a pod directly gets "connection refused".
+address, and closes every relay still open when the block ends. Nothing else is
+reachable: a pod's address (127.1.x.y) leads to an empty loopback there, so a driver
+that dials a pod directly gets "connection refused".
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def reaching(addresses: list[Address], tmp: pathlib.Path) -> Iterator[list[str]]
     assert unshare, "unshare (util-linux) is not on this machine"
     loop = asyncio.new_event_loop()
     servers: list[asyncio.AbstractServer] = []
+    relayed: set[asyncio.StreamWriter] = set()  # both ends of each open relay
     routes = []
     for i, address in enumerate(addresses):
         path = tmp / f"reach-{i}.sock"
@@ -64,7 +66,12 @@ def reaching(addresses: list[Address], tmp: pathlib.Path) -> Iterator[list[str]]
             except OSError:
                 writer.close()
                 return
-            await _splice(reader, writer, far)
+            ends = {writer, far[1]}
+            relayed.update(ends)
+            try:
+                await _splice(reader, writer, far)
+            finally:
+                relayed.difference_update(ends)
 
         servers.append(loop.run_until_complete(asyncio.start_unix_server(relay, str(path))))
         routes += ["--reach", f"{address[0]}:{address[1]}={path}"]
@@ -73,10 +80,19 @@ def reaching(addresses: list[Address], tmp: pathlib.Path) -> Iterator[list[str]]
     try:
         yield [unshare, "-rn", sys.executable, str(pathlib.Path(__file__)), *routes, "--"]
     finally:
-        for server in servers:
-            loop.call_soon_threadsafe(server.close)
+        # the program has ended, but its relays may not have seen it yet: a connection left
+        # open in a stopped loop is one that nobody reads again (a watch's, say, that the
+        # API server would write to until its socket filled)
+        async def close() -> None:
+            for server in servers:
+                server.close()
+            for end in relayed:
+                end.transport.abort()
+
+        asyncio.run_coroutine_threadsafe(close(), loop).result(5)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
+        loop.close()
 
 
 def _loopback_up() -> None:

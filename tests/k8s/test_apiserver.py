@@ -9,6 +9,8 @@ Behaviours covered:
 - deleting an owner removes what names it in ownerReferences (cascade); a pod bound to a
   node is deleted gracefully (deletionTimestamp first, gone after a delete with grace 0);
 - a wrong bearer token gets 401;
+- a watch whose client stopped reading (its socket full) holds up no other request, and
+  is closed after UNREAD_S;
 - kubectl 1.27 and 1.33 (two independent clients) list and delete pods against it.
 """
 
@@ -16,9 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import pathlib
+import socket
+import ssl
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -183,6 +189,58 @@ def test_cascade_graceful_pods_and_auth() -> None:
             assert info.value.status == 401
 
     asyncio.run(wrong())
+
+
+def test_a_watch_whose_client_stopped_reading_holds_up_no_one_else(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that watches and never reads again (a process stopped, a relay that stopped
+    reading) fills its socket; its watch then waits to write, and nothing else may wait
+    with it. Before, a watch wrote its bookmark holding the lock every change takes: once
+    that write waited, every create, update and delete waited forever. After UNREAD_S
+    the server closes that watch, as kube-apiserver closes a watcher that falls behind."""
+    monkeypatch.setattr(apiserver, "BOOKMARK_S", 0.0)  # a bookmark each turn: full at once
+    monkeypatch.setattr(apiserver, "UNREAD_S", 3.0)
+
+    async def body() -> None:
+        port = free_port()
+        tls = apiserver.make_tls()
+        runner, server = await apiserver.serve("127.0.0.1", port, TOKEN, tls)
+        loop = asyncio.get_running_loop()
+        with tempfile.NamedTemporaryFile(suffix=".pem") as ca, socket.socket() as raw:
+            ca.write(tls.ca_pem)
+            ca.flush()
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+            await loop.run_in_executor(None, raw.connect, ("127.0.0.1", port))
+            context = ssl.create_default_context(cafile=ca.name)
+            stalled = context.wrap_socket(
+                raw, server_hostname="127.0.0.1", do_handshake_on_connect=False
+            )
+            await loop.run_in_executor(None, stalled.do_handshake)  # the server is this loop
+            path = "/api/v1/namespaces/default/configmaps?watch=1&allowWatchBookmarks=true"
+            head = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}"
+            stalled.sendall(f"{head}\r\n\r\n".encode())
+            deadline = time.monotonic() + 60
+            while not any(  # until the server holds more for it than its socket takes
+                c.transport is not None and c.transport.get_write_buffer_size() > 1 << 16
+                for c in runner.server.connections
+            ):
+                assert time.monotonic() < deadline, "the watch's socket never filled"
+                await asyncio.sleep(0.05)
+            configmaps = apiserver.RESOURCES["configmaps"]
+            for i in range(20):  # each waits at most 5 s; before, one of the first waited forever
+                made = server.store.create(configmaps, "default", {"metadata": {"name": f"c{i}"}})
+                await asyncio.wait_for(made, 5)
+                await asyncio.sleep(0.05)
+            while runner.server.connections:  # then it closes the watch that read nothing
+                assert time.monotonic() < deadline, "the unread watch was never closed"
+                await asyncio.sleep(0.1)
+            stalled.close()
+        await runner.cleanup()
+
+    with caplog.at_level(logging.WARNING, logger=apiserver.__name__):
+        asyncio.run(body())
+    assert "closing the watch /api/v1/namespaces/default/configmaps?watch=1" in caplog.text
 
 
 @pytest.mark.parametrize("version", ["1.27", "1.33"])
