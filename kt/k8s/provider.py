@@ -61,6 +61,21 @@ PULL_FAILURES = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrIma
 CONFIG_FAILURES = ("CreateContainerConfigError", "CreateContainerError", "RunContainerError")
 SELECTOR = "app.kubernetes.io/managed-by=kt"
 WATCH_S = 60  # each watch request's timeoutSeconds; the next one goes on from its version
+REQUEST_S = 30.0  # the longest an API request waits for the server's next bytes
+CONNECT_S = 10.0  # ... and for its TCP connection (asyncio bounds the TLS handshake: 60 s)
+
+
+class _BoundedClient(client.ApiClient):
+    """kubernetes_asyncio waits for ever by default (its `aiohttp.ClientTimeout()` bounds
+    nothing), so a stalled or half-open API server would hang the driver. A request that
+    names no bound of its own (watches do) gets CONNECT_S and REQUEST_S, and then fails
+    with aiohttp's ServerTimeoutError, a ClientError: "the API server did not answer"."""
+
+    def request(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("_request_timeout") is None:
+            bound = aiohttp.ClientTimeout(sock_connect=CONNECT_S, sock_read=REQUEST_S)
+            kwargs["_request_timeout"] = bound
+        return super().request(*args, **kwargs)
 
 
 # -- the pure readings ----------------------------------------------------------------------
@@ -239,7 +254,7 @@ class K8sProvider(Provider):
             ) from exc
         self._namespace = os.environ.get("KT_NAMESPACE") or self._namespace
         self._conf = conf
-        return client.ApiClient(conf)
+        return _BoundedClient(conf)
 
     # -- the way to the pods ----------------------------------------------------------------
     async def route(self) -> dial.Route:
@@ -263,7 +278,7 @@ class K8sProvider(Provider):
         if not kt_config.gateway and not self._in_cluster:
             try:
                 found = await api.read_namespaced_config_map(
-                    manifests.GATEWAY_CONFIGMAP, self._namespace, _request_timeout=10
+                    manifests.GATEWAY_CONFIGMAP, self._namespace
                 )
                 advertised = dict(found.data or {})
             except ApiException as exc:
@@ -395,8 +410,7 @@ class K8sProvider(Provider):
         except ApiException as exc:
             raise _refused(exc) or LaunchError(spec.pool, spec.name, _api_message(exc)) from exc
         except aiohttp.ClientError as exc:
-            why = f"the API server did not answer: {exc}"
-            raise LaunchError(spec.pool, spec.name, why) from exc
+            raise LaunchError(spec.pool, spec.name, _unanswered(exc)) from exc
         name = created["metadata"]["name"]
         try:
             return await asyncio.wait_for(
@@ -405,6 +419,8 @@ class K8sProvider(Provider):
         except BaseException as exc:
             with contextlib.suppress(KtError, aiohttp.ClientError):  # the first error is news
                 await self._delete(api, ns, name, grace=0)
+            if isinstance(exc, aiohttp.ClientError):  # its timeouts are TimeoutErrors too
+                raise LaunchError(spec.pool, name, _unanswered(exc)) from exc
             if isinstance(exc, TimeoutError):
                 raise LaunchError(
                     spec.pool, name, f"not ready after {spec.launch_timeout:g} s"
@@ -469,6 +485,8 @@ class K8sProvider(Provider):
         except ApiException as exc:
             if exc.status != 404:
                 raise _refused(exc) or PodLostError(name, _api_message(exc)) from exc
+        except aiohttp.ClientError as exc:
+            raise PodLostError(name, _unanswered(exc)) from exc
 
     async def delete_pod(self, pool: str, name: str) -> None:
         api = await self._api()
@@ -490,6 +508,8 @@ class K8sProvider(Provider):
             if exc.status != 404:
                 raise PodLostError(pool, _api_message(exc)) from exc
             await asyncio.gather(*(self._delete(api, ns, p.name, grace=10) for p in pods))
+        except aiohttp.ClientError as exc:
+            raise PodLostError(pool, _unanswered(exc)) from exc
         await self._until_gone(ns, "", self._selector(pool), 30)
         return len(pods)
 
@@ -511,6 +531,8 @@ class K8sProvider(Provider):
             except ApiException as exc:
                 if exc.status != 404:
                     raise PodLostError(pool, _api_message(exc)) from exc
+            except aiohttp.ClientError as exc:
+                raise PodLostError(pool, _unanswered(exc)) from exc
 
     async def _until_gone(self, ns: str, fields: str, labels: str, limit: float) -> None:
         """Until no pod matches, or `limit` seconds; raises PodLostError (or AuthError) when
@@ -533,8 +555,7 @@ class K8sProvider(Provider):
         except ApiException as exc:
             raise _refused(exc) or PodLostError(fields or labels or ns, _api_message(exc)) from exc
         except aiohttp.ClientError as exc:
-            why = f"the API server did not answer: {exc}"
-            raise PodLostError(fields or labels or ns, why) from exc
+            raise PodLostError(fields or labels or ns, _unanswered(exc)) from exc
 
     # -- reading ----------------------------------------------------------------------------
     def _selector(self, pool: str | None) -> str:
@@ -551,8 +572,7 @@ class K8sProvider(Provider):
         except ApiException as exc:
             raise _refused(exc) or PodLostError(pool or "(all pools)", _api_message(exc)) from exc
         except aiohttp.ClientError as exc:
-            why = f"the API server did not answer: {exc}"
-            raise PodLostError(pool or "(all pools)", why) from exc
+            raise PodLostError(pool or "(all pools)", _unanswered(exc)) from exc
         items = [self._raw(p) for p in found.items]
         return [p for p in items if pool is None or _pool_of(p) == pool], str(
             found.metadata.resource_version
@@ -636,7 +656,10 @@ class K8sProvider(Provider):
         except ApiException as exc:
             raise _refused(exc) or PodLostError(pool, _api_message(exc)) from exc
         except aiohttp.ClientError as exc:
-            raise PodLostError(pool, f"the API server did not answer: {exc}") from exc
+            raise PodLostError(pool, _unanswered(exc)) from exc
+        except TimeoutError as exc:  # a watch request's own bound: the server went quiet
+            why = f"the API server ended no watch request within {WATCH_S + 30} s"
+            raise PodLostError(pool, why) from exc
 
     def _event(self, obj: dict[str, Any], known: dict[str, PodState]) -> PodEvent | None:
         name = obj["metadata"]["name"]
@@ -661,6 +684,8 @@ class K8sProvider(Provider):
         async def read(name: str) -> None:
             try:
                 options: dict[str, Any] = {"container": "kt", "follow": follow}
+                if follow:  # a quiet pod may print nothing for hours: no read bound
+                    options["_request_timeout"] = aiohttp.ClientTimeout(sock_connect=CONNECT_S)
                 if tail is not None:
                     options["tail_lines"] = tail
                 reply: Any = await api.read_namespaced_pod_log(  # unread: the raw response
@@ -670,6 +695,8 @@ class K8sProvider(Provider):
                     await queue.put(chunk.decode("utf-8", "replace"))
             except ApiException as exc:
                 await queue.put(f"[kt] no log for pod {name}: {_api_message(exc)}\n")
+            except aiohttp.ClientError as exc:
+                await queue.put(f"[kt] no log for pod {name}: {_unanswered(exc)}\n")
             finally:
                 await queue.put(None)
 
@@ -696,8 +723,19 @@ class K8sProvider(Provider):
             if exc.status == 404:
                 return None
             raise _refused(exc) or PodLostError(pool, _api_message(exc)) from exc
+        except aiohttp.ClientError as exc:
+            raise PodLostError(pool, _unanswered(exc)) from exc
         data = (secret.data or {}).get("token")
         return base64.b64decode(data).decode() if data else None
+
+
+def _unanswered(exc: aiohttp.ClientError) -> str:
+    """Why, when the API server could not be reached or did not answer in time."""
+    if isinstance(exc, aiohttp.SocketTimeoutError):
+        return f"the API server did not answer within {REQUEST_S:g} s"
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return f"the API server could not be reached within {CONNECT_S:g} s"
+    return f"the API server did not answer: {exc}"
 
 
 def _refused(exc: ApiException) -> AuthError | None:

@@ -12,7 +12,8 @@ Behaviours covered:
 - `kt teardown`, and deleting the owner with kubectl: no kt object and no process of the
   pool is left; kubectl lists and describes kt's pods;
 - `kt list`, `kt status` and `kt logs` on this backend, and `kubectl logs` (the API
-  server proxies pods/log to the kubelet);
+  server proxies pods/log to the kubelet); following a pod's log outlasts a quiet spell
+  longer than the bound on other API requests (REQUEST_S);
 - an actor on a pod makes a pool of its own (the pod's service account) and hands its
   actor back to the driver, which calls it; deleting the first pool removes the second
   (its owner object belongs to the first's); a function on a pod makes a pool, calls it
@@ -26,12 +27,14 @@ Behaviours covered:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import pathlib
 import re
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
@@ -40,6 +43,7 @@ import pytest
 
 import kt
 from kt.actors.driver import get_driver
+from kt.k8s import provider as provider_module
 from tests.conftest import NO_KT_IMAGE, SYSTEM_PYTHON
 from tests.k8s.kubectl import kubectl
 
@@ -208,7 +212,9 @@ def _kt(kubeconfig: pathlib.Path, *args: str) -> str:
     return done.stdout
 
 
-def test_kt_list_status_and_logs_on_this_backend(k8s_cluster: pathlib.Path) -> None:
+def test_kt_list_status_and_logs_on_this_backend(
+    k8s_cluster: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     compute = _compute(cpus=1, replicas=1)
     actor = kt.cls(Where).options(compute=compute, name=f"talker-{uuid.uuid4().hex[:4]}").remote()
     pod = kt.get(actor.pod.remote(), timeout=120)
@@ -233,6 +239,27 @@ def test_kt_list_status_and_logs_on_this_backend(k8s_cluster: pathlib.Path) -> N
     assert last in tail and text not in tail, tail
     config = _kt(k8s_cluster, "config")
     assert "KT_BACKEND=k8s" in config and "default" in config and "direct" in config
+
+    # follow: a pod quiet for longer than an API request may wait is still followed
+    monkeypatch.setattr(provider_module, "REQUEST_S", 2.0)
+    later, seen = f"after a quiet spell {uuid.uuid4().hex[:8]}", []
+
+    async def follow() -> None:
+        provider = provider_module.K8sProvider()
+        try:
+            async for text in provider.logs(pool, follow=True):
+                seen.append(text)
+                if later in "".join(seen):
+                    return
+        finally:
+            await provider.close()
+
+    reader = threading.Thread(target=lambda: asyncio.run(asyncio.wait_for(follow(), 60)))
+    reader.start()
+    time.sleep(6)  # the stream is open and silent
+    actor.say(later)
+    reader.join(60)
+    assert later in "".join(seen), "".join(seen)[-2000:]
 
 
 def test_a_pool_in_another_namespace_is_followed_and_torn_down_there(

@@ -1,10 +1,13 @@
-"""The Kubernetes provider's pod watch against the test cluster's API server.
+"""The Kubernetes provider against API servers: the test cluster's, and a silent one.
 
 Behaviours covered:
 - the watch starts from a list (a pod already Ready is reported READY);
 - when the API server has forgotten the watch's resourceVersion (410 Gone: more changes
   than it keeps happened while the watch was away), the provider lists again and goes
-  on: a pod made afterwards is still reported, and the pool's watch never fails.
+  on: a pod made afterwards is still reported, and the pool's watch never fails;
+- an API server that takes connections and never answers (stalled, or half-open): every
+  request fails within REQUEST_S with kt's error saying so, where kubernetes_asyncio
+  alone would wait for ever; a pod's launch says it did not start and why.
 """
 
 from __future__ import annotations
@@ -12,11 +15,13 @@ from __future__ import annotations
 import asyncio
 import json
 import pathlib
+import time
 from typing import Any
 
 import pytest
 
-from kt.core.provider import PodState
+from kt.core.errors import LaunchError, PodLostError
+from kt.core.provider import PodSpec, PodState
 from kt.k8s import provider as provider_module
 from kt.k8s.provider import K8sProvider
 from kt.testing import apiserver
@@ -75,5 +80,48 @@ def test_a_410_lists_again_and_the_watch_goes_on(
         finally:
             await provider.close()
             await runner.cleanup()
+
+    asyncio.run(main())
+
+
+def test_an_api_server_that_never_answers_fails_each_request_within_its_bound(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+) -> None:
+    monkeypatch.setattr(provider_module, "REQUEST_S", 1.0)
+
+    async def main() -> None:
+        tls = apiserver.make_tls()
+        held: list[asyncio.StreamWriter] = []
+
+        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            held.append(writer)  # TLS done, the request read by nobody, no answer ever
+
+        server = await asyncio.start_server(silent, "127.0.0.1", 0, ssl=tls.context)
+        url = f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(json.dumps(apiserver.kubeconfig(url, TOKEN, tls.ca_pem)))
+        monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+        provider = K8sProvider()
+        spec = PodSpec("p", "p-0", cpus=1, memory=0, gpus=0, token="t", launch_timeout=60)
+        try:
+            for call in (
+                provider.read_token("p"),
+                provider.list_pods("p"),
+                provider.delete_pod("p", "p-0"),
+                anext(provider.watch_pods("p")),
+                provider.create_pods([spec]),
+            ):
+                began = time.monotonic()
+                with pytest.raises((PodLostError, LaunchError)) as info:
+                    await asyncio.wait_for(call, 20)
+                assert "the API server did not answer within 1 s" in str(info.value)
+                assert time.monotonic() - began < 10
+            assert isinstance(info.value, LaunchError)  # the pod: it did not start, and why
+            assert len(held) >= 5  # each request reached the server
+        finally:
+            await provider.close()
+            server.close()
+            for writer in held:
+                writer.transport.abort()
 
     asyncio.run(main())
