@@ -61,8 +61,11 @@ PULL_FAILURES = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrIma
 CONFIG_FAILURES = ("CreateContainerConfigError", "CreateContainerError", "RunContainerError")
 SELECTOR = "app.kubernetes.io/managed-by=kt"
 WATCH_S = 60  # each watch request's timeoutSeconds; the next one goes on from its version
-REQUEST_S = 30.0  # the longest an API request waits for the server's next bytes
-CONNECT_S = 10.0  # ... and for its TCP connection (asyncio bounds the TLS handshake: 60 s)
+# the longest an API request waits for the server's next bytes: kube-apiserver ends any
+# request but a watch or a stream after its --request-timeout, 60 s by default (webhooks
+# included), so a longer silence is a server that stalled or a connection half open
+REQUEST_S = 60.0
+CONNECT_S = 10.0  # ... and for its connection (TCP and the TLS handshake)
 
 
 class _BoundedClient(client.ApiClient):
@@ -550,12 +553,12 @@ class K8sProvider(Provider):
                         left.discard(payload["metadata"]["name"])
                     if not left:
                         return
-        except TimeoutError:
-            return
         except ApiException as exc:
             raise _refused(exc) or PodLostError(fields or labels or ns, _api_message(exc)) from exc
-        except aiohttp.ClientError as exc:
+        except aiohttp.ClientError as exc:  # before TimeoutError: its timeouts are both
             raise PodLostError(fields or labels or ns, _unanswered(exc)) from exc
+        except TimeoutError:  # `limit`: some are still going; they were asked to
+            return
 
     # -- reading ----------------------------------------------------------------------------
     def _selector(self, pool: str | None) -> str:

@@ -517,7 +517,7 @@ class ApiServer:
             gone = status_body(
                 410, "Expired", f"too old resource version: {since} ({self.store.oldest()})"
             )
-            await response.write(orjson.dumps({"type": "ERROR", "object": gone}) + b"\n")
+            await self._send(request, response, {"type": "ERROR", "object": gone})
             self.expired += 1
             return response
         loop = asyncio.get_running_loop()
@@ -527,7 +527,7 @@ class ApiServer:
         while loop.time() < deadline:
             if sent < self.store.oldest() - 1:  # fell behind what is kept: say so, skip none
                 gone = status_body(410, "Expired", f"too old resource version: {sent}")
-                await response.write(orjson.dumps({"type": "ERROR", "object": gone}) + b"\n")
+                await self._send(request, response, {"type": "ERROR", "object": gone})
                 self.expired += 1
                 return response
             seen = list(self.store.history)
