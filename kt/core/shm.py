@@ -108,10 +108,9 @@ class ShmArena:
         offsets = []
         pos = _HEADER
         for buf in buffers:
-            n = buf.nbytes
-            seg.map[pos : pos + n] = buf
             offsets.append(pos)
-            pos += n
+            pos += buf.nbytes
+        write_at(seg.map, _HEADER, buffers)  # a large one on the copy threads
         return seg.name, offsets
 
     def _acquire(self, nbytes: int) -> Segment:

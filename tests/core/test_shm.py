@@ -20,6 +20,16 @@ def test_round_trip_through_a_segment_is_a_view() -> None:
     assert np.array_equal(out, arr)
 
 
+def test_buffers_copied_on_the_copy_threads_arrive_whole() -> None:
+    arena = shm.ShmArena()
+    rng = np.random.default_rng(7)
+    sizes = (9 * 2**20 + 3, 2**20 + 1, 17 * 2**20 + 5)  # 27 MiB in all: threaded pieces
+    arrays = [rng.integers(0, 256, n, dtype=np.uint8) for n in sizes]
+    out = serialization.loads(b"".join(serialization.dumps(arrays, arena)))
+    assert [a.nbytes for a in out] == list(sizes)
+    assert all(np.array_equal(a, b) for a, b in zip(out, arrays, strict=True))
+
+
 def test_segment_is_reused_only_after_the_receiver_drops_it() -> None:
     arena = shm.ShmArena()
     first = serialization.loads(b"".join(serialization.dumps(np.full(2**21, 1, np.uint8), arena)))
