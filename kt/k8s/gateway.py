@@ -32,6 +32,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 from kubernetes_asyncio.client.rest import ApiException
 
 from kt.core import protocol
@@ -42,6 +43,7 @@ from kt.k8s import manifests
 from kt.k8s.provider import SELECTOR, K8sProvider, _pool_of, pod_state
 
 logger = logging.getLogger("kt.gateway")
+LOOKUP_S = 10  # the most one lookup (a pod by its address, a pool's token) may take
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,16 @@ class LivePod:
 
 def _said(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _trouble(exc: BaseException) -> str:
+    """What went wrong asking the API server (a lookup's whole bound, LOOKUP_S, is a
+    plain TimeoutError)."""
+    if isinstance(exc, ApiException):
+        return f"the API server said {exc.status} {exc.reason}"
+    if isinstance(exc, TimeoutError):
+        return f"the API server did not answer within {LOOKUP_S:g} s"
+    return f"the API server did not answer: {_said(exc)}"
 
 
 class Refused(Exception):
@@ -164,19 +176,23 @@ class Gateway:
         self._looked_up[host] = loop.time()
         api = await self.provider._api()
         at = f"status.podIP={host}"
-        if self.namespaces:  # its Roles cover these namespaces only
-            lists = [
-                await api.list_namespaced_pod(
-                    ns, label_selector=SELECTOR, field_selector=at, _request_timeout=10
-                )
-                for ns in self.namespaces
-            ]
-        else:
-            lists = [
-                await api.list_pod_for_all_namespaces(
-                    label_selector=SELECTOR, field_selector=at, _request_timeout=10
-                )
-            ]
+        try:
+            if self.namespaces:  # its Roles cover these namespaces only
+                lists = [
+                    await api.list_namespaced_pod(
+                        ns, label_selector=SELECTOR, field_selector=at, _request_timeout=LOOKUP_S
+                    )
+                    for ns in self.namespaces
+                ]
+            else:
+                lists = [
+                    await api.list_pod_for_all_namespaces(
+                        label_selector=SELECTOR, field_selector=at, _request_timeout=LOOKUP_S
+                    )
+                ]
+        except (ApiException, aiohttp.ClientError, TimeoutError) as exc:
+            why = f"cannot tell whether {host} is a live kt pod: {_trouble(exc)}"
+            raise Refused("internal", why) from None
         pods = dict(self.pods)
         for found in lists:
             for pod in found.items:
@@ -193,9 +209,11 @@ class Gateway:
             api = await self.provider._api()
             name = manifests.token_secret_name(pod.pool)
             try:
-                secret = await api.read_namespaced_secret(name, pod.namespace, _request_timeout=10)
-            except ApiException as exc:
-                why = f"pool {pod.pool}'s token cannot be read ({exc.status})"
+                secret = await api.read_namespaced_secret(
+                    name, pod.namespace, _request_timeout=LOOKUP_S
+                )
+            except (ApiException, aiohttp.ClientError, TimeoutError) as exc:
+                why = f"pool {pod.pool}'s token cannot be read: {_trouble(exc)}"
                 raise Refused("internal", why) from None
             self._tokens[key] = base64.b64decode((secret.data or {}).get("token", ""))
         return self._tokens[key]

@@ -13,7 +13,9 @@ Behaviours covered:
   probe) is not logged; a frame after `ok` that is not a HELLO is closed by
   the pod and runs nothing; afterwards a caller's HELLO through the gateway is welcomed;
 - the PONG goes only between frames, whatever the reads' boundaries (pure), and is sent
-  when the pod has been quiet for a heartbeat period, never inside a frame.
+  when the pod has been quiet for a heartbeat period, never inside a frame;
+- a gateway whose API server takes connections and never answers refuses a caller
+  within its lookup's bound, saying so, and goes on serving.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import pathlib
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -38,7 +41,7 @@ from kt.actors.driver import get_driver
 from kt.core import protocol
 from kt.core.provider import get_provider
 from kt.k8s.gateway import _Pipe
-from kt.testing import cluster
+from kt.testing import apiserver, cluster
 from tests.charts import chart
 from tests.distributed.torchrun import free_port
 from tests.k8s import netns
@@ -244,6 +247,46 @@ def _ask(address: tuple[str, int], data: bytes, wait: float = 5.0) -> bytes:
         except TimeoutError:
             out += b"<still open>"
         return out
+
+
+def test_a_gateway_whose_api_server_never_answers_refuses_saying_so(
+    tmp_path: pathlib.Path,
+) -> None:
+    tls = apiserver.make_tls()
+    loop = asyncio.new_event_loop()
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # TLS done, requests read by nobody, never an answer
+
+    server = loop.run_until_complete(asyncio.start_server(silent, "127.0.0.1", 0, ssl=tls.context))
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(json.dumps(apiserver.kubeconfig(url, "t", tls.ca_pem)))
+        with cluster.gateway(kubeconfig, tmp_path / "gateway.log") as address:
+            host, port = address.rsplit(":", 1)
+            to = (host, int(port))
+            for _ in range(2):  # and again: it still serves
+                began = time.monotonic()
+                answer = _ask(to, protocol.gateway_preamble(("127.1.2.3", 7170), "t"), 40)
+                said = answer.decode("utf-8", "replace")
+                assert said.startswith("refused: internal: cannot tell whether 127.1.2.3"), said
+                assert "the API server did not answer within 10 s" in said, said
+                assert time.monotonic() - began < 30
+    finally:
+
+        async def close() -> None:
+            server.close()
+            for writer in held:
+                writer.transport.abort()
+
+        asyncio.run_coroutine_threadsafe(close(), loop).result(5)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
 
 
 class Echo:
