@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kt.actors.control import Event, PodDeleted, PodFailed, PodReady, PodStarted
+from kt.core import output
 from kt.core.compute import Compute
 from kt.core.errors import AuthError, KtError, LaunchError, PlacementError, seconds
 from kt.core.gpus import GpuTable, pick
@@ -41,8 +42,9 @@ logger = logging.getLogger(__name__)
 def progress(message: str) -> None:
     """Pool and placement progress on the driver's terminal (stderr), and in the log."""
     logger.info("%s", message)
-    if _console is not None:
-        _console.print(f"[dim]kt:[/dim] {message}", highlight=False)
+    if _console is not None:  # on the output thread: a stderr nobody reads blocks only it
+        console = _console
+        output.show(lambda: console.print(f"[dim]kt:[/dim] {message}", highlight=False))
 
 
 def _make_console() -> Any:

@@ -30,7 +30,7 @@ import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from kt.core import dial, protocol, shm
+from kt.core import dial, output, protocol, shm
 from kt.core.channel import FrameChannel
 from kt.core.config import config
 from kt.core.errors import (
@@ -98,6 +98,11 @@ class LinkState(str, enum.Enum):
     CONNECTING = "connecting"
     READY = "ready"
     CLOSED = "closed"
+
+
+def _to_stdout(text: str) -> None:
+    sys.stdout.write(text)  # sys.stdout as it is now: a redirection is followed
+    sys.stdout.flush()
 
 
 def undecodable(label: str, exc: BaseException) -> SerializationError:
@@ -643,8 +648,8 @@ class Runtime:
     def _write_logs(self, lines: list[str]) -> None:
         """Print `lines`, and set the timer for the next summary (`kt.core.logdedup`)."""
         if lines:
-            sys.stdout.write("".join(f"{line}\n" for line in lines))
-            sys.stdout.flush()
+            text = "".join(f"{line}\n" for line in lines)
+            output.show(lambda: _to_stdout(text), len(lines))  # never blocks this loop
         deadline = self._dedup.next_deadline()
         if deadline is not None and self._dedup_timer is None:
             self._dedup_timer = self.loop.call_at(deadline, self._flush_logs)

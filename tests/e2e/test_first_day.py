@@ -169,7 +169,10 @@ def test_a_full_fixed_pool_says_why_and_what_to_do(capfd: pytest.CaptureFixture[
     for words in ("asks for 1 cpu", "is full", "2 of 2 cpus held by 2 actors", "kt.kill",
                   "cpus=0", "max_replicas=N"):  # fmt: skip
         assert words in message, message
-    terminal = re.sub(r"\s+", " ", capfd.readouterr().err)
+    terminal, deadline = "", time.monotonic() + 10  # kt's output thread writes it
+    while "kt.kill" not in terminal and time.monotonic() < deadline:
+        terminal += re.sub(r"\s+", " ", capfd.readouterr().err)
+        time.sleep(0.05)
     assert re.search(r"waits up to [\d.]+ s: it asks for 1 cpu", terminal), terminal
     assert "kt.kill" in terminal
     for h in held:

@@ -8,13 +8,20 @@ Behaviours covered:
   caller's heartbeat (a PING a second on a link with calls waiting) fails the call in
   flight with PodLostError within kt.config.heartbeat_timeout (5 s) plus a tick; the pod
   does not answer a HELLO, so the driver takes it as lost: it is deleted (its processes
-  killed) and the actor with a restart left answers from a new pod.
+  killed) and the actor with a restart left answers from a new pod;
+- a driver whose stdout nobody reads (a paused pager, a pipe never read): an actor
+  printing 500 KB still returns, and later calls too (the logs wait on kt's output
+  thread, not on the loop that completes calls); what did not fit is counted on stderr
+  once the output is read again.
 """
 
 from __future__ import annotations
 
 import os
+import pathlib
 import signal
+import subprocess
+import sys
 import time
 import uuid
 
@@ -91,3 +98,56 @@ def test_a_stopped_supervisor_is_found_by_heartbeat_and_its_actor_restarts(backe
     finally:
         if supervisor.is_running():
             supervisor.kill()
+
+
+UNREAD_DRIVER = """
+import sys, time
+import kt
+from kt.core import output
+
+output.MAX_PENDING = 10  # so that some lines are dropped while nobody reads
+said = open(sys.argv[1], "w", buffering=1)
+
+
+class Chatty:
+    def talk(self, n):
+        for i in range(n):
+            print("x" * 100, i, flush=True)
+        return "done"
+
+    def ping(self):
+        return "pong"
+
+
+pool = kt.Compute(cpus=1, replicas=1, backend="local", name=sys.argv[2])
+chatty = kt.cls(Chatty).options(compute=pool, cpus=0).remote()
+said.write(f"ping {chatty.ping.remote().result(timeout=60)}\\n")
+said.write(f"talk {chatty.talk.remote(5000).result(timeout=60)}\\n")  # 500 KB of output
+said.write(f"ping {chatty.ping.remote().result(timeout=30)}\\n")
+said.write("end\\n")
+time.sleep(5)  # the test reads the output now: the count of what was dropped comes
+"""
+
+
+def test_a_driver_whose_stdout_nobody_reads_still_gets_its_results(
+    tmp_path: pathlib.Path,
+) -> None:
+    script, said, errors = tmp_path / "driver.py", tmp_path / "said", tmp_path / "stderr"
+    script.write_text(UNREAD_DRIVER)
+    argv = [sys.executable, str(script), str(said), f"unread-{uuid.uuid4().hex[:6]}"]
+    with open(errors, "wb") as stderr:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr)  # never read...
+        try:
+            deadline = time.monotonic() + 100
+            while "end" not in (said.read_text() if said.exists() else ""):
+                assert proc.poll() is None, errors.read_text()
+                assert time.monotonic() < deadline, said.read_text() + errors.read_text()
+                time.sleep(0.2)
+            assert said.read_text().split("\n")[:3] == ["ping pong", "talk done", "ping pong"]
+            out, _ = proc.communicate(timeout=60)  # ... until now
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert out.count(b"x" * 100) > 100  # what was queued came out
+    assert b"lines of output dropped: nothing read them for a while" in errors.read_bytes()

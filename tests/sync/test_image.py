@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import pathlib
+import time
 import uuid
 from typing import Any
 
@@ -75,8 +76,11 @@ def test_image_steps_run_once_and_again_from_the_changed_step(
     assert first.read("data/note.txt") == "copied"
     assert (_runs(before), _runs(after)) == (1, 1)
     assert importlib.util.find_spec("termcolor") is None  # still: the pool's venv, not ours
-    shown = capfd.readouterr()
-    out = shown.out + shown.err
+    out, deadline = "", time.monotonic() + 10  # kt's output thread writes it
+    while "image step 1 of 5" not in out and time.monotonic() < deadline:
+        shown = capfd.readouterr()
+        out += shown.out + shown.err
+        time.sleep(0.05)
     assert "(image pod=" in out and "image step 1 of 5 (pip_install(['termcolor']))" in out
 
     same = kt.cls(Probe).to(
