@@ -37,6 +37,7 @@ from kt.core.errors import ImageError
 from kt.core.image import keys
 
 TAIL = 20  # lines of a failed step's output in its error
+DRAIN_S = 1.0  # after a step's command exits, the longest its output is still read
 
 
 class ImageCache:
@@ -161,10 +162,19 @@ class ImageCache:
         except OSError as exc:
             raise ImageError(what, self.pod, None, f"could not start {argv[0]}: {exc}") from None
         assert proc.stdout is not None
+        stdout = proc.stdout
         tail: deque[str] = deque(maxlen=TAIL)
-        while line := await proc.stdout.readline():
-            tail.append(line.decode("utf-8", "replace").rstrip("\n"))
-            log(line)
+
+        async def show() -> None:
+            while line := await stdout.readline():
+                tail.append(line.decode("utf-8", "replace").rstrip("\n"))
+                log(line)
+
+        showing = asyncio.ensure_future(show())
         code = await proc.wait()
+        try:  # what it printed last; a process it left running (`srv &`) holds the pipe
+            await asyncio.wait_for(showing, DRAIN_S)
+        except TimeoutError:
+            pass  # the step is over: what that process prints from now on is not shown
         if code != 0:
             raise ImageError(what, self.pod, code, "\n".join(tail))

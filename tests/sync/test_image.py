@@ -9,7 +9,9 @@ Behaviours covered:
 - each step's output reaches the caller's terminal as it runs, prefixed with the pod;
 - a failing step fails `.to()` with kt.ImageError naming the step, its exit code and its
   last lines of output;
-- set_env, run_bash and copy steps, and a failing step, the same way on both backends.
+- set_env, run_bash and copy steps, and a failing step, the same way on both backends;
+  a run_bash step ends when its command exits, even if a process it started in the
+  background still holds its output open.
 """
 
 from __future__ import annotations
@@ -106,7 +108,7 @@ def test_steps_run_on_both_backends(tmp_path: pathlib.Path, backend: str) -> Non
     image = (
         kt.Image()
         .set_env(KT_TEST_VALUE="on the pod")
-        .run_bash("echo built > built.txt")
+        .run_bash("sleep 600 & echo built > built.txt")  # its child holds the output open
         .copy(str(note), "data/note.txt")
     )
     compute = kt.Compute(
