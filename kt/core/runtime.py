@@ -36,11 +36,13 @@ from kt.core.config import config
 from kt.core.errors import (
     AuthError,
     CancelledError,
+    GetTimeoutError,
     KtError,
     OwnerDiedError,
     PodLostError,
     ProtocolError,
     SerializationError,
+    seconds,
 )
 from kt.core.logdedup import LogDeduplicator
 from kt.core.protocol import LEND_ID, FrameFlag, FrameKind
@@ -660,11 +662,25 @@ class Runtime:
 
     # -- running coroutines on the loop -------------------------------------------------------
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        """Run a coroutine on the loop thread and wait for it (not from the loop thread)."""
+        """Run a coroutine on the loop thread and wait for it (not from the loop thread).
+
+        Raises:
+            GetTimeoutError: not done within `timeout` seconds; it is cancelled.
+        """
         if self.on_loop_thread:
             coro.close()
             raise RuntimeError("kt: a blocking call was made on kt's own event-loop thread")
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+        what = getattr(coro, "__qualname__", "a kt operation")
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            if future.done():  # its own TimeoutError
+                raise
+            future.cancel()  # nobody waits for it any more
+            raise GetTimeoutError(
+                f"kt: {what} did not finish within {seconds(timeout or 0)}; it was stopped"
+            ) from None
 
     def spawn(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         """Start a coroutine on the loop thread without waiting for it."""
