@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 
 from kt.core import protocol
+from kt.core.errors import ImageError, seconds
 from kt.core.protocol import FrameKind
 from kt.core.ref import Ref
 from kt.core.runtime import Address, Runtime
@@ -40,15 +41,21 @@ class Imager:
         """
         done = self._ready.get((pod, key))
         if done is None or (done.done() and done.exception() is not None):
-            done = asyncio.get_running_loop().create_task(self._prepare(address, token, steps))
+            done = asyncio.get_running_loop().create_task(self._prepare(pod, address, token, steps))
             self._ready[(pod, key)] = done
         await asyncio.shield(done)
 
-    async def _prepare(self, address: Address, token: str, steps: list[dict[str, Any]]) -> None:
+    async def _prepare(
+        self, pod: str, address: Address, token: str, steps: list[dict[str, Any]]
+    ) -> None:
         req_id = self.runtime.new_id()
         body = orjson.dumps(steps)
         hdr = b""
         prefix = protocol.encode_prefix(FrameKind.IMAGE, req_id, hdr, len(body))
         ref: Ref[None] = Ref("image steps")
         self.runtime.submit(address, token, req_id, [prefix, body], ref)
-        await asyncio.wait_for(ref, TIMEOUT_S)
+        try:
+            await asyncio.wait_for(ref, TIMEOUT_S)
+        except TimeoutError:
+            which = f"1 to {len(steps)} (not finished within {seconds(TIMEOUT_S)})"
+            raise ImageError(which, pod, None, "") from None

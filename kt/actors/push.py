@@ -29,7 +29,7 @@ import orjson
 
 from kt.core import protocol
 from kt.core.config import config
-from kt.core.errors import SyncError, SyncFileChanged, SyncSourceFailed
+from kt.core.errors import SyncError, SyncFileChanged, SyncSourceFailed, seconds
 from kt.core.protocol import FrameKind
 from kt.core.ref import Ref
 from kt.core.runtime import Address, Runtime
@@ -99,7 +99,14 @@ class Pusher:
         prefix = protocol.encode_prefix(FrameKind.SYNC, req_id, hdr, size)
         ref: Ref[Any] = Ref(f"sync {header.get('op')}")
         self.runtime.submit(address, token, req_id, [prefix, hdr, *payload], ref)
-        return await asyncio.wait_for(ref, TIMEOUT_S)
+        try:
+            return await asyncio.wait_for(ref, TIMEOUT_S)
+        except TimeoutError:
+            raise SyncError(
+                f"the pod at {address[0]}:{address[1]} did not finish the code sync's "
+                f"{header.get('op')!r} within {seconds(TIMEOUT_S)}; it keeps its previous "
+                "version"
+            ) from None
 
     async def _bring(self, pod: str, address: Address, token: str, manifest: Manifest) -> None:
         version = manifest.version

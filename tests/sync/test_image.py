@@ -8,7 +8,8 @@ Behaviours covered:
   the steps after it run again (counted by run_bash steps appending to files);
 - each step's output reaches the caller's terminal as it runs, prefixed with the pod;
 - a failing step fails `.to()` with kt.ImageError naming the step, its exit code and its
-  last lines of output;
+  last lines of output; steps that outlast the driver's bound fail it with an ImageError
+  saying so;
 - set_env, run_bash and copy steps, and a failing step, the same way on both backends;
   a run_bash step ends when its command exits, even if a process it started in the
   background still holds its output open.
@@ -137,6 +138,22 @@ def test_a_failing_step_fails_to_with_its_exit_code_and_output(
     assert "2 of 2" in error.step and "run_bash" in error.step
     assert "broken" in error.output and "preparing" in error.output
     assert "exit code 3" in str(error)
+
+
+def test_steps_that_outlast_their_bound_fail_to_with_an_image_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from kt.actors import imaging
+
+    monkeypatch.setattr(imaging, "TIMEOUT_S", 2.0)
+    image = kt.Image().run_bash("sleep 30")
+    compute = kt.Compute(
+        cpus=1, replicas=1, name=f"image-{uuid.uuid4().hex[:6]}", backend="local", image=image
+    )
+    began = time.monotonic()
+    with pytest.raises(kt.ImageError, match=r"1 to 1 \(not finished within 2 s\)"):
+        kt.cls(Probe).to(compute)
+    assert time.monotonic() - began < 25
 
 
 class Imports:
