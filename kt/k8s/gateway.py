@@ -40,7 +40,7 @@ from kt.core.errors import ProtocolError
 from kt.core.provider import SUPERVISOR_PORT, PodState
 from kt.core.runtime import new_event_loop
 from kt.k8s import manifests
-from kt.k8s.provider import SELECTOR, K8sProvider, _pool_of, pod_state
+from kt.k8s.provider import SELECTOR, K8sProvider, _pool_of, _unanswered, pod_state
 
 logger = logging.getLogger("kt.gateway")
 LOOKUP_S = 10  # the most one lookup (a pod by its address, a pool's token) may take
@@ -65,7 +65,8 @@ def _trouble(exc: BaseException) -> str:
         return f"the API server said {exc.status} {exc.reason}"
     if isinstance(exc, TimeoutError):
         return f"the API server did not answer within {LOOKUP_S:g} s"
-    return f"the API server did not answer: {_said(exc)}"
+    assert isinstance(exc, aiohttp.ClientError)
+    return _unanswered(exc)
 
 
 class Refused(Exception):

@@ -27,7 +27,6 @@ import pathlib
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 import uuid
@@ -41,11 +40,12 @@ from kt.actors.driver import get_driver
 from kt.core import protocol
 from kt.core.provider import get_provider
 from kt.k8s.gateway import _Pipe
-from kt.testing import apiserver, cluster
+from kt.testing import cluster
 from tests.charts import chart
 from tests.distributed.torchrun import free_port
 from tests.k8s import netns
 from tests.k8s.kubectl import kubectl
+from tests.k8s.silent import silent_api_server
 
 pytestmark = pytest.mark.timeout(240)
 SOURCE_IP = "127.254.0.1"
@@ -252,41 +252,19 @@ def _ask(address: tuple[str, int], data: bytes, wait: float = 5.0) -> bytes:
 def test_a_gateway_whose_api_server_never_answers_refuses_saying_so(
     tmp_path: pathlib.Path,
 ) -> None:
-    tls = apiserver.make_tls()
-    loop = asyncio.new_event_loop()
-    held: list[asyncio.StreamWriter] = []
-
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        held.append(writer)  # TLS done, requests read by nobody, never an answer
-
-    server = loop.run_until_complete(asyncio.start_server(silent, "127.0.0.1", 0, ssl=tls.context))
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
-        url = f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-        kubeconfig = tmp_path / "kubeconfig"
-        kubeconfig.write_text(json.dumps(apiserver.kubeconfig(url, "t", tls.ca_pem)))
-        with cluster.gateway(kubeconfig, tmp_path / "gateway.log") as address:
-            host, port = address.rsplit(":", 1)
-            to = (host, int(port))
-            for _ in range(2):  # and again: it still serves
-                began = time.monotonic()
-                answer = _ask(to, protocol.gateway_preamble(("127.1.2.3", 7170), "t"), 40)
-                said = answer.decode("utf-8", "replace")
-                assert said.startswith("refused: internal: cannot tell whether 127.1.2.3"), said
-                assert "the API server did not answer within 10 s" in said, said
-                assert time.monotonic() - began < 30
-    finally:
-
-        async def close() -> None:
-            server.close()
-            for writer in held:
-                writer.transport.abort()
-
-        asyncio.run_coroutine_threadsafe(close(), loop).result(5)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
-        loop.close()
+    with (
+        silent_api_server(tmp_path) as (kubeconfig, _),
+        cluster.gateway(kubeconfig, tmp_path / "gateway.log") as address,
+    ):
+        host, port = address.rsplit(":", 1)
+        to = (host, int(port))
+        for _ in range(2):  # and again: it still serves
+            began = time.monotonic()
+            answer = _ask(to, protocol.gateway_preamble(("127.1.2.3", 7170), "t"), 40)
+            said = answer.decode("utf-8", "replace")
+            assert said.startswith("refused: internal: cannot tell whether 127.1.2.3"), said
+            assert "the API server did not answer within 10 s" in said, said
+            assert time.monotonic() - began < 30
 
 
 class Echo:

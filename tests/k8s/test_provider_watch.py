@@ -26,6 +26,7 @@ from kt.k8s import provider as provider_module
 from kt.k8s.provider import K8sProvider
 from kt.testing import apiserver
 from tests.distributed.torchrun import free_port
+from tests.k8s.silent import silent_api_server
 
 pytestmark = pytest.mark.timeout(60)
 TOKEN = "watch-test"
@@ -89,17 +90,7 @@ def test_an_api_server_that_never_answers_fails_each_request_within_its_bound(
 ) -> None:
     monkeypatch.setattr(provider_module, "REQUEST_S", 1.0)
 
-    async def main() -> None:
-        tls = apiserver.make_tls()
-        held: list[asyncio.StreamWriter] = []
-
-        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            held.append(writer)  # TLS done, the request read by nobody, no answer ever
-
-        server = await asyncio.start_server(silent, "127.0.0.1", 0, ssl=tls.context)
-        url = f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-        kubeconfig = tmp_path / "kubeconfig"
-        kubeconfig.write_text(json.dumps(apiserver.kubeconfig(url, TOKEN, tls.ca_pem)))
+    async def main(kubeconfig: pathlib.Path, held: list[asyncio.StreamWriter]) -> None:
         monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
         provider = K8sProvider()
         spec = PodSpec("p", "p-0", cpus=1, memory=0, gpus=0, token="t", launch_timeout=60)
@@ -121,8 +112,6 @@ def test_an_api_server_that_never_answers_fails_each_request_within_its_bound(
             assert len(held) >= 6  # each request reached the server
         finally:
             await provider.close()
-            server.close()
-            for writer in held:
-                writer.transport.abort()
 
-    asyncio.run(main())
+    with silent_api_server(tmp_path) as (kubeconfig, held):
+        asyncio.run(main(kubeconfig, held))
